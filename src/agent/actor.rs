@@ -1,0 +1,282 @@
+//! Running an agent: its actors, their restarts, and what happens to yielded values.
+
+use super::{source_specs, AgentInner, Sink, Source};
+use crate::error::{BoxError, Result};
+use crate::reply::{CORRELATION_ID, REPLY_TO};
+use crate::stream::{decode_delivery, ActorCtx, Delivery, Item, Stream};
+use crate::transport::TopicSpec;
+use crate::worker::Runtime;
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use futures::{FutureExt, StreamExt};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio_util::task::TaskTracker;
+
+/// An agent with its types erased, as the app keeps it.
+pub(crate) trait AgentRunner: Send + Sync {
+    fn name(&self) -> String;
+    /// The topics the agent reads (none for a channel).
+    fn topics(&self) -> Result<Vec<TopicSpec>>;
+    /// Starts the agent's actors. `queue` carries the records of its topics.
+    fn start(
+        &self,
+        rt: &Arc<Runtime>,
+        actors: &TaskTracker,
+        queue: Option<async_channel::Receiver<Delivery>>,
+    ) -> Result<()>;
+}
+
+impl<T, R, K> AgentRunner for super::Agent<T, R, K>
+where
+    T: Serialize + DeserializeOwned + Send + Sync + 'static,
+    R: Serialize + Clone + Send + Sync + 'static,
+    K: Send + Sync + 'static,
+{
+    fn name(&self) -> String {
+        super::Agent::name(self)
+    }
+
+    fn topics(&self) -> Result<Vec<TopicSpec>> {
+        Ok(source_specs(&self.source()?))
+    }
+
+    fn start(
+        &self,
+        rt: &Arc<Runtime>,
+        actors: &TaskTracker,
+        queue: Option<async_channel::Receiver<Delivery>>,
+    ) -> Result<()> {
+        let source = self.source()?;
+        let _ = self.inner.resolved.set(source.clone());
+        let (name, concurrency, sinks) = {
+            let c = self.inner.config();
+            (c.name.clone(), c.concurrency, Arc::new(c.sinks.clone()))
+        };
+        let (source_name, source_partitions) = match &source {
+            Source::Topic(t) => {
+                let spec = t.spec();
+                (t.name().to_owned(), spec.partitions)
+            }
+            Source::Channel(c) => (c.name().to_owned(), rt.settings.topic_partitions),
+        };
+        let name: Arc<str> = Arc::from(name);
+        tracing::info!(agent = %name, source = %source_name, concurrency, sinks = sinks.len(), "starting agent");
+        for index in 0..concurrency {
+            let actor = Actor {
+                agent: self.inner.clone(),
+                rt: rt.clone(),
+                name: name.clone(),
+                source: source.clone(),
+                source_name: Arc::from(source_name.as_str()),
+                source_partitions,
+                queue: queue.clone(),
+                sinks: sinks.clone(),
+                index,
+            };
+            actors.spawn(actor.run());
+        }
+        Ok(())
+    }
+}
+
+struct Actor<T, R, K> {
+    agent: Arc<AgentInner<T, R, K>>,
+    rt: Arc<Runtime>,
+    name: Arc<str>,
+    source: Source<T, K>,
+    source_name: Arc<str>,
+    source_partitions: u32,
+    queue: Option<async_channel::Receiver<Delivery>>,
+    sinks: Arc<Vec<Arc<dyn Sink<R>>>>,
+    index: usize,
+}
+
+enum Outcome {
+    Finished,
+    Failed(BoxError),
+    Panicked(String),
+}
+
+impl<T, R, K> Actor<T, R, K>
+where
+    T: Send + 'static,
+    R: Serialize + Clone + Send + Sync + 'static,
+    K: Send + Sync + 'static,
+{
+    async fn run(self) {
+        let mut backoff = Duration::from_millis(10);
+        loop {
+            let ctx = Arc::new(ActorCtx {
+                runtime: self.rt.clone(),
+                agent: self.name.clone(),
+                source: self.source_name.clone(),
+                source_partitions: self.source_partitions,
+                current: Mutex::new(None),
+            });
+            let stream = self.stream(&ctx);
+            let mut out = (self.agent.fun)(stream);
+            let outcome = AssertUnwindSafe(self.drive(&mut out, &ctx))
+                .catch_unwind()
+                .await;
+            drop(out);
+            let outcome = match outcome {
+                Ok(Ok(())) => Outcome::Finished,
+                Ok(Err(e)) => Outcome::Failed(e),
+                Err(panic) => Outcome::Panicked(panic_message(panic)),
+            };
+            let exhausted = self.exhausted();
+            match outcome {
+                Outcome::Finished if exhausted => break,
+                Outcome::Finished => {
+                    tracing::warn!(agent = %self.name, actor = self.index, "agent returned while its stream was still open; restarting it");
+                }
+                Outcome::Failed(e) => self.report(&ctx, &e.to_string(), "raised an error"),
+                Outcome::Panicked(msg) => self.report(&ctx, &msg, "panicked"),
+            }
+            if exhausted {
+                break;
+            }
+            // A body that fails before it reads anything would otherwise spin.
+            if ctx.current().is_none() {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            } else {
+                backoff = Duration::from_millis(10);
+            }
+        }
+        tracing::debug!(agent = %self.name, actor = self.index, "actor stopped");
+    }
+
+    fn report(&self, ctx: &ActorCtx, error: &str, what: &str) {
+        let count = self.rt.stats.agent_error(&self.name);
+        match ctx.current() {
+            Some(m) => tracing::error!(
+                agent = %self.name,
+                actor = self.index,
+                topic = %m.topic,
+                partition = m.partition,
+                offset = m.offset,
+                error,
+                failures = count,
+                "agent {what} while processing an event; the event is acked and the agent restarted"
+            ),
+            None => tracing::error!(
+                agent = %self.name,
+                actor = self.index,
+                error,
+                failures = count,
+                "agent {what} before reading an event; restarting it"
+            ),
+        }
+    }
+
+    /// Whether the source is closed and empty: the worker is stopping.
+    fn exhausted(&self) -> bool {
+        match (&self.queue, &self.source) {
+            (Some(q), _) => q.is_closed() && q.is_empty(),
+            (None, Source::Channel(c)) => self.rt.stop.is_cancelled() && c.is_empty(),
+            (None, Source::Topic(_)) => true,
+        }
+    }
+
+    fn stream(&self, ctx: &Arc<ActorCtx>) -> Stream<T, K> {
+        match &self.source {
+            Source::Topic(topic) => {
+                let codec = topic.value_codec.clone();
+                let decode_ctx = ctx.clone();
+                let inner: BoxStream<'static, Item<T>> = match &self.queue {
+                    Some(q) => q
+                        .clone()
+                        .filter_map(move |d| {
+                            std::future::ready(decode_delivery(&decode_ctx, &*codec, d))
+                        })
+                        .boxed(),
+                    None => futures::stream::empty().boxed(),
+                };
+                Stream::new(inner, ctx.clone(), Some(topic.key_codec.clone()))
+            }
+            Source::Channel(channel) => {
+                let rx = channel.receiver();
+                let stop = self.rt.stop.clone();
+                let inner = async_stream::stream! {
+                    loop {
+                        tokio::select! {
+                            biased;
+                            item = rx.recv() => match item {
+                                Ok(item) => yield Item {
+                                    value: item.value,
+                                    meta: item.meta,
+                                    acks: Default::default(),
+                                },
+                                Err(_) => break,
+                            },
+                            _ = stop.cancelled() => break,
+                        }
+                    }
+                }
+                .boxed();
+                Stream::new(inner, ctx.clone(), None)
+            }
+        }
+    }
+
+    async fn drive(
+        &self,
+        out: &mut BoxStream<'static, Result<R, BoxError>>,
+        ctx: &ActorCtx,
+    ) -> Result<(), BoxError> {
+        while let Some(result) = out.next().await {
+            self.deliver(ctx, result?).await;
+        }
+        Ok(())
+    }
+
+    /// Hands a yielded value to the asker (if the event has a reply-to address) and the sinks.
+    async fn deliver(&self, ctx: &ActorCtx, value: R) {
+        if let Some(meta) = ctx.current() {
+            if let Some(reply_to) = meta.header(REPLY_TO) {
+                let reply_to = String::from_utf8_lossy(reply_to).into_owned();
+                let mut headers = Vec::new();
+                if let Some(id) = meta.header(CORRELATION_ID) {
+                    headers.push((CORRELATION_ID.to_owned(), id.clone()));
+                }
+                let result = match serde_json::to_vec(&value) {
+                    Ok(bytes) => self
+                        .rt
+                        .produce(
+                            &self.rt.default_spec(&reply_to),
+                            None,
+                            None,
+                            Some(Bytes::from(bytes)),
+                            headers,
+                        )
+                        .await
+                        .map(|_| ()),
+                    Err(e) => Err(crate::Error::Config(format!("cannot encode reply: {e}"))),
+                };
+                if let Err(e) = result {
+                    tracing::error!(agent = %self.name, reply_to, error = %e, "cannot send reply");
+                }
+            }
+        }
+        for sink in self.sinks.iter() {
+            if let Err(e) = sink.deliver(value.clone()).await {
+                tracing::error!(agent = %self.name, sink = %sink.describe(), error = %e, "sink failed");
+            }
+        }
+    }
+}
+
+fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic".to_owned()
+    }
+}

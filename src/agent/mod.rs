@@ -1,0 +1,350 @@
+//! Agents: async functions over a typed stream, run by the worker as one or more actors.
+
+mod actor;
+mod request;
+mod sink;
+
+pub use request::{AgentAsk, AgentSend, IntoValues, ReplyTo};
+pub use sink::{IntoSink, Sink};
+
+use crate::app::AppCore;
+use crate::channel::Channel;
+use crate::codec::{Codec, Raw};
+use crate::error::{BoxError, Error, Result};
+use crate::stream::Stream;
+use crate::topic::Topic;
+use crate::transport::TopicSpec;
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use futures::{FutureExt, StreamExt};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::any::Any;
+use std::fmt;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+
+pub(crate) use actor::AgentRunner;
+
+/// What an agent reads: a topic description or a channel.
+pub enum Source<T, K = Bytes> {
+    /// A topic description (one or more topics).
+    Topic(Topic<K, T>),
+    /// An in-memory channel.
+    Channel(Channel<T>),
+}
+
+impl<T, K> Clone for Source<T, K> {
+    fn clone(&self) -> Self {
+        match self {
+            Source::Topic(t) => Source::Topic(t.clone()),
+            Source::Channel(c) => Source::Channel(c.clone()),
+        }
+    }
+}
+
+impl<T: 'static, K: 'static> fmt::Debug for Source<T, K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Topic(t) => t.fmt(f),
+            Source::Channel(c) => c.fmt(f),
+        }
+    }
+}
+
+impl<T, K> From<&Topic<K, T>> for Source<T, K> {
+    fn from(t: &Topic<K, T>) -> Self {
+        Source::Topic(t.clone())
+    }
+}
+
+impl<T, K> From<Topic<K, T>> for Source<T, K> {
+    fn from(t: Topic<K, T>) -> Self {
+        Source::Topic(t)
+    }
+}
+
+impl<T, K> From<&Channel<T>> for Source<T, K> {
+    fn from(c: &Channel<T>) -> Self {
+        Source::Channel(c.clone())
+    }
+}
+
+impl<T, K> From<Channel<T>> for Source<T, K> {
+    fn from(c: Channel<T>) -> Self {
+        Source::Channel(c)
+    }
+}
+
+/// Marker types that let [`AgentFn`] accept several shapes of agent function.
+pub mod marker {
+    use std::marker::PhantomData;
+
+    /// An `async fn` returning `()`.
+    #[derive(Debug)]
+    pub struct Unit<Fut>(PhantomData<fn() -> Fut>);
+    /// An `async fn` returning `Result<(), E>`.
+    #[derive(Debug)]
+    pub struct Fallible<Fut, E>(PhantomData<fn() -> (Fut, E)>);
+    /// A function returning a stream of yielded values (`stream! { ... yield v; }`).
+    #[derive(Debug)]
+    pub struct Yields<S>(PhantomData<fn() -> S>);
+    /// A plain function sink.
+    #[derive(Debug)]
+    pub struct SyncFn;
+    /// An async function sink.
+    #[derive(Debug)]
+    pub struct AsyncFn<Fut>(PhantomData<fn() -> Fut>);
+    /// A topic sink.
+    #[derive(Debug)]
+    pub struct TopicSink;
+    /// A channel sink.
+    #[derive(Debug)]
+    pub struct ChannelSink;
+    /// An agent sink.
+    #[derive(Debug)]
+    pub struct AgentSink;
+    /// Values from an iterator.
+    #[derive(Debug)]
+    pub struct Iter;
+    /// Values from an async stream.
+    #[derive(Debug)]
+    pub struct Async;
+}
+
+/// A function the worker can run as an agent. Implemented for:
+///
+/// - `async fn(Stream<T, K>)`, and `async fn(Stream<T, K>) -> Result<(), E>`;
+/// - `fn(Stream<T, K>) -> impl AsyncIterable<R>`, usually written with [`stream!`](crate::stream)
+///   so the body can `yield` values, as a Faust agent does.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be used as an agent",
+    note = "an agent is `async fn(Stream<T>)`, `async fn(Stream<T>) -> Result<(), E>`, or a function returning `stream! {{ ... yield value; }}`; annotate a closure's argument: `|stream: Stream<MyRecord>|`"
+)]
+pub trait AgentFn<T, K, R, M>: Send + Sync + 'static {
+    /// Runs the agent over `stream`, as a stream of yielded values.
+    fn call(&self, stream: Stream<T, K>) -> BoxStream<'static, Result<R, BoxError>>;
+}
+
+impl<F, Fut, T, K> AgentFn<T, K, (), marker::Unit<Fut>> for F
+where
+    F: Fn(Stream<T, K>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    fn call(&self, stream: Stream<T, K>) -> BoxStream<'static, Result<(), BoxError>> {
+        self(stream)
+            .into_stream()
+            .filter_map(|()| std::future::ready(None))
+            .boxed()
+    }
+}
+
+impl<F, Fut, T, K, E> AgentFn<T, K, (), marker::Fallible<Fut, E>> for F
+where
+    F: Fn(Stream<T, K>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), E>> + Send + 'static,
+    E: Into<BoxError> + 'static,
+{
+    fn call(&self, stream: Stream<T, K>) -> BoxStream<'static, Result<(), BoxError>> {
+        self(stream)
+            .into_stream()
+            .filter_map(|r| std::future::ready(r.err().map(|e| Err(e.into()))))
+            .boxed()
+    }
+}
+
+impl<F, S, T, K, R: 'static> AgentFn<T, K, R, marker::Yields<S>> for F
+where
+    F: Fn(Stream<T, K>) -> S + Send + Sync + 'static,
+    S: futures::Stream<Item = R> + Send + 'static,
+{
+    fn call(&self, stream: Stream<T, K>) -> BoxStream<'static, Result<R, BoxError>> {
+        self(stream).map(Ok).boxed()
+    }
+}
+
+/// What an agent function returns when it yields values: an async iterable of `T`, as in the
+/// type hint `AsyncIterable[int]` of a Faust agent.
+pub trait AsyncIterable<T>: futures::Stream<Item = T> + Send + 'static {}
+
+impl<T, S> AsyncIterable<T> for S where S: futures::Stream<Item = T> + Send + 'static {}
+
+pub(crate) type BoxAgentFn<T, K, R> =
+    Arc<dyn Fn(Stream<T, K>) -> BoxStream<'static, Result<R, BoxError>> + Send + Sync>;
+
+pub(crate) struct Config<T, R, K> {
+    pub(crate) name: String,
+    pub(crate) source: Option<Source<T, K>>,
+    pub(crate) concurrency: usize,
+    pub(crate) sinks: Vec<Arc<dyn Sink<R>>>,
+}
+
+pub(crate) struct AgentInner<T, R, K> {
+    pub(crate) core: Arc<AppCore>,
+    pub(crate) fun: BoxAgentFn<T, K, R>,
+    pub(crate) config: Mutex<Config<T, R, K>>,
+    /// The source as resolved when the worker first started.
+    pub(crate) resolved: std::sync::OnceLock<Source<T, K>>,
+}
+
+/// A handle on an agent: configure it before the worker starts, and talk to it (`cast`, `ask`,
+/// `send`, `map`, `join`) while it runs.
+///
+/// `T` is what the agent reads, `R` what it yields, `K` its source's key type.
+pub struct Agent<T, R = (), K = Bytes> {
+    pub(crate) inner: Arc<AgentInner<T, R, K>>,
+}
+
+impl<T, R, K> Clone for Agent<T, R, K> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<T, R, K> fmt::Debug for Agent<T, R, K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = self.inner.config();
+        f.debug_struct("Agent")
+            .field("name", &c.name)
+            .field("concurrency", &c.concurrency)
+            .field("sinks", &c.sinks.len())
+            .finish()
+    }
+}
+
+impl<T, R, K> AgentInner<T, R, K> {
+    pub(crate) fn config(&self) -> std::sync::MutexGuard<'_, Config<T, R, K>> {
+        self.config.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The agent name Faust would give a function: its path with dots, e.g. `agent.adding`.
+pub(crate) fn default_name<F>() -> String {
+    std::any::type_name::<F>().replace("::", ".")
+}
+
+impl<T, R, K> Agent<T, R, K>
+where
+    T: Serialize + DeserializeOwned + Send + Sync + 'static,
+    R: Serialize + Clone + Send + Sync + 'static,
+    K: Send + Sync + 'static,
+{
+    pub(crate) fn new(core: Arc<AppCore>, name: String, fun: BoxAgentFn<T, K, R>) -> Self {
+        let concurrency = 1;
+        Self {
+            inner: Arc::new(AgentInner {
+                core,
+                fun,
+                config: Mutex::new(Config {
+                    name,
+                    source: None,
+                    concurrency,
+                    sinks: Vec::new(),
+                }),
+                resolved: std::sync::OnceLock::new(),
+            }),
+        }
+    }
+
+    /// The agent's name (by default the function's path, e.g. `agent.adding`).
+    pub fn name(&self) -> String {
+        self.inner.config().name.clone()
+    }
+
+    /// Renames the agent. Agents written as closures need a name.
+    pub fn named(self, name: impl Into<String>) -> Self {
+        self.inner.config().name = name.into();
+        self
+    }
+
+    /// The topic or channel the agent reads (Faust's `channel` argument). Without one, the
+    /// agent reads a topic named after the agent.
+    pub fn channel(self, source: impl Into<Source<T, K>>) -> Self {
+        self.inner.config().source = Some(source.into());
+        self
+    }
+
+    /// Runs `n` instances (actors) of the agent on each worker. They share the stream and
+    /// process it concurrently, out of order.
+    pub fn concurrency(self, n: usize) -> Self {
+        self.inner.config().concurrency = n.max(1);
+        self
+    }
+
+    /// Adds a sink: every value the agent yields is also handed to it. A sink is a function,
+    /// an async function, a topic, a channel, or another agent.
+    pub fn sink<M>(self, sink: impl IntoSink<R, M>) -> Self {
+        self.inner.config().sinks.push(sink.into_sink());
+        self
+    }
+
+    /// The agent's source, resolving the default topic named after the agent.
+    pub(crate) fn source(&self) -> Result<Source<T, K>> {
+        if let Some(s) = self.inner.resolved.get() {
+            return Ok(s.clone());
+        }
+        let c = self.inner.config();
+        if let Some(s) = &c.source {
+            return Ok(s.clone());
+        }
+        check_name(&c.name)?;
+        let key_codec = default_key_codec::<K>().ok_or_else(|| {
+            Error::Config(format!(
+                "agent {:?} reads keys of type {}: give it a topic declared with that key type \
+                 (`.channel(&topic)`)",
+                c.name,
+                std::any::type_name::<K>()
+            ))
+        })?;
+        let topic = Topic::new(self.inner.core.clone(), vec![c.name.clone()])
+            .value_type::<T>()
+            .key_codec(ArcCodec(key_codec));
+        Ok(Source::Topic(topic))
+    }
+}
+
+fn check_name(name: &str) -> Result<()> {
+    if name.contains("{{closure}}") {
+        return Err(Error::Config(format!(
+            "an agent written as a closure needs a name: app.agent(f).named(\"...\") (got {name:?})"
+        )));
+    }
+    Ok(())
+}
+
+/// Raw bytes is the only key type with a default codec.
+fn default_key_codec<K: 'static>() -> Option<Arc<dyn Codec<K>>> {
+    let raw: Arc<dyn Codec<Bytes>> = Arc::new(Raw);
+    let any: Box<dyn Any> = Box::new(raw);
+    any.downcast::<Arc<dyn Codec<K>>>().ok().map(|b| *b)
+}
+
+struct ArcCodec<K>(Arc<dyn Codec<K>>);
+
+impl<K: 'static> Codec<K> for ArcCodec<K> {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+
+    fn encode(&self, value: &K) -> Result<Bytes, crate::codec::CodecError> {
+        self.0.encode(value)
+    }
+
+    fn decode(&self, bytes: &[u8]) -> Result<K, crate::codec::CodecError> {
+        self.0.decode(bytes)
+    }
+}
+
+/// The specs of a source's topics (empty for a channel).
+pub(crate) fn source_specs<T: 'static, K: 'static>(source: &Source<T, K>) -> Vec<TopicSpec> {
+    match source {
+        Source::Topic(t) => t
+            .names()
+            .iter()
+            .map(|n| t.core.topic_spec(n, t.partition_count()))
+            .collect(),
+        Source::Channel(_) => Vec::new(),
+    }
+}

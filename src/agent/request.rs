@@ -1,0 +1,463 @@
+//! Talking to an agent: `send`, `cast`, `ask`, and the streaming `map`/`join` family.
+
+use super::{marker, Agent, Source};
+use crate::channel::Channel;
+use crate::error::{Error, Result};
+use crate::reply::{CORRELATION_ID, REPLY_TO};
+use crate::topic::Topic;
+use crate::transport::Headers;
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+use futures::{FutureExt, StreamExt};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::collections::HashMap;
+use std::fmt;
+use std::future::IntoFuture;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// Where a reply can be sent: a topic name, a topic, or an agent (its topic).
+pub trait ReplyTo {
+    /// The topic replies go to.
+    fn reply_topic(&self) -> Result<String>;
+}
+
+impl ReplyTo for &str {
+    fn reply_topic(&self) -> Result<String> {
+        Ok((*self).to_owned())
+    }
+}
+
+impl ReplyTo for String {
+    fn reply_topic(&self) -> Result<String> {
+        Ok(self.clone())
+    }
+}
+
+impl<K: 'static, V: 'static> ReplyTo for &Topic<K, V> {
+    fn reply_topic(&self) -> Result<String> {
+        Ok(self.name().to_owned())
+    }
+}
+
+impl<T, R, K> ReplyTo for &Agent<T, R, K>
+where
+    T: Serialize + DeserializeOwned + Send + Sync + 'static,
+    R: Serialize + Clone + Send + Sync + 'static,
+    K: Send + Sync + 'static,
+{
+    fn reply_topic(&self) -> Result<String> {
+        match self.source()? {
+            Source::Topic(t) => Ok(t.name().to_owned()),
+            Source::Channel(c) => Err(Error::Config(format!(
+                "agent {:?} reads channel {:?}: replies can only be sent to topics",
+                self.name(),
+                c.name()
+            ))),
+        }
+    }
+}
+
+/// Values for [`Agent::map`] and friends: any iterator, or an async stream.
+pub trait IntoValues<T, M> {
+    /// The values as a stream.
+    fn into_values(self) -> BoxStream<'static, T>;
+}
+
+impl<I> IntoValues<I::Item, marker::Iter> for I
+where
+    I: IntoIterator,
+    I::IntoIter: Send + 'static,
+    I::Item: Send + 'static,
+{
+    fn into_values(self) -> BoxStream<'static, I::Item> {
+        futures::stream::iter(self).boxed()
+    }
+}
+
+impl<S> IntoValues<S::Item, marker::Async> for S
+where
+    S: futures::Stream + Send + 'static,
+{
+    fn into_values(self) -> BoxStream<'static, S::Item> {
+        self.boxed()
+    }
+}
+
+impl<T, R, K> Agent<T, R, K>
+where
+    T: Serialize + DeserializeOwned + Send + Sync + 'static,
+    R: Serialize + Clone + Send + Sync + 'static,
+    K: Send + Sync + 'static,
+{
+    /// Sends `value` to the agent: the mechanism under `cast` and `ask`. Set a key, partition,
+    /// `reply_to` (where the agent sends what it yields for this value) and correlation id on
+    /// the builder, then `.await` it.
+    pub fn send(&self, value: T) -> AgentSend<'_, T, R, K> {
+        AgentSend {
+            agent: self,
+            value,
+            key: None,
+            partition: None,
+            reply_to: None,
+            correlation_id: None,
+        }
+    }
+
+    /// Sends `value` without waiting for a reply (fire and forget).
+    pub fn cast(&self, value: T) -> AgentSend<'_, T, R, K> {
+        self.send(value)
+    }
+
+    /// Sends `value` and waits for what the agent yields for it. Fails with
+    /// [`Error::AskTimeout`] when no reply comes within the app's `ask_timeout` (or the
+    /// builder's `timeout`).
+    pub fn ask(&self, value: T) -> AgentAsk<'_, T, R, K> {
+        AgentAsk {
+            agent: self,
+            value,
+            key: None,
+            partition: None,
+            timeout: None,
+        }
+    }
+
+    pub(crate) async fn deliver(
+        &self,
+        value: T,
+        key: Option<K>,
+        partition: Option<u32>,
+        headers: Headers,
+    ) -> Result<()> {
+        let rt = self.inner.core.runtime()?;
+        match self.source()? {
+            Source::Topic(t) => {
+                let key = key.as_ref().map(|k| t.encode_key(k)).transpose()?;
+                let value = t.encode_value(&value)?;
+                rt.produce(&t.spec(), partition, key, Some(value), headers)
+                    .await?;
+                Ok(())
+            }
+            Source::Channel(c) => send_channel(&c, value, headers).await,
+        }
+    }
+
+    /// Streams `values` to the agent and yields the replies as they come, in no particular
+    /// order. Values are sent while replies arrive, so `values` may be endless.
+    pub fn map<I, M>(&self, values: I) -> BoxStream<'static, Result<R>>
+    where
+        I: IntoValues<T, M>,
+        R: DeserializeOwned,
+    {
+        self.requests(values.into_values().map(|v| (None, v)).boxed())
+            .map(|r| r.map(|(_, v)| v))
+            .boxed()
+    }
+
+    /// As [`map`](Agent::map), for `(key, value)` pairs; the key is the message key.
+    pub fn kvmap<I, M>(&self, items: I) -> BoxStream<'static, Result<R>>
+    where
+        I: IntoValues<(K, T), M>,
+        R: DeserializeOwned,
+    {
+        self.requests(items.into_values().map(|(k, v)| (Some(k), v)).boxed())
+            .map(|r| r.map(|(_, v)| v))
+            .boxed()
+    }
+
+    /// Sends every value and returns the replies in the order of `values`.
+    pub async fn join<I, M>(&self, values: I) -> Result<Vec<R>>
+    where
+        I: IntoValues<T, M>,
+        R: DeserializeOwned,
+    {
+        collect_in_order(self.requests(values.into_values().map(|v| (None, v)).boxed())).await
+    }
+
+    /// As [`join`](Agent::join), for `(key, value)` pairs.
+    pub async fn kvjoin<I, M>(&self, items: I) -> Result<Vec<R>>
+    where
+        I: IntoValues<(K, T), M>,
+        R: DeserializeOwned,
+    {
+        collect_in_order(self.requests(items.into_values().map(|(k, v)| (Some(k), v)).boxed()))
+            .await
+    }
+
+    /// Sends each item as a request and yields `(index, reply)` as replies arrive.
+    fn requests(
+        &self,
+        mut items: BoxStream<'static, (Option<K>, T)>,
+    ) -> BoxStream<'static, Result<(usize, R)>>
+    where
+        R: DeserializeOwned,
+    {
+        let agent = self.clone();
+        async_stream::stream! {
+            let rt = match agent.inner.core.runtime() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    yield Err(e);
+                    return;
+                }
+            };
+            let (tx, mut rx) = mpsc::unbounded_channel::<(String, Bytes)>();
+            let mut waiting: HashMap<String, usize> = HashMap::new();
+            let mut next_index = 0usize;
+            let mut input_done = false;
+            let limit = rt.settings.map_max_inflight.max(1);
+            let timeout = rt.settings.ask_timeout;
+            loop {
+                if input_done && waiting.is_empty() {
+                    break;
+                }
+                tokio::select! {
+                    biased;
+                    reply = tokio::time::timeout(timeout, rx.recv()), if !waiting.is_empty() => match reply {
+                        Ok(Some((id, bytes))) => {
+                            if let Some(index) = waiting.remove(&id) {
+                                yield decode_reply::<R>(&rt.reply_topic, &bytes).map(|v| (index, v));
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(_) => {
+                            let id = waiting.keys().next().cloned().unwrap_or_default();
+                            for id in waiting.keys() {
+                                rt.replies.cancel(id);
+                            }
+                            yield Err(Error::AskTimeout { agent: agent.name(), timeout, correlation_id: id });
+                            break;
+                        }
+                    },
+                    item = items.next(), if !input_done && waiting.len() < limit => match item {
+                        Some((key, value)) => {
+                            let id = rt.replies.new_id();
+                            rt.replies.expect_many(id.clone(), tx.clone());
+                            let headers = request_headers(&rt.reply_topic, &id);
+                            if let Err(e) = agent.deliver(value, key, None, headers).await {
+                                rt.replies.cancel(&id);
+                                for id in waiting.keys() {
+                                    rt.replies.cancel(id);
+                                }
+                                yield Err(e);
+                                break;
+                            }
+                            waiting.insert(id, next_index);
+                            next_index += 1;
+                        }
+                        None => input_done = true,
+                    },
+                }
+            }
+        }
+        .boxed()
+    }
+}
+
+async fn collect_in_order<R>(
+    mut replies: BoxStream<'static, Result<(usize, R)>>,
+) -> Result<Vec<R>> {
+    let mut slots: Vec<Option<R>> = Vec::new();
+    while let Some(reply) = replies.next().await {
+        let (index, value) = reply?;
+        if slots.len() <= index {
+            slots.resize_with(index + 1, || None);
+        }
+        slots[index] = Some(value);
+    }
+    Ok(slots.into_iter().flatten().collect())
+}
+
+fn request_headers(reply_to: &str, id: &str) -> Headers {
+    vec![
+        (
+            REPLY_TO.to_owned(),
+            Bytes::copy_from_slice(reply_to.as_bytes()),
+        ),
+        (
+            CORRELATION_ID.to_owned(),
+            Bytes::copy_from_slice(id.as_bytes()),
+        ),
+    ]
+}
+
+fn decode_reply<R: DeserializeOwned>(topic: &str, bytes: &[u8]) -> Result<R> {
+    serde_json::from_slice(bytes).map_err(|e| Error::Decode {
+        what: "reply",
+        topic: topic.to_owned(),
+        partition: 0,
+        offset: -1,
+        source: crate::codec::CodecError::new("json", e),
+    })
+}
+
+async fn send_channel<T: Send + 'static>(c: &Channel<T>, value: T, headers: Headers) -> Result<()> {
+    c.send_with(value, None, headers)
+        .await
+        .map_err(|_| Error::ChannelClosed {
+            channel: c.name().to_owned(),
+        })
+}
+
+/// A pending [`Agent::send`] or [`Agent::cast`]; `.await` it.
+#[must_use = "a send does nothing until awaited"]
+pub struct AgentSend<'a, T, R, K> {
+    agent: &'a Agent<T, R, K>,
+    value: T,
+    key: Option<K>,
+    partition: Option<u32>,
+    reply_to: Option<Result<String>>,
+    correlation_id: Option<String>,
+}
+
+impl<T, R, K> fmt::Debug for AgentSend<'_, T, R, K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AgentSend")
+            .field("partition", &self.partition)
+            .field("correlation_id", &self.correlation_id)
+            .finish()
+    }
+}
+
+impl<T, R, K> AgentSend<'_, T, R, K> {
+    /// The message key.
+    pub fn key(mut self, key: K) -> Self {
+        self.key = Some(key);
+        self
+    }
+
+    /// Sends to this partition.
+    pub fn partition(mut self, partition: u32) -> Self {
+        self.partition = Some(partition);
+        self
+    }
+
+    /// Where the agent sends what it yields for this value: another agent, a topic, or a
+    /// topic name.
+    pub fn reply_to(mut self, target: impl ReplyTo) -> Self {
+        self.reply_to = Some(target.reply_topic());
+        self
+    }
+
+    /// The correlation id carried with the reply (a new one is made when `reply_to` is set
+    /// without one).
+    pub fn correlation_id(mut self, id: impl Into<String>) -> Self {
+        self.correlation_id = Some(id.into());
+        self
+    }
+}
+
+impl<'a, T, R, K> IntoFuture for AgentSend<'a, T, R, K>
+where
+    T: Serialize + DeserializeOwned + Send + Sync + 'static,
+    R: Serialize + Clone + Send + Sync + 'static,
+    K: Send + Sync + 'static,
+{
+    type Output = Result<()>;
+    type IntoFuture = BoxFuture<'a, Result<()>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        async move {
+            let mut headers = Vec::new();
+            if let Some(reply_to) = self.reply_to {
+                let reply_to = reply_to?;
+                headers.push((REPLY_TO.to_owned(), Bytes::from(reply_to.into_bytes())));
+                let id = match self.correlation_id {
+                    Some(id) => id,
+                    None => self.agent.inner.core.runtime()?.replies.new_id(),
+                };
+                headers.push((CORRELATION_ID.to_owned(), Bytes::from(id.into_bytes())));
+            } else if let Some(id) = self.correlation_id {
+                headers.push((CORRELATION_ID.to_owned(), Bytes::from(id.into_bytes())));
+            }
+            self.agent
+                .deliver(self.value, self.key, self.partition, headers)
+                .await
+        }
+        .boxed()
+    }
+}
+
+/// A pending [`Agent::ask`]; `.await` it for the reply.
+#[must_use = "an ask does nothing until awaited"]
+pub struct AgentAsk<'a, T, R, K> {
+    agent: &'a Agent<T, R, K>,
+    value: T,
+    key: Option<K>,
+    partition: Option<u32>,
+    timeout: Option<Duration>,
+}
+
+impl<T, R, K> fmt::Debug for AgentAsk<'_, T, R, K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AgentAsk")
+            .field("partition", &self.partition)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+impl<T, R, K> AgentAsk<'_, T, R, K> {
+    /// The message key.
+    pub fn key(mut self, key: K) -> Self {
+        self.key = Some(key);
+        self
+    }
+
+    /// Sends to this partition.
+    pub fn partition(mut self, partition: u32) -> Self {
+        self.partition = Some(partition);
+        self
+    }
+
+    /// How long to wait for the reply (default: the app's `ask_timeout`).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+}
+
+impl<'a, T, R, K> IntoFuture for AgentAsk<'a, T, R, K>
+where
+    T: Serialize + DeserializeOwned + Send + Sync + 'static,
+    R: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
+    K: Send + Sync + 'static,
+{
+    type Output = Result<R>;
+    type IntoFuture = BoxFuture<'a, Result<R>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        async move {
+            let rt = self.agent.inner.core.runtime()?;
+            let id = rt.replies.new_id();
+            let reply = rt.replies.expect_one(id.clone());
+            let headers = request_headers(&rt.reply_topic, &id);
+            if let Err(e) = self
+                .agent
+                .deliver(self.value, self.key, self.partition, headers)
+                .await
+            {
+                rt.replies.cancel(&id);
+                return Err(e);
+            }
+            let timeout = self.timeout.unwrap_or(rt.settings.ask_timeout);
+            match tokio::time::timeout(timeout, reply).await {
+                Ok(Ok(bytes)) => decode_reply(&rt.reply_topic, &bytes),
+                Ok(Err(_)) => Err(Error::ShuttingDown {
+                    app: rt.app_id.to_string(),
+                }),
+                Err(_) => {
+                    rt.replies.cancel(&id);
+                    Err(Error::AskTimeout {
+                        agent: self.agent.name(),
+                        timeout,
+                        correlation_id: id,
+                    })
+                }
+            }
+        }
+        .boxed()
+    }
+}

@@ -1,0 +1,375 @@
+//! The application: settings, and the registry of topics, channels, agents and commands.
+
+use crate::agent::{default_name, Agent, AgentFn, AgentRunner};
+use crate::channel::Channel;
+use crate::cli::{Command, CommandSpec};
+use crate::error::{BoxError, Error, Result, TransportError};
+use crate::settings::Settings;
+use crate::topic::{Topic, TopicNames};
+use crate::transport::memory::MemoryTransport;
+use crate::transport::{MemoryBroker, StartAt, TopicSpec, Transport};
+use crate::worker::{run_replies, Dispatcher, Runtime, Worker};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// What the parts of an app share, running or not.
+pub(crate) struct AppCore {
+    pub(crate) id: Arc<str>,
+    settings: RwLock<Settings>,
+    memory: Arc<MemoryBroker>,
+    declared: Mutex<BTreeMap<String, Option<u32>>>,
+    runtime: RwLock<Option<Arc<Runtime>>>,
+}
+
+impl AppCore {
+    pub(crate) fn settings(&self) -> Settings {
+        self.settings
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn declare(&self, name: &str, partitions: Option<u32>) {
+        let mut d = self.declared.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = d.entry(name.to_owned()).or_default();
+        if partitions.is_some() {
+            *entry = partitions;
+        }
+    }
+
+    /// The spec a topic is created with: its own partition count, else the declared one, else
+    /// the app's default.
+    pub(crate) fn topic_spec(&self, name: &str, partitions: Option<u32>) -> TopicSpec {
+        let settings = self.settings.read().unwrap_or_else(|e| e.into_inner());
+        let declared = partitions.or_else(|| {
+            self.declared
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(name)
+                .copied()
+                .flatten()
+        });
+        TopicSpec {
+            name: name.to_owned(),
+            partitions: declared.unwrap_or(settings.topic_partitions),
+            replication_factor: settings.topic_replication_factor,
+            compacted: false,
+        }
+    }
+
+    pub(crate) fn runtime(&self) -> Result<Arc<Runtime>> {
+        self.runtime
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| Error::NotRunning {
+                app: self.id.to_string(),
+            })
+    }
+
+    pub(crate) fn clear_runtime(&self, rt: &Arc<Runtime>) {
+        let mut slot = self.runtime.write().unwrap_or_else(|e| e.into_inner());
+        if slot.as_ref().is_some_and(|r| Arc::ptr_eq(r, rt)) {
+            *slot = None;
+        }
+    }
+}
+
+/// A rill application: its id, settings, topics, channels, agents and commands.
+///
+/// Declare everything, then either run the command line with [`App::main`] (which gives the
+/// `worker` command and the app's own commands) or start a worker in code with
+/// [`App::start`].
+///
+/// ```
+/// # use rill::prelude::*;
+/// #[derive(Serialize, Deserialize, Clone)]
+/// struct Add { a: i64, b: i64 }
+///
+/// fn adding(mut stream: Stream<Add>) -> impl AsyncIterable<i64> {
+///     stream! {
+///         while let Some(value) = stream.next().await {
+///             yield value.a + value.b;
+///         }
+///     }
+/// }
+///
+/// # #[tokio::main] async fn main() -> rill::Result<()> {
+/// let app = App::new("agent-example");
+/// let topic = app.topic("adding").value_type::<Add>();
+/// let adding = app.agent(adding).channel(&topic);
+///
+/// let worker = app.start().await?;
+/// assert_eq!(adding.ask(Add { a: 2, b: 2 }).await?, 4);
+/// worker.shutdown().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct App {
+    pub(crate) core: Arc<AppCore>,
+    agents: Arc<Mutex<Vec<Arc<dyn AgentRunner>>>>,
+    pub(crate) commands: Arc<Mutex<Vec<Arc<dyn CommandSpec>>>>,
+    channels: Arc<AtomicUsize>,
+}
+
+impl fmt::Debug for App {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("App")
+            .field("id", &self.core.id)
+            .field("agents", &self.agent_names())
+            .finish()
+    }
+}
+
+impl App {
+    /// An app with default [`Settings`] (embedded transport).
+    pub fn new(id: impl Into<String>) -> Self {
+        Self::with_settings(id, Settings::default())
+    }
+
+    /// An app with the given settings.
+    pub fn with_settings(id: impl Into<String>, settings: Settings) -> Self {
+        Self {
+            core: Arc::new(AppCore {
+                id: Arc::from(id.into()),
+                settings: RwLock::new(settings),
+                memory: MemoryBroker::new(),
+                declared: Mutex::new(BTreeMap::new()),
+                runtime: RwLock::new(None),
+            }),
+            agents: Arc::new(Mutex::new(Vec::new())),
+            commands: Arc::new(Mutex::new(Vec::new())),
+            channels: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// The app id: the consumer group, and the prefix of internal topics.
+    pub fn id(&self) -> &str {
+        &self.core.id
+    }
+
+    /// A copy of the current settings.
+    pub fn settings(&self) -> Settings {
+        self.core.settings()
+    }
+
+    /// Changes settings; takes effect the next time a worker starts.
+    pub fn configure(&self, f: impl FnOnce(&mut Settings)) -> &Self {
+        f(&mut self
+            .core
+            .settings
+            .write()
+            .unwrap_or_else(|e| e.into_inner()));
+        self
+    }
+
+    /// Declares a topic description with one or more names (the first is the main topic).
+    /// Keys are raw bytes and values JSON until [`key_type`](Topic::key_type) /
+    /// [`value_type`](Topic::value_type) say otherwise. Declared topics are created when the
+    /// worker starts.
+    pub fn topic(&self, names: impl TopicNames) -> Topic {
+        let names = names.into_names();
+        assert!(!names.is_empty(), "a topic needs at least one name");
+        Topic::new(self.core.clone(), names)
+    }
+
+    /// A new in-memory channel, bounded by the `stream_buffer_maxsize` setting.
+    pub fn channel<T: Send + 'static>(&self) -> Channel<T> {
+        let n = self.channels.fetch_add(1, Ordering::Relaxed);
+        Channel::new(
+            format!("{}-channel-{n}", self.core.id),
+            self.core.settings().stream_buffer_maxsize,
+        )
+    }
+
+    /// Declares an agent running `f`, Faust's `@app.agent()`. Configure it with the returned
+    /// handle: [`channel`](Agent::channel) (its topic or channel; by default a topic named
+    /// after the function, e.g. `agent.adding`), [`concurrency`](Agent::concurrency),
+    /// [`sink`](Agent::sink), [`named`](Agent::named).
+    pub fn agent<F, T, K, R, M>(&self, f: F) -> Agent<T, R, K>
+    where
+        F: AgentFn<T, K, R, M>,
+        T: Serialize + DeserializeOwned + Send + Sync + 'static,
+        R: Serialize + Clone + Send + Sync + 'static,
+        K: Send + Sync + 'static,
+    {
+        let name = default_name::<F>();
+        let agent = Agent::new(self.core.clone(), name, Arc::new(move |s| f.call(s)));
+        self.agents
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Arc::new(agent.clone()));
+        agent
+    }
+
+    /// Declares a command-line command, Faust's `@app.command()`. `A` is a `clap::Args` struct
+    /// holding the command's arguments and options. On the embedded transport the app's agents
+    /// run while the command does, so it can `ask` them.
+    pub fn command<A, F, Fut, E>(&self, name: impl Into<String>, f: F) -> &Self
+    where
+        A: clap::Args + clap::FromArgMatches + Send + 'static,
+        F: Fn(A) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: Into<BoxError> + 'static,
+    {
+        self.commands
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Arc::new(Command::new(name.into(), f)));
+        self
+    }
+
+    /// Names of the declared agents.
+    pub fn agent_names(&self) -> Vec<String> {
+        self.agents
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|a| a.name())
+            .collect()
+    }
+
+    /// The app's own embedded broker (what `memory://` connects to), for inspection in tests
+    /// and tools.
+    pub fn memory_broker(&self) -> Arc<MemoryBroker> {
+        self.core.memory.clone()
+    }
+
+    /// Starts a worker: creates the topics, joins the consumer group and runs every agent.
+    pub async fn start(&self) -> Result<Worker> {
+        self.start_with(true).await
+    }
+
+    /// Starts the app; `run_agents = false` starts only what sending and asking need.
+    pub(crate) async fn start_with(&self, run_agents: bool) -> Result<Worker> {
+        if self.core.runtime().is_ok() {
+            return Err(Error::Config(format!(
+                "app {:?} is already running",
+                self.core.id
+            )));
+        }
+        let settings = self.core.settings();
+        let transport = self.connect(&settings.broker)?;
+        let (control_tx, control_rx) = tokio::sync::mpsc::channel(64);
+        let rt = Arc::new(Runtime::new(
+            self.core.id.clone(),
+            settings.clone(),
+            transport.clone(),
+            control_tx,
+        ));
+
+        let agents: Vec<Arc<dyn AgentRunner>> = if run_agents {
+            self.agents
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+        } else {
+            Vec::new()
+        };
+        let mut specs: BTreeMap<String, TopicSpec> = BTreeMap::new();
+        let declared: Vec<String> = self
+            .core
+            .declared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        for name in declared {
+            specs.insert(name.clone(), self.core.topic_spec(&name, None));
+        }
+        let mut agent_topics = Vec::with_capacity(agents.len());
+        for agent in &agents {
+            let topics = agent.topics()?;
+            for spec in &topics {
+                specs.insert(spec.name.clone(), spec.clone());
+            }
+            agent_topics.push(topics);
+        }
+        for spec in specs.values() {
+            rt.ensure_topic(spec).await?;
+        }
+        let reply_spec = TopicSpec {
+            name: rt.reply_topic.clone(),
+            partitions: 1,
+            replication_factor: settings.topic_replication_factor,
+            compacted: false,
+        };
+        rt.ensure_topic(&reply_spec).await?;
+        let reply_consumer = transport
+            .topic_consumer(&rt.reply_topic, StartAt::Latest)
+            .await?;
+
+        let actors = TaskTracker::new();
+        let capacity = settings.stream_buffer_maxsize.max(1);
+        let mut routes: HashMap<Arc<str>, Vec<async_channel::Sender<_>>> = HashMap::new();
+        let mut queues = Vec::with_capacity(agents.len());
+        for topics in &agent_topics {
+            if topics.is_empty() {
+                queues.push(None);
+                continue;
+            }
+            let (tx, rx) = async_channel::bounded(capacity);
+            for spec in topics {
+                routes
+                    .entry(Arc::from(spec.name.as_str()))
+                    .or_default()
+                    .push(tx.clone());
+            }
+            queues.push(Some(rx));
+        }
+        let dispatcher = if run_agents {
+            let consumer = transport.group_consumer(&self.core.id)?;
+            Some(Dispatcher::new(
+                rt.clone(),
+                consumer,
+                routes,
+                control_rx,
+                actors.clone(),
+            )?)
+        } else {
+            None
+        };
+
+        *self.core.runtime.write().unwrap_or_else(|e| e.into_inner()) = Some(rt.clone());
+        for (agent, queue) in agents.iter().zip(queues) {
+            if let Err(e) = agent.start(&rt, &actors, queue) {
+                rt.stop.cancel();
+                self.core.clear_runtime(&rt);
+                return Err(e);
+            }
+        }
+        let closed = CancellationToken::new();
+        let replies = tokio::spawn(run_replies(rt.clone(), reply_consumer, closed.clone()));
+        let dispatcher = dispatcher.map(|d| tokio::spawn(d.run()));
+        tracing::info!(app = %self.core.id, transport = transport.kind(), agents = agents.len(), "worker started");
+        Ok(Worker {
+            core: self.core.clone(),
+            rt,
+            dispatcher,
+            replies: Some(replies),
+            closed,
+        })
+    }
+
+    fn connect(&self, url: &str) -> Result<Arc<dyn Transport>> {
+        if let Some(rest) = url.strip_prefix("memory:") {
+            let name = rest.trim_start_matches("//").trim_end_matches('/');
+            let broker = if name.is_empty() {
+                self.core.memory.clone()
+            } else {
+                MemoryBroker::named(name)
+            };
+            return Ok(Arc::new(MemoryTransport::new(broker)));
+        }
+        Err(TransportError::UnsupportedUrl(url.to_owned()).into())
+    }
+}

@@ -1,0 +1,196 @@
+//! The command line every app gets: `worker`, the app's own commands, and global options.
+
+use crate::app::App;
+use crate::error::{BoxError, Error, Result};
+use crate::worker::Worker;
+use clap::{Arg, ArgMatches};
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use std::ffi::OsString;
+use std::future::Future;
+use std::marker::PhantomData;
+
+/// A command declared with [`App::command`], its argument types erased.
+pub(crate) trait CommandSpec: Send + Sync {
+    fn name(&self) -> &str;
+    fn clap(&self) -> clap::Command;
+    fn run(&self, matches: &ArgMatches) -> Result<BoxFuture<'static, Result<(), BoxError>>>;
+}
+
+pub(crate) struct Command<A, F> {
+    name: String,
+    f: F,
+    _args: PhantomData<fn() -> A>,
+}
+
+impl<A, F> Command<A, F> {
+    pub(crate) fn new(name: String, f: F) -> Self {
+        Self {
+            name,
+            f,
+            _args: PhantomData,
+        }
+    }
+}
+
+impl<A, F, Fut, E> CommandSpec for Command<A, F>
+where
+    A: clap::Args + clap::FromArgMatches + Send + 'static,
+    F: Fn(A) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), E>> + Send + 'static,
+    E: Into<BoxError> + 'static,
+{
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn clap(&self) -> clap::Command {
+        A::augment_args(clap::Command::new(self.name.clone()))
+    }
+
+    fn run(&self, matches: &ArgMatches) -> Result<BoxFuture<'static, Result<(), BoxError>>> {
+        let args = A::from_arg_matches(matches).map_err(|e| Error::Command {
+            command: self.name.clone(),
+            source: e.to_string().into(),
+        })?;
+        Ok((self.f)(args).map(|r| r.map_err(Into::into)).boxed())
+    }
+}
+
+/// Log levels `-l/--loglevel` accepts, as Faust's.
+const LEVELS: [&str; 7] = [
+    "critical", "crit", "error", "warn", "info", "debug", "trace",
+];
+
+impl App {
+    fn cli(&self) -> clap::Command {
+        let mut cmd = clap::Command::new(self.id().to_owned())
+            .about(format!("rill app {:?}", self.id()))
+            .version(env!("CARGO_PKG_VERSION"))
+            .subcommand_required(true)
+            .arg_required_else_help(true)
+            .arg(
+                Arg::new("broker")
+                    .long("broker")
+                    .short('b')
+                    .global(true)
+                    .env("RILL_BROKER")
+                    .value_name("URL")
+                    .help("Broker URL: memory:// (embedded) or kafka://host:port[,host:port]"),
+            )
+            .arg(
+                Arg::new("loglevel")
+                    .long("loglevel")
+                    .short('l')
+                    .global(true)
+                    .env("RILL_LOG")
+                    .value_name("LEVEL")
+                    .value_parser(LEVELS)
+                    .help("Log level: critical, error, warn, info, debug or trace [default: warn]"),
+            )
+            .subcommand(
+                clap::Command::new("worker")
+                    .about("Run the app's agents until Ctrl-C or SIGTERM, then drain and commit"),
+            );
+        for c in self
+            .commands
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            cmd = cmd.subcommand(c.clap());
+        }
+        cmd
+    }
+
+    /// Runs the command line and exits the process: `worker` runs the agents; the app's
+    /// commands run with them. Exit codes: 0 on success, 1 on failure, 2 on a usage error.
+    pub fn main(&self) -> ! {
+        let code = match self.main_from(std::env::args_os()) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("error: {e}");
+                1
+            }
+        };
+        std::process::exit(code)
+    }
+
+    /// Runs the command line with `args` (the first is the program name). Usage errors print
+    /// the usage and exit the process with code 2, as clap does.
+    pub fn main_from<I, S>(&self, args: I) -> Result<()>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString> + Clone,
+    {
+        let matches = self.cli().get_matches_from(args);
+        let level = matches
+            .get_one::<String>("loglevel")
+            .map(String::as_str)
+            .unwrap_or("warn");
+        init_logging(level);
+        if let Some(broker) = matches.get_one::<String>("broker") {
+            let broker = broker.clone();
+            self.configure(|s| s.broker = broker);
+        }
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| Error::Config(format!("cannot start the async runtime: {e}")))?;
+        let (name, sub) = matches
+            .subcommand()
+            .ok_or_else(|| Error::Config("no command given".into()))?;
+        if name == "worker" {
+            return runtime.block_on(self.run_worker(level));
+        }
+        let command = self
+            .commands
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|c| c.name() == name)
+            .cloned()
+            .ok_or_else(|| Error::Config(format!("unknown command {name:?}")))?;
+        let sub = sub.clone();
+        runtime.block_on(async move {
+            let embedded = self.settings().broker.starts_with("memory:");
+            let worker = self.start_with(embedded).await?;
+            let result = match command.run(&sub) {
+                Ok(fut) => fut.await.map_err(|source| Error::Command {
+                    command: name.to_owned(),
+                    source,
+                }),
+                Err(e) => Err(e),
+            };
+            let stopped = worker.shutdown().await;
+            result.and(stopped)
+        })
+    }
+
+    async fn run_worker(&self, level: &str) -> Result<()> {
+        let worker = self.start().await?;
+        let s = self.settings();
+        println!("┌ rill {} worker", env!("CARGO_PKG_VERSION"));
+        println!("│ app id     {}", self.id());
+        println!("│ transport  {}", s.broker);
+        println!("│ agents     {}", self.agent_names().join(", "));
+        println!("│ loglevel   {level}");
+        println!("│ guarantee  {:?}", s.processing_guarantee);
+        println!("└ ready (Ctrl-C or SIGTERM stops the worker)");
+        Worker::wait_for_signal().await;
+        worker.shutdown().await
+    }
+}
+
+fn init_logging(level: &str) {
+    let level = match level {
+        "critical" | "crit" => "error",
+        other => other,
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

@@ -1,0 +1,152 @@
+//! Codecs turn typed keys and values into bytes and back.
+//!
+//! Every topic has a key codec and a value codec. [`Json`] is the default; [`Raw`] passes bytes
+//! through and [`Utf8`] reads and writes UTF-8 text. Implement [`Codec`] for anything else
+//! (Avro, protobuf, compressed JSON, ...).
+
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::fmt;
+use std::marker::PhantomData;
+
+/// Why a codec could not encode or decode a payload.
+#[derive(Debug, thiserror::Error)]
+#[error("{codec} codec: {message}")]
+pub struct CodecError {
+    /// The codec's name, e.g. `json`.
+    pub codec: &'static str,
+    /// What went wrong, in the codec's words.
+    pub message: String,
+}
+
+impl CodecError {
+    /// A new error from the codec named `codec`.
+    pub fn new(codec: &'static str, message: impl fmt::Display) -> Self {
+        Self {
+            codec,
+            message: message.to_string(),
+        }
+    }
+}
+
+/// Encodes values of type `T` to bytes and decodes them back.
+///
+/// Codecs are shared between tasks, so they must be cheap to call concurrently.
+pub trait Codec<T>: Send + Sync + 'static {
+    /// A short name used in logs and errors, e.g. `json`.
+    fn name(&self) -> &'static str;
+    /// Encodes `value`.
+    fn encode(&self, value: &T) -> Result<Bytes, CodecError>;
+    /// Decodes a payload. Empty payloads and tombstones reach the codec as an empty slice.
+    fn decode(&self, bytes: &[u8]) -> Result<T, CodecError>;
+}
+
+/// JSON through `serde_json`: the default codec for keys and values.
+pub struct Json<T>(PhantomData<fn() -> T>);
+
+impl<T> Json<T> {
+    /// The JSON codec for `T`.
+    pub fn new() -> Self {
+        Self(PhantomData)
+    }
+}
+
+impl<T> Default for Json<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<T> Clone for Json<T> {
+    fn clone(&self) -> Self {
+        Self::new()
+    }
+}
+
+impl<T> fmt::Debug for Json<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Json")
+    }
+}
+
+impl<T> Codec<T> for Json<T>
+where
+    T: Serialize + DeserializeOwned + 'static,
+{
+    fn name(&self) -> &'static str {
+        "json"
+    }
+
+    fn encode(&self, value: &T) -> Result<Bytes, CodecError> {
+        serde_json::to_vec(value)
+            .map(Bytes::from)
+            .map_err(|e| CodecError::new("json", e))
+    }
+
+    fn decode(&self, bytes: &[u8]) -> Result<T, CodecError> {
+        if bytes.is_empty() {
+            return Err(CodecError::new("json", "empty payload"));
+        }
+        serde_json::from_slice(bytes).map_err(|e| CodecError::new("json", e))
+    }
+}
+
+/// Bytes as they are, with no encoding. Values are [`Bytes`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Raw;
+
+impl Codec<Bytes> for Raw {
+    fn name(&self) -> &'static str {
+        "raw"
+    }
+
+    fn encode(&self, value: &Bytes) -> Result<Bytes, CodecError> {
+        Ok(value.clone())
+    }
+
+    fn decode(&self, bytes: &[u8]) -> Result<Bytes, CodecError> {
+        Ok(Bytes::copy_from_slice(bytes))
+    }
+}
+
+/// UTF-8 text. Values are [`String`]; invalid UTF-8 is a decode error.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Utf8;
+
+impl Codec<String> for Utf8 {
+    fn name(&self) -> &'static str {
+        "utf-8"
+    }
+
+    fn encode(&self, value: &String) -> Result<Bytes, CodecError> {
+        Ok(Bytes::copy_from_slice(value.as_bytes()))
+    }
+
+    fn decode(&self, bytes: &[u8]) -> Result<String, CodecError> {
+        std::str::from_utf8(bytes)
+            .map(str::to_owned)
+            .map_err(|e| CodecError::new("utf-8", e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_round_trip_and_errors() {
+        let c = Json::<Vec<i32>>::new();
+        let b = c.encode(&vec![1, 2]).unwrap();
+        assert_eq!(&b[..], b"[1,2]");
+        assert_eq!(c.decode(&b).unwrap(), vec![1, 2]);
+        assert!(c.decode(b"").unwrap_err().message.contains("empty"));
+        assert!(c.decode(b"{\"a\":1}").is_err());
+    }
+
+    #[test]
+    fn utf8_rejects_invalid() {
+        assert_eq!(Utf8.decode(b"hi").unwrap(), "hi");
+        assert!(Utf8.decode(&[0xff, 0xfe]).is_err());
+    }
+}

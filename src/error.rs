@@ -1,0 +1,119 @@
+//! The crate's error type.
+
+use crate::codec::CodecError;
+use std::time::Duration;
+
+/// A boxed error from user code (agent bodies, sinks, commands).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Everything that can go wrong in rill.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A key or value could not be encoded before sending.
+    #[error("cannot encode {what} for topic {topic:?}: {source}")]
+    Encode {
+        /// `key` or `value`.
+        what: &'static str,
+        /// The destination topic.
+        topic: String,
+        /// The codec's error.
+        source: CodecError,
+    },
+    /// A payload could not be decoded.
+    #[error("cannot decode {what} from {topic}[{partition}]@{offset}: {source}")]
+    Decode {
+        /// `key` or `value`.
+        what: &'static str,
+        /// Topic of the message.
+        topic: String,
+        /// Partition of the message.
+        partition: u32,
+        /// Offset of the message.
+        offset: i64,
+        /// The codec's error.
+        source: CodecError,
+    },
+    /// The transport (embedded log or Kafka) reported an error.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// `ask` got no reply in time.
+    #[error("no reply from agent {agent:?} within {timeout:?} (correlation id {correlation_id})")]
+    AskTimeout {
+        /// The agent asked.
+        agent: String,
+        /// How long the caller waited.
+        timeout: Duration,
+        /// The request's correlation id.
+        correlation_id: String,
+    },
+    /// The app is not running, so the operation cannot be carried out.
+    #[error(
+        "app {app:?} is not running: start a worker (App::start or the `worker` command) first"
+    )]
+    NotRunning {
+        /// The app id.
+        app: String,
+    },
+    /// The app is shutting down.
+    #[error("app {app:?} is shutting down")]
+    ShuttingDown {
+        /// The app id.
+        app: String,
+    },
+    /// A channel's receivers are gone.
+    #[error("channel {channel:?} is closed")]
+    ChannelClosed {
+        /// The channel's name.
+        channel: String,
+    },
+    /// The app's declarations are inconsistent.
+    #[error("configuration error: {0}")]
+    Config(String),
+    /// A user command failed.
+    #[error("command {command:?} failed: {source}")]
+    Command {
+        /// The command's name.
+        command: String,
+        /// What the command returned.
+        source: BoxError,
+    },
+}
+
+/// An error reported by a transport.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// The topic does not exist.
+    #[error("unknown topic {0:?}")]
+    UnknownTopic(String),
+    /// The partition does not exist.
+    #[error("topic {topic:?} has {partitions} partitions; partition {partition} does not exist")]
+    UnknownPartition {
+        /// The topic.
+        topic: String,
+        /// The partition asked for.
+        partition: u32,
+        /// How many the topic has.
+        partitions: u32,
+    },
+    /// The topic exists with a different partition count than declared.
+    #[error("topic {topic:?} exists with {actual} partitions but the app declares {declared}")]
+    PartitionMismatch {
+        /// The topic.
+        topic: String,
+        /// Partition count in the app.
+        declared: u32,
+        /// Partition count on the broker.
+        actual: u32,
+    },
+    /// The broker URL is not understood.
+    #[error("unsupported broker URL {0:?}: use memory:// (embedded) or kafka://host:port")]
+    UnsupportedUrl(String),
+    /// Any other transport failure.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Crate result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

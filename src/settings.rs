@@ -1,0 +1,56 @@
+//! App settings and their defaults.
+
+use std::time::Duration;
+
+/// How often work is committed and what a consumer of the output may see twice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ProcessingGuarantee {
+    /// Every event is processed at least once; after a crash, events processed since the last
+    /// commit are processed again (the default, as in Faust and Kafka Streams).
+    #[default]
+    AtLeastOnce,
+    /// Every event's effects are committed exactly once (see the exactly-once docs).
+    ExactlyOnce,
+}
+
+/// Settings of an [`App`](crate::App). Every field has a default that suits development on the
+/// embedded transport; see each field.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Where the app's topics live: `memory://` (embedded, the default), `memory://NAME` (an
+    /// embedded broker shared by the apps of one process), or `kafka://host:port[,host:port]`.
+    /// The `--broker` option and the `RILL_BROKER` environment variable override it.
+    pub broker: String,
+    /// Partitions of topics the app creates when the topic does not say (Faust's default: 8).
+    pub topic_partitions: u32,
+    /// Replication factor of topics the app creates (Kafka only).
+    pub topic_replication_factor: i16,
+    /// How often processed offsets are committed (Faust's default: 2.8 s).
+    pub commit_interval: Duration,
+    /// Capacity of each agent's input queue and of channels: the back-pressure bound.
+    pub stream_buffer_maxsize: usize,
+    /// How long `ask`, `map` and `join` wait for a reply.
+    pub ask_timeout: Duration,
+    /// How long a stopping worker waits for agents to finish in-flight events.
+    pub shutdown_timeout: Duration,
+    /// Largest number of requests `map`/`join` keep in flight at once.
+    pub map_max_inflight: usize,
+    /// The processing guarantee.
+    pub processing_guarantee: ProcessingGuarantee,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            broker: "memory://".to_owned(),
+            topic_partitions: 8,
+            topic_replication_factor: 1,
+            commit_interval: Duration::from_millis(2800),
+            stream_buffer_maxsize: 4096,
+            ask_timeout: Duration::from_secs(30),
+            shutdown_timeout: Duration::from_secs(30),
+            map_max_inflight: 1024,
+            processing_guarantee: ProcessingGuarantee::AtLeastOnce,
+        }
+    }
+}

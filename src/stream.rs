@@ -1,0 +1,548 @@
+//! Streams: what an agent iterates over, and the operators that reshape it.
+
+use crate::ack::{AckGuard, Acks};
+use crate::codec::{Codec, Json};
+use crate::topic::Topic;
+use crate::transport::{Message, TopicSpec};
+use crate::worker::Runtime;
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::fmt;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+/// A record handed by the dispatcher to one agent, with the ack that marks it processed.
+pub(crate) struct Delivery {
+    pub(crate) msg: Arc<Message>,
+    pub(crate) ack: AckGuard,
+}
+
+/// A value moving through a stream with the event it came from and the acks it holds.
+pub(crate) struct Item<T> {
+    pub(crate) value: T,
+    pub(crate) meta: Arc<Message>,
+    pub(crate) acks: Acks,
+}
+
+/// What one agent instance (actor) shares with the streams it iterates.
+pub(crate) struct ActorCtx {
+    pub(crate) runtime: Arc<Runtime>,
+    pub(crate) agent: Arc<str>,
+    /// Main topic of the agent's source (or the channel's name).
+    pub(crate) source: Arc<str>,
+    /// Partition count of the source, used for internal topics derived from it.
+    pub(crate) source_partitions: u32,
+    pub(crate) current: Mutex<Option<Arc<Message>>>,
+}
+
+impl ActorCtx {
+    pub(crate) fn current(&self) -> Option<Arc<Message>> {
+        self.current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set_current(&self, meta: Option<Arc<Message>>) {
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = meta;
+    }
+}
+
+/// Decodes a delivery's value; an undecodable one is logged, counted and acked.
+pub(crate) fn decode_delivery<T: 'static>(
+    ctx: &ActorCtx,
+    codec: &dyn Codec<T>,
+    d: Delivery,
+) -> Option<Item<T>> {
+    let bytes = d.msg.value.as_deref().unwrap_or(&[]);
+    match codec.decode(bytes) {
+        Ok(value) => Some(Item {
+            value,
+            meta: d.msg,
+            acks: Acks::One(d.ack),
+        }),
+        Err(e) => {
+            ctx.runtime.stats.decode_error(&d.msg.topic);
+            tracing::error!(
+                agent = %ctx.agent,
+                topic = %d.msg.topic,
+                partition = d.msg.partition,
+                offset = d.msg.offset,
+                codec = e.codec,
+                error = %e.message,
+                "cannot decode value; event skipped"
+            );
+            None
+        }
+    }
+}
+
+/// An event: a value with the metadata of the message it came from.
+#[derive(Debug, Clone)]
+pub struct Event<T> {
+    /// The decoded value.
+    pub value: T,
+    message: Arc<Message>,
+}
+
+impl<T> Event<T> {
+    /// Topic (or channel name) the event came from.
+    pub fn topic(&self) -> &str {
+        &self.message.topic
+    }
+
+    /// Partition it came from.
+    pub fn partition(&self) -> u32 {
+        self.message.partition
+    }
+
+    /// Offset in the partition.
+    pub fn offset(&self) -> i64 {
+        self.message.offset
+    }
+
+    /// Timestamp in milliseconds since the Unix epoch.
+    pub fn timestamp(&self) -> i64 {
+        self.message.timestamp
+    }
+
+    /// The encoded key, if the message had one.
+    pub fn key(&self) -> Option<&Bytes> {
+        self.message.key.as_ref()
+    }
+
+    /// Every header of the message.
+    pub fn headers(&self) -> &[(String, Bytes)] {
+        &self.message.headers
+    }
+
+    /// The whole message, including the encoded value.
+    pub fn message(&self) -> &Message {
+        &self.message
+    }
+}
+
+/// A key for [`Stream::group_by`]: a name (part of the repartition topic's name) and a function
+/// computing the new key from a value. [`field!`](crate::field) builds one from a field.
+pub struct GroupBy<T, K> {
+    name: String,
+    key: Arc<dyn Fn(&T) -> K + Send + Sync>,
+}
+
+impl<T, K> fmt::Debug for GroupBy<T, K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GroupBy").field("name", &self.name).finish()
+    }
+}
+
+impl<T, K> GroupBy<T, K> {
+    /// Group by `key`, naming the grouping `name`.
+    pub fn new(name: impl Into<String>, key: impl Fn(&T) -> K + Send + Sync + 'static) -> Self {
+        Self {
+            name: name.into(),
+            key: Arc::new(key),
+        }
+    }
+
+    /// The grouping's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// Group by a field of a record, as Faust's `group_by(Model.field)`:
+/// `stream.group_by(field!(BankTransfer.account_id))`. The grouping is named
+/// `BankTransfer.account_id`.
+#[macro_export]
+macro_rules! field {
+    ($ty:ident . $field:ident) => {
+        $crate::GroupBy::new(
+            concat!(stringify!($ty), ".", stringify!($field)),
+            |value: &$ty| value.$field.clone(),
+        )
+    };
+}
+
+/// The stream an agent iterates: typed values from its topic or channel, in order within each
+/// partition.
+///
+/// Iterate it with `while let Some(value) = stream.next().await`. Asking for the next value
+/// marks the previous one processed (acked), so its offset can be committed. Operators
+/// ([`group_by`](Stream::group_by), [`filter`](Stream::filter), [`take`](Stream::take), ...)
+/// return new streams over the same events.
+///
+/// `K` is the key type of the source topic (raw bytes unless the topic says otherwise); it only
+/// matters to [`items`](Stream::items).
+pub struct Stream<T, K = Bytes> {
+    inner: BoxStream<'static, Item<T>>,
+    ctx: Arc<ActorCtx>,
+    key_codec: Option<Arc<dyn Codec<K>>>,
+    held: Acks,
+}
+
+impl<T, K> fmt::Debug for Stream<T, K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Stream")
+            .field("agent", &self.ctx.agent)
+            .field("source", &self.ctx.source)
+            .finish()
+    }
+}
+
+impl<T: Send + 'static, K: 'static> Stream<T, K> {
+    pub(crate) fn new(
+        inner: BoxStream<'static, Item<T>>,
+        ctx: Arc<ActorCtx>,
+        key_codec: Option<Arc<dyn Codec<K>>>,
+    ) -> Self {
+        Self {
+            inner,
+            ctx,
+            key_codec,
+            held: Acks::None,
+        }
+    }
+
+    /// The next value, or `None` once the worker stops. Acks the previous value.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: a value is only taken from the stream when the future completes.
+    pub async fn next(&mut self) -> Option<T> {
+        std::future::poll_fn(|cx| self.poll_value(cx)).await
+    }
+
+    fn poll_value(&mut self, cx: &mut Context<'_>) -> Poll<Option<T>> {
+        self.held = Acks::None;
+        match self.inner.poll_next_unpin(cx) {
+            Poll::Ready(Some(item)) => {
+                self.ctx.set_current(Some(item.meta));
+                self.held = item.acks;
+                Poll::Ready(Some(item.value))
+            }
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// The event the last value came from: topic, partition, offset, timestamp, key, headers.
+    pub fn current_event(&self) -> Option<Arc<Message>> {
+        self.ctx.current()
+    }
+
+    /// Only the values for which `predicate` is true; the others are acked and dropped.
+    pub fn filter(self, mut predicate: impl FnMut(&T) -> bool + Send + 'static) -> Stream<T, K> {
+        let (inner, key_codec) = (self.inner, self.key_codec);
+        let inner = inner
+            .filter(move |item| std::future::ready(predicate(&item.value)))
+            .boxed();
+        Stream {
+            inner,
+            ctx: self.ctx,
+            key_codec,
+            held: Acks::None,
+        }
+    }
+
+    /// Each value transformed by `f`, keeping its event.
+    pub fn map<U: Send + 'static>(
+        self,
+        mut f: impl FnMut(T) -> U + Send + 'static,
+    ) -> Stream<U, K> {
+        let key_codec = self.key_codec.clone();
+        let inner = self.inner;
+        let inner = inner
+            .map(move |item| Item {
+                value: f(item.value),
+                meta: item.meta,
+                acks: item.acks,
+            })
+            .boxed();
+        Stream::new(inner, self.ctx, key_codec)
+    }
+
+    /// Values numbered from 0: `(index, value)`.
+    pub fn enumerate(self) -> Stream<(usize, T), K> {
+        let mut n = 0usize;
+        self.map(move |v| {
+            let i = n;
+            n += 1;
+            (i, v)
+        })
+    }
+
+    /// `(key, value)` pairs, the key decoded with the source topic's key codec (`None` when the
+    /// message has no key). A key that cannot be decoded is logged and its event skipped.
+    pub fn items(self) -> Stream<(Option<K>, T), K>
+    where
+        K: Send + Sync,
+    {
+        let codec = self.key_codec.clone();
+        let ctx = self.ctx.clone();
+        let inner = self.inner;
+        let inner = inner
+            .filter_map(move |item| {
+                let key = match (&item.meta.key, &codec) {
+                    (Some(bytes), Some(codec)) => match codec.decode(bytes) {
+                        Ok(k) => Some(k),
+                        Err(e) => {
+                            ctx.runtime.stats.decode_error(&item.meta.topic);
+                            tracing::error!(
+                                agent = %ctx.agent,
+                                topic = %item.meta.topic,
+                                partition = item.meta.partition,
+                                offset = item.meta.offset,
+                                codec = e.codec,
+                                error = %e.message,
+                                "cannot decode key; event skipped"
+                            );
+                            return std::future::ready(None);
+                        }
+                    },
+                    _ => None,
+                };
+                std::future::ready(Some(Item {
+                    value: (key, item.value),
+                    meta: item.meta,
+                    acks: item.acks,
+                }))
+            })
+            .boxed();
+        let key_codec = self.key_codec;
+        Stream::new(inner, self.ctx, key_codec)
+    }
+
+    /// Values with the metadata of their event (topic, partition, offset, timestamp, key,
+    /// headers).
+    pub fn events(self) -> Stream<Event<T>, K> {
+        let key_codec = self.key_codec.clone();
+        let inner = self.inner;
+        let inner = inner
+            .map(|item| Item {
+                value: Event {
+                    value: item.value,
+                    message: item.meta.clone(),
+                },
+                meta: item.meta,
+                acks: item.acks,
+            })
+            .boxed();
+        Stream::new(inner, self.ctx, key_codec)
+    }
+
+    /// Batches of up to `max` values, each batch handed over as soon as it is full or `within`
+    /// has passed since its first value. A batch's events are acked together when the next
+    /// batch is asked for.
+    pub fn take(self, max: usize, within: Duration) -> Stream<Vec<T>, K> {
+        let max = max.max(1);
+        let key_codec = self.key_codec.clone();
+        let mut upstream = self.inner;
+        let inner = async_stream::stream! {
+            loop {
+                let Some(first) = upstream.next().await else { break };
+                let deadline = tokio::time::Instant::now() + within;
+                let mut values = Vec::with_capacity(max.min(1024));
+                let mut acks = Vec::with_capacity(max.min(1024));
+                let mut meta = first.meta;
+                values.push(first.value);
+                acks.push(first.acks);
+                let mut ended = false;
+                while values.len() < max {
+                    match tokio::time::timeout_at(deadline, upstream.next()).await {
+                        Ok(Some(item)) => {
+                            values.push(item.value);
+                            acks.push(item.acks);
+                            meta = item.meta;
+                        }
+                        Ok(None) => {
+                            ended = true;
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                yield Item { value: values, meta, acks: Acks::Many(acks) };
+                if ended {
+                    break;
+                }
+            }
+        }
+        .boxed();
+        Stream::new(inner, self.ctx, key_codec)
+    }
+
+    /// Sends every value on to `topics` as well (same key, value encoded by each topic's
+    /// codec), and yields it unchanged.
+    pub fn echo<K2>(self, topics: &[&Topic<K2, T>]) -> Stream<T, K>
+    where
+        K2: Send + Sync + 'static,
+        T: Sync,
+    {
+        let topics: Vec<Topic<K2, T>> = topics.iter().map(|t| (*t).clone()).collect();
+        let ctx = self.ctx.clone();
+        let key_codec = self.key_codec.clone();
+        let mut upstream = self.inner;
+        let inner = async_stream::stream! {
+            while let Some(item) = upstream.next().await {
+                for topic in &topics {
+                    forward(&ctx, &topic.spec(), item.meta.key.clone(), topic.encode_value(&item.value)).await;
+                }
+                yield item;
+            }
+        }
+        .boxed();
+        Stream::new(inner, self.ctx, key_codec)
+    }
+
+    /// Sends every value to `topic` (same key) and continues with the stream read back from
+    /// that topic: the rest of the agent sees the topic's partitioning.
+    pub fn through<K2>(self, topic: &Topic<K2, T>) -> Stream<T, K2>
+    where
+        K2: Send + Sync + 'static,
+        T: Sync,
+    {
+        let spec = topic.spec();
+        let encoder = topic.clone();
+        let value_codec = topic.value_codec.clone();
+        let key_codec = Some(topic.key_codec.clone());
+        let Stream { inner, ctx, .. } = self;
+        let inner = relay(
+            ctx.clone(),
+            inner,
+            spec,
+            move |item: &Item<T>| (item.meta.key.clone(), encoder.encode_value(&item.value)),
+            value_codec,
+        );
+        Stream::new(inner, ctx, key_codec)
+    }
+
+    /// Repartitions the stream by a new key: every value is sent to the internal topic
+    /// `<app id>-<source topic>-<grouping name>-repartition` keyed by `key`, and the rest of the
+    /// agent reads it back from there, so all values with the same key reach the same agent
+    /// instance, in order.
+    pub fn group_by<NK>(self, key: GroupBy<T, NK>) -> Stream<T, NK>
+    where
+        T: Serialize + DeserializeOwned + Sync,
+        NK: Serialize + DeserializeOwned + Send + Sync + 'static,
+    {
+        let ctx = self.ctx.clone();
+        let name = format!(
+            "{}-{}-{}-repartition",
+            ctx.runtime.app_id, ctx.source, key.name
+        );
+        let spec = TopicSpec {
+            name,
+            partitions: ctx.source_partitions,
+            replication_factor: ctx.runtime.settings.topic_replication_factor,
+            compacted: false,
+        };
+        let key_codec: Arc<dyn Codec<NK>> = Arc::new(Json::<NK>::new());
+        let value_codec: Arc<dyn Codec<T>> = Arc::new(Json::<T>::new());
+        let (kc, vc, spec_name) = (key_codec.clone(), value_codec.clone(), spec.name.clone());
+        let key_fn = key.key;
+        let inner = relay(
+            ctx.clone(),
+            self.inner,
+            spec,
+            move |item: &Item<T>| {
+                let key = (key_fn)(&item.value);
+                let key = kc.encode(&key).map_err(|source| crate::Error::Encode {
+                    what: "key",
+                    topic: spec_name.clone(),
+                    source,
+                });
+                match key {
+                    Ok(k) => (
+                        Some(k),
+                        vc.encode(&item.value)
+                            .map_err(|source| crate::Error::Encode {
+                                what: "value",
+                                topic: spec_name.clone(),
+                                source,
+                            }),
+                    ),
+                    Err(e) => (None, Err(e)),
+                }
+            },
+            value_codec,
+        );
+        Stream::new(inner, ctx, Some(key_codec))
+    }
+}
+
+impl<T: Send + 'static, K: 'static> futures::Stream for Stream<T, K> {
+    type Item = T;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<T>> {
+        self.get_mut().poll_value(cx)
+    }
+}
+
+/// Sends one record on behalf of a stream operator; failures are logged with the event's
+/// origin, and the event counts as processed.
+async fn forward(
+    ctx: &ActorCtx,
+    spec: &TopicSpec,
+    key: Option<Bytes>,
+    value: crate::Result<Bytes>,
+) {
+    let result = match value {
+        Ok(v) => ctx
+            .runtime
+            .produce(spec, None, key, Some(v), Vec::new())
+            .await
+            .map(|_| ()),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = result {
+        tracing::error!(agent = %ctx.agent, topic = %spec.name, error = %e, "cannot forward value");
+    }
+}
+
+/// Forwards every upstream item to `spec`'s topic and yields what is read back from it.
+fn relay<T, U>(
+    ctx: Arc<ActorCtx>,
+    mut upstream: BoxStream<'static, Item<T>>,
+    spec: TopicSpec,
+    encode: impl Fn(&Item<T>) -> (Option<Bytes>, crate::Result<Bytes>) + Send + 'static,
+    value_codec: Arc<dyn Codec<U>>,
+) -> BoxStream<'static, Item<U>>
+where
+    T: Send + 'static,
+    U: Send + 'static,
+{
+    async_stream::stream! {
+        let rx = match ctx.runtime.subscribe(&ctx.agent, spec.clone()).await {
+            Ok(rx) => rx,
+            Err(e) => {
+                tracing::error!(agent = %ctx.agent, topic = %spec.name, error = %e, "cannot subscribe to internal topic");
+                return;
+            }
+        };
+        let mut upstream_done = false;
+        loop {
+            tokio::select! {
+                biased;
+                d = rx.recv() => match d {
+                    Ok(d) => if let Some(item) = decode_delivery(&ctx, &*value_codec, d) {
+                        yield item;
+                    },
+                    Err(_) => break,
+                },
+                item = upstream.next(), if !upstream_done => match item {
+                    Some(item) => {
+                        let (key, value) = encode(&item);
+                        forward(&ctx, &spec, key, value).await;
+                    }
+                    None => upstream_done = true,
+                },
+            }
+        }
+    }
+    .boxed()
+}

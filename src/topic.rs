@@ -1,0 +1,289 @@
+//! Topics: named, partitioned logs with a key and a value type.
+
+use crate::app::AppCore;
+use crate::codec::{Codec, Json, Raw};
+use crate::error::Result;
+use crate::transport::{Headers, RecordPosition, TopicSpec};
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::fmt;
+use std::future::IntoFuture;
+use std::sync::Arc;
+
+/// A topic description: one or more topic names (the first is the main topic), the key and
+/// value types and their codecs, and the partition count.
+///
+/// Created with [`App::topic`](crate::App::topic). Keys default to raw bytes and values to
+/// JSON (`serde_json::Value`); [`key_type`](Topic::key_type) and
+/// [`value_type`](Topic::value_type) make them typed.
+///
+/// ```
+/// # use rill::prelude::*;
+/// #[derive(Serialize, Deserialize)]
+/// struct Add { a: i64, b: i64 }
+///
+/// let app = App::new("agent-example");
+/// let topic = app.topic("adding").value_type::<Add>();
+/// assert_eq!(topic.name(), "adding");
+/// ```
+pub struct Topic<K = Bytes, V = serde_json::Value> {
+    pub(crate) core: Arc<AppCore>,
+    names: Arc<[String]>,
+    partitions: Option<u32>,
+    pub(crate) key_codec: Arc<dyn Codec<K>>,
+    pub(crate) value_codec: Arc<dyn Codec<V>>,
+}
+
+impl<K, V> Clone for Topic<K, V> {
+    fn clone(&self) -> Self {
+        Self {
+            core: self.core.clone(),
+            names: self.names.clone(),
+            partitions: self.partitions,
+            key_codec: self.key_codec.clone(),
+            value_codec: self.value_codec.clone(),
+        }
+    }
+}
+
+impl<K: 'static, V: 'static> fmt::Debug for Topic<K, V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Topic")
+            .field("names", &self.names)
+            .field("partitions", &self.partitions)
+            .field("key_codec", &self.key_codec.name())
+            .field("value_codec", &self.value_codec.name())
+            .finish()
+    }
+}
+
+/// One topic name or several; see [`App::topic`](crate::App::topic).
+pub trait TopicNames {
+    /// The names, main topic first.
+    fn into_names(self) -> Vec<String>;
+}
+
+impl TopicNames for &str {
+    fn into_names(self) -> Vec<String> {
+        vec![self.to_owned()]
+    }
+}
+
+impl TopicNames for String {
+    fn into_names(self) -> Vec<String> {
+        vec![self]
+    }
+}
+
+impl<const N: usize> TopicNames for [&str; N] {
+    fn into_names(self) -> Vec<String> {
+        self.iter().map(|s| (*s).to_owned()).collect()
+    }
+}
+
+impl TopicNames for Vec<String> {
+    fn into_names(self) -> Vec<String> {
+        self
+    }
+}
+
+impl Topic<Bytes, serde_json::Value> {
+    pub(crate) fn new(core: Arc<AppCore>, names: Vec<String>) -> Self {
+        for n in &names {
+            core.declare(n, None);
+        }
+        Self {
+            core,
+            names: names.into(),
+            partitions: None,
+            key_codec: Arc::new(Raw),
+            value_codec: Arc::new(Json::new()),
+        }
+    }
+}
+
+impl<K: 'static, V: 'static> Topic<K, V> {
+    /// The main topic's name (the first name).
+    pub fn name(&self) -> &str {
+        &self.names[0]
+    }
+
+    /// Every name of this description.
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// The declared partition count, if set.
+    pub fn partition_count(&self) -> Option<u32> {
+        self.partitions
+    }
+
+    /// Sets the partition count the topics are created with (default: the app's
+    /// `topic_partitions`).
+    pub fn partitions(mut self, partitions: u32) -> Self {
+        self.partitions = Some(partitions);
+        for n in self.names.iter() {
+            self.core.declare(n, Some(partitions));
+        }
+        self
+    }
+
+    /// Values are `V2`, encoded as JSON.
+    pub fn value_type<V2>(self) -> Topic<K, V2>
+    where
+        V2: Serialize + DeserializeOwned + 'static,
+    {
+        self.value_codec(Json::<V2>::new())
+    }
+
+    /// Keys are `K2`, encoded as JSON.
+    pub fn key_type<K2>(self) -> Topic<K2, V>
+    where
+        K2: Serialize + DeserializeOwned + 'static,
+    {
+        self.key_codec(Json::<K2>::new())
+    }
+
+    /// Values are `V2`, encoded by `codec` (e.g. [`Utf8`](crate::codec::Utf8)).
+    pub fn value_codec<V2>(self, codec: impl Codec<V2>) -> Topic<K, V2> {
+        Topic {
+            core: self.core,
+            names: self.names,
+            partitions: self.partitions,
+            key_codec: self.key_codec,
+            value_codec: Arc::new(codec),
+        }
+    }
+
+    /// Keys are `K2`, encoded by `codec`.
+    pub fn key_codec<K2>(self, codec: impl Codec<K2>) -> Topic<K2, V> {
+        Topic {
+            core: self.core,
+            names: self.names,
+            partitions: self.partitions,
+            key_codec: Arc::new(codec),
+            value_codec: self.value_codec,
+        }
+    }
+
+    pub(crate) fn spec(&self) -> TopicSpec {
+        self.core.topic_spec(self.name(), self.partitions)
+    }
+
+    /// Sends `value` to the main topic. Set a key, partition or headers on the returned
+    /// builder, then `.await` it. Needs a running app.
+    pub fn send(&self, value: V) -> TopicSend<'_, K, V> {
+        TopicSend {
+            topic: self,
+            value,
+            key: None,
+            partition: None,
+            headers: Vec::new(),
+        }
+    }
+
+    /// Sends already encoded bytes to the main topic, bypassing the codecs (for tools and for
+    /// testing how agents treat bad input).
+    pub async fn send_raw(
+        &self,
+        key: Option<Bytes>,
+        value: Option<Bytes>,
+        partition: Option<u32>,
+    ) -> Result<RecordPosition> {
+        let rt = self.core.runtime()?;
+        rt.produce(&self.spec(), partition, key, value, Vec::new())
+            .await
+    }
+
+    pub(crate) fn encode_key(&self, key: &K) -> Result<Bytes> {
+        self.key_codec
+            .encode(key)
+            .map_err(|source| crate::Error::Encode {
+                what: "key",
+                topic: self.name().to_owned(),
+                source,
+            })
+    }
+
+    pub(crate) fn encode_value(&self, value: &V) -> Result<Bytes> {
+        self.value_codec
+            .encode(value)
+            .map_err(|source| crate::Error::Encode {
+                what: "value",
+                topic: self.name().to_owned(),
+                source,
+            })
+    }
+}
+
+/// A pending send to a topic; `.await` it. Returned by [`Topic::send`].
+#[must_use = "a send does nothing until awaited"]
+pub struct TopicSend<'a, K, V> {
+    topic: &'a Topic<K, V>,
+    value: V,
+    key: Option<K>,
+    partition: Option<u32>,
+    headers: Headers,
+}
+
+impl<K: 'static, V: 'static> fmt::Debug for TopicSend<'_, K, V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TopicSend")
+            .field("topic", &self.topic.name())
+            .field("partition", &self.partition)
+            .finish()
+    }
+}
+
+impl<K, V> TopicSend<'_, K, V> {
+    /// The message key: it picks the partition, as Kafka's Java client does.
+    pub fn key(mut self, key: K) -> Self {
+        self.key = Some(key);
+        self
+    }
+
+    /// Sends to this partition instead of the one the key picks.
+    pub fn partition(mut self, partition: u32) -> Self {
+        self.partition = Some(partition);
+        self
+    }
+
+    /// Adds a header.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<Bytes>) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+}
+
+impl<'a, K, V> IntoFuture for TopicSend<'a, K, V>
+where
+    K: Send + Sync + 'static,
+    V: Send + Sync + 'static,
+{
+    type Output = Result<RecordPosition>;
+    type IntoFuture = BoxFuture<'a, Result<RecordPosition>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        async move {
+            let rt = self.topic.core.runtime()?;
+            let key = self
+                .key
+                .as_ref()
+                .map(|k| self.topic.encode_key(k))
+                .transpose()?;
+            let value = self.topic.encode_value(&self.value)?;
+            rt.produce(
+                &self.topic.spec(),
+                self.partition,
+                key,
+                Some(value),
+                self.headers,
+            )
+            .await
+        }
+        .boxed()
+    }
+}

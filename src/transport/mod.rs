@@ -1,0 +1,189 @@
+//! The boundary between rill and a message log.
+//!
+//! A [`Transport`] is a partitioned, offset-addressed log with consumer groups: the embedded
+//! [`memory`] transport implements it in-process, and the Kafka transport on a cluster. Agents,
+//! streams and commits are written against these traits only, so an app runs unchanged on
+//! either.
+
+use crate::error::TransportError;
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use std::fmt;
+use std::sync::Arc;
+
+pub(crate) mod memory;
+
+#[doc(inline)]
+pub use memory::MemoryBroker;
+
+/// One partition of one topic.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TopicPartition {
+    /// Topic name.
+    pub topic: Arc<str>,
+    /// Partition number, from 0.
+    pub partition: u32,
+}
+
+impl TopicPartition {
+    /// A topic partition.
+    pub fn new(topic: impl Into<Arc<str>>, partition: u32) -> Self {
+        Self {
+            topic: topic.into(),
+            partition,
+        }
+    }
+}
+
+impl fmt::Display for TopicPartition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}[{}]", self.topic, self.partition)
+    }
+}
+
+/// Message headers: ordered name/value pairs, as in Kafka.
+pub type Headers = Vec<(String, Bytes)>;
+
+/// A record to append to a topic partition. rill picks the partition before the transport sees
+/// the record, so keyed records land in the same partition on every transport.
+#[derive(Debug, Clone)]
+pub struct OutgoingRecord {
+    /// Destination topic.
+    pub topic: Arc<str>,
+    /// Destination partition.
+    pub partition: u32,
+    /// Encoded key, if any.
+    pub key: Option<Bytes>,
+    /// Encoded value; `None` is a tombstone.
+    pub value: Option<Bytes>,
+    /// Headers.
+    pub headers: Headers,
+    /// Timestamp in milliseconds since the Unix epoch; the transport fills in "now" when `None`.
+    pub timestamp: Option<i64>,
+}
+
+/// Where a record was written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordPosition {
+    /// Partition written to.
+    pub partition: u32,
+    /// Offset of the record.
+    pub offset: i64,
+}
+
+/// A record read from a topic partition.
+#[derive(Debug, Clone)]
+pub struct Message {
+    /// Topic it was read from.
+    pub topic: Arc<str>,
+    /// Partition it was read from.
+    pub partition: u32,
+    /// Its offset in the partition.
+    pub offset: i64,
+    /// Timestamp in milliseconds since the Unix epoch.
+    pub timestamp: i64,
+    /// Encoded key.
+    pub key: Option<Bytes>,
+    /// Encoded value; `None` is a tombstone.
+    pub value: Option<Bytes>,
+    /// Headers.
+    pub headers: Headers,
+}
+
+impl Message {
+    /// The value of the first header named `name`.
+    pub fn header(&self, name: &str) -> Option<&Bytes> {
+        self.headers
+            .iter()
+            .find_map(|(k, v)| (k == name).then_some(v))
+    }
+}
+
+/// What a consumer's [`poll`](Consumer::poll) returns.
+#[derive(Debug)]
+pub enum ConsumerEvent {
+    /// Records, in offset order within each partition.
+    Messages(Vec<Message>),
+    /// The group gave this consumer these partitions.
+    Assigned(Vec<TopicPartition>),
+    /// The group took these partitions away; commit what was processed of them.
+    Revoked(Vec<TopicPartition>),
+}
+
+/// Where a manually assigned consumer starts reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartAt {
+    /// The first record still in the log.
+    Earliest,
+    /// Only records appended from now on.
+    Latest,
+}
+
+/// A topic the app needs, with the shape it needs it in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicSpec {
+    /// Topic name.
+    pub name: String,
+    /// Partition count.
+    pub partitions: u32,
+    /// Replication factor (ignored by the embedded transport).
+    pub replication_factor: i16,
+    /// Whether the topic is compacted (changelogs).
+    pub compacted: bool,
+}
+
+/// A message log rill can run on.
+pub trait Transport: Send + Sync + fmt::Debug + 'static {
+    /// Short name for logs and the start-up banner, e.g. `memory`.
+    fn kind(&self) -> &'static str;
+
+    /// Creates the topic if missing. An existing topic with another partition count is
+    /// [`TransportError::PartitionMismatch`]. Returns the partition count.
+    fn ensure_topic(&self, spec: TopicSpec) -> BoxFuture<'_, Result<u32, TransportError>>;
+
+    /// Partition count of an existing topic, or `None` if it does not exist.
+    fn partition_count(&self, topic: &str) -> BoxFuture<'_, Result<Option<u32>, TransportError>>;
+
+    /// Appends a record and resolves once the log has it.
+    fn send(&self, record: OutgoingRecord)
+        -> BoxFuture<'_, Result<RecordPosition, TransportError>>;
+
+    /// Waits until every record sent so far is durable in the log.
+    fn flush(&self) -> BoxFuture<'_, Result<(), TransportError>>;
+
+    /// A consumer in the consumer group `group`. It receives partitions once it subscribes.
+    fn group_consumer(&self, group: &str) -> Result<Box<dyn Consumer>, TransportError>;
+
+    /// A consumer outside any group, reading every partition of `topic`.
+    fn topic_consumer(
+        &self,
+        topic: &str,
+        start: StartAt,
+    ) -> BoxFuture<'_, Result<Box<dyn Consumer>, TransportError>>;
+
+    /// The offsets `group` has committed: the next offset to read, per partition.
+    fn committed(
+        &self,
+        group: &str,
+    ) -> BoxFuture<'_, Result<Vec<(TopicPartition, i64)>, TransportError>>;
+}
+
+/// Reads records from a transport.
+pub trait Consumer: Send + fmt::Debug {
+    /// Replaces the consumer's subscription with `topics` (group consumers only).
+    fn subscribe(&mut self, topics: &[String]) -> Result<(), TransportError>;
+
+    /// The next batch of records or the next rebalance.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: if the future is dropped before it completes, no record is lost; the next
+    /// call returns it.
+    fn poll(&mut self) -> BoxFuture<'_, Result<ConsumerEvent, TransportError>>;
+
+    /// Commits, for each partition, the next offset to read.
+    fn commit(
+        &mut self,
+        offsets: Vec<(TopicPartition, i64)>,
+    ) -> BoxFuture<'_, Result<(), TransportError>>;
+}

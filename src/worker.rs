@@ -1,0 +1,553 @@
+//! A running app: the dispatcher that feeds agents and commits offsets, the reply consumer,
+//! and the [`Worker`] handle that stops them.
+
+use crate::ack::{AckGuard, PartitionTracker};
+use crate::app::AppCore;
+use crate::error::{Error, Result, TransportError};
+use crate::partitioner::partition_for_key;
+use crate::reply::{Replies, CORRELATION_ID};
+use crate::settings::Settings;
+use crate::stream::Delivery;
+use crate::transport::{
+    Consumer, ConsumerEvent, Headers, Message, OutgoingRecord, RecordPosition, TopicPartition,
+    TopicSpec, Transport,
+};
+use bytes::Bytes;
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+struct TopicMeta {
+    name: Arc<str>,
+    partitions: u32,
+    round_robin: AtomicU32,
+}
+
+/// Counters a worker keeps about what went wrong.
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    decode_errors: Mutex<BTreeMap<String, u64>>,
+    agent_errors: Mutex<BTreeMap<String, u64>>,
+}
+
+impl Stats {
+    pub(crate) fn decode_error(&self, topic: &str) {
+        *self
+            .decode_errors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(topic.to_owned())
+            .or_default() += 1;
+    }
+
+    pub(crate) fn agent_error(&self, agent: &str) -> u64 {
+        let mut m = self.agent_errors.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(agent.to_owned()).or_default();
+        *n += 1;
+        *n
+    }
+}
+
+pub(crate) enum Control {
+    Subscribe {
+        topic: String,
+        tx: async_channel::Sender<Delivery>,
+        done: oneshot::Sender<Result<(), TransportError>>,
+    },
+}
+
+/// What the parts of a running app share.
+pub(crate) struct Runtime {
+    pub(crate) app_id: Arc<str>,
+    pub(crate) settings: Settings,
+    pub(crate) transport: Arc<dyn Transport>,
+    pub(crate) replies: Replies,
+    pub(crate) reply_topic: String,
+    pub(crate) stats: Stats,
+    /// Cancelled when the worker starts to stop: no more events are read.
+    pub(crate) stop: CancellationToken,
+    topics: RwLock<HashMap<String, Arc<TopicMeta>>>,
+    control: mpsc::Sender<Control>,
+    queues: tokio::sync::Mutex<HashMap<(String, String), async_channel::Receiver<Delivery>>>,
+}
+
+impl fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Runtime")
+            .field("app_id", &self.app_id)
+            .field("transport", &self.transport.kind())
+            .finish()
+    }
+}
+
+impl Runtime {
+    pub(crate) fn new(
+        app_id: Arc<str>,
+        settings: Settings,
+        transport: Arc<dyn Transport>,
+        control: mpsc::Sender<Control>,
+    ) -> Self {
+        let instance = random_id();
+        Self {
+            reply_topic: format!("{app_id}-reply-{instance:016x}"),
+            replies: Replies::new(format!("{instance:016x}")),
+            app_id,
+            settings,
+            transport,
+            stats: Stats::default(),
+            stop: CancellationToken::new(),
+            topics: RwLock::new(HashMap::new()),
+            control,
+            queues: tokio::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Creates a topic if it is missing, and remembers its partition count.
+    pub(crate) async fn ensure_topic(&self, spec: &TopicSpec) -> Result<u32> {
+        let partitions = self.transport.ensure_topic(spec.clone()).await?;
+        self.remember(&spec.name, partitions);
+        Ok(partitions)
+    }
+
+    fn remember(&self, name: &str, partitions: u32) -> Arc<TopicMeta> {
+        let meta = Arc::new(TopicMeta {
+            name: Arc::from(name),
+            partitions,
+            round_robin: AtomicU32::new(0),
+        });
+        self.topics
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(name.to_owned())
+            .or_insert(meta)
+            .clone()
+    }
+
+    async fn topic_meta(&self, spec: &TopicSpec) -> Result<Arc<TopicMeta>> {
+        if let Some(m) = self
+            .topics
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&spec.name)
+        {
+            return Ok(m.clone());
+        }
+        let partitions = match self.transport.partition_count(&spec.name).await? {
+            Some(n) => n,
+            None => self.transport.ensure_topic(spec.clone()).await?,
+        };
+        Ok(self.remember(&spec.name, partitions))
+    }
+
+    /// A spec for a topic the app did not declare (a reply-to address, say).
+    pub(crate) fn default_spec(&self, name: &str) -> TopicSpec {
+        TopicSpec {
+            name: name.to_owned(),
+            partitions: self.settings.topic_partitions,
+            replication_factor: self.settings.topic_replication_factor,
+            compacted: false,
+        }
+    }
+
+    /// Sends one record. The partition is `partition` if given, else the one Kafka's Java
+    /// client picks for the key (murmur2), else the next one round-robin.
+    pub(crate) async fn produce(
+        &self,
+        spec: &TopicSpec,
+        partition: Option<u32>,
+        key: Option<Bytes>,
+        value: Option<Bytes>,
+        headers: Headers,
+    ) -> Result<RecordPosition> {
+        let meta = self.topic_meta(spec).await?;
+        let partition = match (partition, &key) {
+            (Some(p), _) if p >= meta.partitions => {
+                return Err(TransportError::UnknownPartition {
+                    topic: spec.name.clone(),
+                    partition: p,
+                    partitions: meta.partitions,
+                }
+                .into())
+            }
+            (Some(p), _) => p,
+            (None, Some(k)) => partition_for_key(k, meta.partitions),
+            (None, None) => meta.round_robin.fetch_add(1, Ordering::Relaxed) % meta.partitions,
+        };
+        let record = OutgoingRecord {
+            topic: meta.name.clone(),
+            partition,
+            key,
+            value,
+            headers,
+            timestamp: None,
+        };
+        Ok(self.transport.send(record).await?)
+    }
+
+    /// The queue of an agent's internal subscription to `spec` (created on first use and
+    /// shared by the agent's actors).
+    pub(crate) async fn subscribe(
+        &self,
+        agent: &str,
+        spec: TopicSpec,
+    ) -> Result<async_channel::Receiver<Delivery>> {
+        let mut queues = self.queues.lock().await;
+        let key = (agent.to_owned(), spec.name.clone());
+        if let Some(rx) = queues.get(&key) {
+            return Ok(rx.clone());
+        }
+        self.ensure_topic(&spec).await?;
+        let (tx, rx) = async_channel::bounded(self.settings.stream_buffer_maxsize.max(1));
+        let (done_tx, done_rx) = oneshot::channel();
+        let shutting_down = || Error::ShuttingDown {
+            app: self.app_id.to_string(),
+        };
+        self.control
+            .send(Control::Subscribe {
+                topic: spec.name.clone(),
+                tx,
+                done: done_tx,
+            })
+            .await
+            .map_err(|_| shutting_down())?;
+        done_rx.await.map_err(|_| shutting_down())??;
+        queues.insert(key, rx.clone());
+        Ok(rx)
+    }
+}
+
+fn random_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
+/// Reads the app's topics as a member of its consumer group, hands each record to the agents
+/// reading that topic, and commits what they have processed.
+pub(crate) struct Dispatcher {
+    rt: Arc<Runtime>,
+    consumer: Box<dyn Consumer>,
+    routes: HashMap<Arc<str>, Vec<async_channel::Sender<Delivery>>>,
+    trackers: HashMap<TopicPartition, Arc<PartitionTracker>>,
+    committed: HashMap<TopicPartition, i64>,
+    control: mpsc::Receiver<Control>,
+    actors: TaskTracker,
+}
+
+impl Dispatcher {
+    pub(crate) fn new(
+        rt: Arc<Runtime>,
+        consumer: Box<dyn Consumer>,
+        routes: HashMap<Arc<str>, Vec<async_channel::Sender<Delivery>>>,
+        control: mpsc::Receiver<Control>,
+        actors: TaskTracker,
+    ) -> Result<Self> {
+        let mut d = Self {
+            rt,
+            consumer,
+            routes,
+            trackers: HashMap::new(),
+            committed: HashMap::new(),
+            control,
+            actors,
+        };
+        d.resubscribe()?;
+        Ok(d)
+    }
+
+    fn resubscribe(&mut self) -> Result<(), TransportError> {
+        if self.routes.is_empty() {
+            return Ok(());
+        }
+        let mut topics: Vec<String> = self.routes.keys().map(|t| t.to_string()).collect();
+        topics.sort();
+        self.consumer.subscribe(&topics)
+    }
+
+    pub(crate) async fn run(mut self) {
+        let mut ticker = tokio::time::interval(self.rt.settings.commit_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failures = 0u32;
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.rt.stop.cancelled() => break,
+                Some(control) = self.control.recv() => self.on_control(control),
+                _ = ticker.tick() => self.commit().await,
+                event = self.consumer.poll() => match event {
+                    Ok(event) => {
+                        failures = 0;
+                        self.on_event(event).await;
+                    }
+                    Err(e) => {
+                        failures += 1;
+                        let wait = Duration::from_millis(100 * u64::from(failures.min(50)));
+                        tracing::warn!(error = %e, retry_in = ?wait, "consumer error; retrying");
+                        tokio::time::sleep(wait).await;
+                    }
+                },
+            }
+        }
+        self.drain().await;
+    }
+
+    /// Stops reading, lets the agents finish what they hold, and commits it.
+    async fn drain(mut self) {
+        self.routes.clear();
+        self.control.close();
+        self.actors.close();
+        let timeout = self.rt.settings.shutdown_timeout;
+        if tokio::time::timeout(timeout, self.actors.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                ?timeout,
+                "agents did not finish their in-flight events in time; committing what is done"
+            );
+        }
+        self.commit().await;
+    }
+
+    fn on_control(&mut self, control: Control) {
+        match control {
+            Control::Subscribe { topic, tx, done } => {
+                self.routes
+                    .entry(Arc::from(topic.as_str()))
+                    .or_default()
+                    .push(tx);
+                let _ = done.send(self.resubscribe());
+            }
+        }
+    }
+
+    async fn on_event(&mut self, event: ConsumerEvent) {
+        match event {
+            ConsumerEvent::Messages(batch) => self.dispatch(batch).await,
+            ConsumerEvent::Assigned(tps) => {
+                tracing::info!(partitions = %list(&tps), "partitions assigned");
+                for tp in tps {
+                    self.trackers
+                        .insert(tp.clone(), PartitionTracker::new(tp.clone()));
+                }
+            }
+            ConsumerEvent::Revoked(tps) => {
+                tracing::info!(partitions = %list(&tps), "partitions revoked");
+                self.commit().await;
+                for tp in &tps {
+                    self.trackers.remove(tp);
+                    self.committed.remove(tp);
+                }
+            }
+        }
+    }
+
+    async fn dispatch(&mut self, batch: Vec<Message>) {
+        let mut last: Option<Arc<PartitionTracker>> = None;
+        for msg in batch {
+            let tracker = match &last {
+                Some(t) if *t.tp.topic == *msg.topic && t.tp.partition == msg.partition => {
+                    t.clone()
+                }
+                _ => {
+                    let tp = TopicPartition::new(msg.topic.clone(), msg.partition);
+                    let t = self
+                        .trackers
+                        .entry(tp.clone())
+                        .or_insert_with(|| PartitionTracker::new(tp))
+                        .clone();
+                    last = Some(t.clone());
+                    t
+                }
+            };
+            let offset = msg.offset;
+            let routes = self
+                .routes
+                .get(&msg.topic)
+                .map(Vec::as_slice)
+                .unwrap_or(&[]);
+            tracker.register(offset, routes.len() as u32);
+            let msg = Arc::new(msg);
+            for tx in routes {
+                let delivery = Delivery {
+                    msg: msg.clone(),
+                    ack: AckGuard::new(tracker.clone(), offset),
+                };
+                // A closed queue hands the delivery back; dropping it acks it.
+                let _ = tx.send(delivery).await;
+            }
+        }
+    }
+
+    async fn commit(&mut self) {
+        let mut offsets = Vec::new();
+        for (tp, tracker) in &self.trackers {
+            if let Some(offset) = tracker.committable() {
+                if self.committed.get(tp).is_none_or(|c| *c < offset) {
+                    offsets.push((tp.clone(), offset));
+                }
+            }
+        }
+        if offsets.is_empty() {
+            return;
+        }
+        offsets.sort();
+        match self.consumer.commit(offsets.clone()).await {
+            Ok(()) => {
+                tracing::debug!(offsets = %offsets.iter().map(|(tp, o)| format!("{tp}={o}")).collect::<Vec<_>>().join(","), "committed");
+                self.committed.extend(offsets);
+            }
+            Err(e) => tracing::warn!(error = %e, "commit failed; will retry"),
+        }
+    }
+}
+
+fn list(tps: &[TopicPartition]) -> String {
+    tps.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Reads this worker's reply topic and hands replies to whoever asked.
+pub(crate) async fn run_replies(
+    rt: Arc<Runtime>,
+    mut consumer: Box<dyn Consumer>,
+    closed: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = closed.cancelled() => break,
+            event = consumer.poll() => match event {
+                Ok(ConsumerEvent::Messages(batch)) => {
+                    for m in batch {
+                        let Some(id) = m.header(CORRELATION_ID) else {
+                            tracing::warn!(topic = %m.topic, partition = m.partition, offset = m.offset, "reply without correlation id ignored");
+                            continue;
+                        };
+                        let id = String::from_utf8_lossy(id);
+                        if !rt.replies.complete(&id, m.value.clone().unwrap_or_default()) {
+                            tracing::debug!(correlation_id = %id, "reply arrived after its request gave up");
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "reply consumer error; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            },
+        }
+    }
+}
+
+/// A running app. Stop it with [`shutdown`](Worker::shutdown): agents finish the events they
+/// hold, offsets are committed, and the app can be started again.
+pub struct Worker {
+    pub(crate) core: Arc<AppCore>,
+    pub(crate) rt: Arc<Runtime>,
+    pub(crate) dispatcher: Option<JoinHandle<()>>,
+    pub(crate) replies: Option<JoinHandle<()>>,
+    pub(crate) closed: CancellationToken,
+}
+
+impl fmt::Debug for Worker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Worker")
+            .field("app", &self.rt.app_id)
+            .field("transport", &self.rt.transport.kind())
+            .finish()
+    }
+}
+
+impl Worker {
+    /// The transport's kind: `memory` or `kafka`.
+    pub fn transport(&self) -> &'static str {
+        self.rt.transport.kind()
+    }
+
+    /// How many messages of `topic` could not be decoded and were skipped.
+    pub fn decode_errors(&self, topic: &str) -> u64 {
+        self.rt
+            .stats
+            .decode_errors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(topic)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// How many times the agent `agent` raised an error or panicked.
+    pub fn agent_errors(&self, agent: &str) -> u64 {
+        self.rt
+            .stats
+            .agent_errors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(agent)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Waits for Ctrl-C or SIGTERM.
+    pub async fn wait_for_signal() {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            match signal(SignalKind::terminate()) {
+                Ok(mut term) => {
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = term.recv() => {}
+                    }
+                }
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+
+    /// Stops the worker: no more events are read, agents finish the events they hold (up to
+    /// `shutdown_timeout`), processed offsets are committed, and pending sends are flushed.
+    pub async fn shutdown(mut self) -> Result<()> {
+        tracing::info!(app = %self.rt.app_id, "worker stopping");
+        self.rt.stop.cancel();
+        if let Some(dispatcher) = self.dispatcher.take() {
+            let _ = dispatcher.await;
+        }
+        self.closed.cancel();
+        if let Some(replies) = self.replies.take() {
+            let _ = replies.await;
+        }
+        let flushed = self.rt.transport.flush().await;
+        self.core.clear_runtime(&self.rt);
+        tracing::info!(app = %self.rt.app_id, "worker stopped");
+        Ok(flushed?)
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.rt.stop.cancel();
+        self.closed.cancel();
+    }
+}
