@@ -217,6 +217,19 @@ impl MemoryBroker {
         read_from(&t, partition, part, offset.max(0), max)
     }
 
+    /// The offsets `group` committed: for each partition, the next offset it will read.
+    pub fn committed(&self, group: &str) -> Vec<(TopicPartition, i64)> {
+        lock(&self.offsets)
+            .get(group)
+            .map(|m| m.iter().map(|(tp, o)| (tp.clone(), *o)).collect())
+            .unwrap_or_default()
+    }
+
+    /// Partition count of `topic`, if it exists.
+    pub fn partitions(&self, topic: &str) -> Option<u32> {
+        self.topic(topic).ok().map(|t| t.partitions.len() as u32)
+    }
+
     fn join(&self, group: &str, topics: Vec<String>, inbox: Arc<Inbox>) -> u64 {
         let id = self.next_member.fetch_add(1, Ordering::Relaxed);
         lock(&self.groups)
@@ -439,10 +452,7 @@ impl Transport for MemoryTransport {
         &self,
         group: &str,
     ) -> BoxFuture<'_, Result<Vec<(TopicPartition, i64)>, TransportError>> {
-        let offsets = lock(&self.broker.offsets)
-            .get(group)
-            .map(|m| m.iter().map(|(tp, o)| (tp.clone(), *o)).collect())
-            .unwrap_or_default();
+        let offsets = self.broker.committed(group);
         async move { Ok(offsets) }.boxed()
     }
 }
