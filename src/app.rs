@@ -8,11 +8,12 @@ use crate::settings::Settings;
 use crate::topic::{Topic, TopicNames};
 use crate::transport::memory::MemoryTransport;
 use crate::transport::{MemoryBroker, StartAt, TopicSpec, Transport};
+use crate::stream::Route;
 use crate::worker::{run_replies, Dispatcher, Runtime, Worker};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -310,20 +311,16 @@ impl App {
 
         let actors = TaskTracker::new();
         let capacity = settings.stream_buffer_maxsize.max(1);
-        let mut routes: HashMap<Arc<str>, Vec<async_channel::Sender<_>>> = HashMap::new();
+        let mut routes = Vec::new();
         let mut queues = Vec::with_capacity(agents.len());
-        for topics in &agent_topics {
+        for (agent, topics) in agents.iter().zip(&agent_topics) {
             if topics.is_empty() {
                 queues.push(None);
                 continue;
             }
             let (tx, rx) = async_channel::bounded(capacity);
-            for spec in topics {
-                routes
-                    .entry(Arc::from(spec.name.as_str()))
-                    .or_default()
-                    .push(tx.clone());
-            }
+            let names = topics.iter().map(|t| t.name.clone()).collect();
+            routes.push((names, Route::new(tx, agent.concurrency())));
             queues.push(Some(rx));
         }
         let dispatcher = if run_agents {

@@ -22,6 +22,28 @@ pub(crate) struct Delivery {
     pub(crate) ack: AckGuard,
 }
 
+/// Deliveries travel to agents in chunks, so a queue operation carries many records.
+pub(crate) type Chunk = Vec<Delivery>;
+/// The receiving end of an agent's queue.
+pub(crate) type Queue = async_channel::Receiver<Chunk>;
+
+/// One agent's queue as the dispatcher sees it.
+pub(crate) struct Route {
+    pub(crate) tx: async_channel::Sender<Chunk>,
+    /// Deliveries per chunk: large for a single actor, 1 when actors share the queue so that
+    /// work spreads between them.
+    pub(crate) chunk: usize,
+}
+
+impl Route {
+    pub(crate) fn new(tx: async_channel::Sender<Chunk>, concurrency: usize) -> Self {
+        Self {
+            tx,
+            chunk: if concurrency > 1 { 1 } else { 128 },
+        }
+    }
+}
+
 /// A value moving through a stream with the event it came from and the acks it holds.
 pub(crate) struct Item<T> {
     pub(crate) value: T,
@@ -37,6 +59,8 @@ pub(crate) struct ActorCtx {
     pub(crate) source: Arc<str>,
     /// Partition count of the source, used for internal topics derived from it.
     pub(crate) source_partitions: u32,
+    /// Number of actors of the agent.
+    pub(crate) concurrency: usize,
     pub(crate) current: Mutex<Option<Arc<Message>>>,
 }
 
@@ -517,7 +541,7 @@ where
     U: Send + 'static,
 {
     async_stream::stream! {
-        let rx = match ctx.runtime.subscribe(&ctx.agent, spec.clone()).await {
+        let rx = match ctx.runtime.subscribe(&ctx.agent, ctx.concurrency, spec.clone()).await {
             Ok(rx) => rx,
             Err(e) => {
                 tracing::error!(agent = %ctx.agent, topic = %spec.name, error = %e, "cannot subscribe to internal topic");
@@ -528,9 +552,11 @@ where
         loop {
             tokio::select! {
                 biased;
-                d = rx.recv() => match d {
-                    Ok(d) => if let Some(item) = decode_delivery(&ctx, &*value_codec, d) {
-                        yield item;
+                chunk = rx.recv() => match chunk {
+                    Ok(chunk) => for d in chunk {
+                        if let Some(item) = decode_delivery(&ctx, &*value_codec, d) {
+                            yield item;
+                        }
                     },
                     Err(_) => break,
                 },

@@ -7,7 +7,7 @@ use crate::error::{Error, Result, TransportError};
 use crate::partitioner::partition_for_key;
 use crate::reply::{Replies, CORRELATION_ID};
 use crate::settings::Settings;
-use crate::stream::Delivery;
+use crate::stream::{Chunk, Delivery, Queue, Route};
 use crate::transport::{
     Consumer, ConsumerEvent, Headers, Message, OutgoingRecord, RecordPosition, TopicPartition,
     TopicSpec, Transport,
@@ -57,7 +57,7 @@ impl Stats {
 pub(crate) enum Control {
     Subscribe {
         topic: String,
-        tx: async_channel::Sender<Delivery>,
+        route: Route,
         done: oneshot::Sender<Result<(), TransportError>>,
     },
 }
@@ -74,7 +74,7 @@ pub(crate) struct Runtime {
     pub(crate) stop: CancellationToken,
     topics: RwLock<HashMap<String, Arc<TopicMeta>>>,
     control: mpsc::Sender<Control>,
-    queues: tokio::sync::Mutex<HashMap<(String, String), async_channel::Receiver<Delivery>>>,
+    queues: tokio::sync::Mutex<HashMap<(String, String), Queue>>,
 }
 
 impl fmt::Debug for Runtime {
@@ -195,8 +195,9 @@ impl Runtime {
     pub(crate) async fn subscribe(
         &self,
         agent: &str,
+        concurrency: usize,
         spec: TopicSpec,
-    ) -> Result<async_channel::Receiver<Delivery>> {
+    ) -> Result<Queue> {
         let mut queues = self.queues.lock().await;
         let key = (agent.to_owned(), spec.name.clone());
         if let Some(rx) = queues.get(&key) {
@@ -211,7 +212,7 @@ impl Runtime {
         self.control
             .send(Control::Subscribe {
                 topic: spec.name.clone(),
-                tx,
+                route: Route::new(tx, concurrency),
                 done: done_tx,
             })
             .await
@@ -240,7 +241,9 @@ fn random_id() -> u64 {
 pub(crate) struct Dispatcher {
     rt: Arc<Runtime>,
     consumer: Box<dyn Consumer>,
-    routes: HashMap<Arc<str>, Vec<async_channel::Sender<Delivery>>>,
+    routes: Vec<Route>,
+    /// Indices into `routes` of the agents reading each topic.
+    topics: HashMap<Arc<str>, Vec<usize>>,
     trackers: HashMap<TopicPartition, Arc<PartitionTracker>>,
     committed: HashMap<TopicPartition, i64>,
     control: mpsc::Receiver<Control>,
@@ -251,28 +254,40 @@ impl Dispatcher {
     pub(crate) fn new(
         rt: Arc<Runtime>,
         consumer: Box<dyn Consumer>,
-        routes: HashMap<Arc<str>, Vec<async_channel::Sender<Delivery>>>,
+        routes: Vec<(Vec<String>, Route)>,
         control: mpsc::Receiver<Control>,
         actors: TaskTracker,
     ) -> Result<Self> {
         let mut d = Self {
             rt,
             consumer,
-            routes,
+            routes: Vec::new(),
+            topics: HashMap::new(),
             trackers: HashMap::new(),
             committed: HashMap::new(),
             control,
             actors,
         };
+        for (topics, route) in routes {
+            d.add_route(topics, route);
+        }
         d.resubscribe()?;
         Ok(d)
     }
 
+    fn add_route(&mut self, topics: Vec<String>, route: Route) {
+        let index = self.routes.len();
+        self.routes.push(route);
+        for t in topics {
+            self.topics.entry(Arc::from(t.as_str())).or_default().push(index);
+        }
+    }
+
     fn resubscribe(&mut self) -> Result<(), TransportError> {
-        if self.routes.is_empty() {
+        if self.topics.is_empty() {
             return Ok(());
         }
-        let mut topics: Vec<String> = self.routes.keys().map(|t| t.to_string()).collect();
+        let mut topics: Vec<String> = self.topics.keys().map(|t| t.to_string()).collect();
         topics.sort();
         self.consumer.subscribe(&topics)
     }
@@ -307,6 +322,7 @@ impl Dispatcher {
     /// Stops reading, lets the agents finish what they hold, and commits it.
     async fn drain(mut self) {
         self.routes.clear();
+        self.topics.clear();
         self.control.close();
         self.actors.close();
         let timeout = self.rt.settings.shutdown_timeout;
@@ -324,11 +340,8 @@ impl Dispatcher {
 
     fn on_control(&mut self, control: Control) {
         match control {
-            Control::Subscribe { topic, tx, done } => {
-                self.routes
-                    .entry(Arc::from(topic.as_str()))
-                    .or_default()
-                    .push(tx);
+            Control::Subscribe { topic, route, done } => {
+                self.add_route(vec![topic], route);
                 let _ = done.send(self.resubscribe());
             }
         }
@@ -356,6 +369,7 @@ impl Dispatcher {
     }
 
     async fn dispatch(&mut self, batch: Vec<Message>) {
+        let mut pending: Vec<Chunk> = self.routes.iter().map(|_| Vec::new()).collect();
         let mut last: Option<Arc<PartitionTracker>> = None;
         for msg in batch {
             let tracker = match &last {
@@ -374,20 +388,24 @@ impl Dispatcher {
                 }
             };
             let offset = msg.offset;
-            let routes = self
-                .routes
-                .get(&msg.topic)
-                .map(Vec::as_slice)
-                .unwrap_or(&[]);
-            tracker.register(offset, routes.len() as u32);
+            let targets = self.topics.get(&msg.topic).map(Vec::as_slice).unwrap_or(&[]);
+            tracker.register(offset, targets.len() as u32);
             let msg = Arc::new(msg);
-            for tx in routes {
-                let delivery = Delivery {
+            for &i in targets {
+                pending[i].push(Delivery {
                     msg: msg.clone(),
                     ack: AckGuard::new(tracker.clone(), offset),
-                };
-                // A closed queue hands the delivery back; dropping it acks it.
-                let _ = tx.send(delivery).await;
+                });
+                if pending[i].len() >= self.routes[i].chunk {
+                    let chunk = std::mem::take(&mut pending[i]);
+                    // A closed queue hands the chunk back; dropping it acks its records.
+                    let _ = self.routes[i].tx.send(chunk).await;
+                }
+            }
+        }
+        for (i, chunk) in pending.into_iter().enumerate() {
+            if !chunk.is_empty() {
+                let _ = self.routes[i].tx.send(chunk).await;
             }
         }
     }

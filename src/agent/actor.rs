@@ -3,7 +3,7 @@
 use super::{source_specs, AgentInner, Sink, Source};
 use crate::error::{BoxError, Result};
 use crate::reply::{CORRELATION_ID, REPLY_TO};
-use crate::stream::{decode_delivery, ActorCtx, Delivery, Item, Stream};
+use crate::stream::{decode_delivery, ActorCtx, Item, Queue, Stream};
 use crate::transport::TopicSpec;
 use crate::worker::Runtime;
 use bytes::Bytes;
@@ -19,6 +19,8 @@ use tokio_util::task::TaskTracker;
 /// An agent with its types erased, as the app keeps it.
 pub(crate) trait AgentRunner: Send + Sync {
     fn name(&self) -> String;
+    /// Number of actors.
+    fn concurrency(&self) -> usize;
     /// The topics the agent reads (none for a channel).
     fn topics(&self) -> Result<Vec<TopicSpec>>;
     /// Starts the agent's actors. `queue` carries the records of its topics.
@@ -26,7 +28,7 @@ pub(crate) trait AgentRunner: Send + Sync {
         &self,
         rt: &Arc<Runtime>,
         actors: &TaskTracker,
-        queue: Option<async_channel::Receiver<Delivery>>,
+        queue: Option<Queue>,
     ) -> Result<()>;
 }
 
@@ -40,6 +42,10 @@ where
         super::Agent::name(self)
     }
 
+    fn concurrency(&self) -> usize {
+        self.inner.config().concurrency
+    }
+
     fn topics(&self) -> Result<Vec<TopicSpec>> {
         Ok(source_specs(&self.source()?))
     }
@@ -48,7 +54,7 @@ where
         &self,
         rt: &Arc<Runtime>,
         actors: &TaskTracker,
-        queue: Option<async_channel::Receiver<Delivery>>,
+        queue: Option<Queue>,
     ) -> Result<()> {
         let source = self.source()?;
         let _ = self.inner.resolved.set(source.clone());
@@ -73,6 +79,7 @@ where
                 source: source.clone(),
                 source_name: Arc::from(source_name.as_str()),
                 source_partitions,
+                concurrency,
                 queue: queue.clone(),
                 sinks: sinks.clone(),
                 index,
@@ -90,7 +97,8 @@ struct Actor<T, R, K> {
     source: Source<T, K>,
     source_name: Arc<str>,
     source_partitions: u32,
-    queue: Option<async_channel::Receiver<Delivery>>,
+    concurrency: usize,
+    queue: Option<Queue>,
     sinks: Arc<Vec<Arc<dyn Sink<R>>>>,
     index: usize,
 }
@@ -115,6 +123,7 @@ where
                 agent: self.name.clone(),
                 source: self.source_name.clone(),
                 source_partitions: self.source_partitions,
+                concurrency: self.concurrency,
                 current: Mutex::new(None),
             });
             let stream = self.stream(&ctx);
@@ -191,6 +200,7 @@ where
                 let inner: BoxStream<'static, Item<T>> = match &self.queue {
                     Some(q) => q
                         .clone()
+                        .flat_map(futures::stream::iter)
                         .filter_map(move |d| {
                             std::future::ready(decode_delivery(&decode_ctx, &*codec, d))
                         })
