@@ -4,11 +4,11 @@ use crate::agent::{default_name, Agent, AgentFn, AgentRunner};
 use crate::channel::Channel;
 use crate::cli::{Command, CommandSpec};
 use crate::error::{BoxError, Error, Result, TransportError};
-use crate::settings::Settings;
+use crate::settings::{ProcessingGuarantee, Settings};
+use crate::stream::queue;
 use crate::topic::{Topic, TopicNames};
 use crate::transport::memory::MemoryTransport;
 use crate::transport::{MemoryBroker, StartAt, TopicSpec, Transport};
-use crate::stream::Route;
 use crate::worker::{run_replies, Dispatcher, Runtime, Worker};
 
 use serde::de::DeserializeOwned;
@@ -258,7 +258,13 @@ impl App {
             )));
         }
         let settings = self.core.settings();
-        let transport = self.connect(&settings.broker)?;
+        if settings.processing_guarantee == ProcessingGuarantee::ExactlyOnce {
+            return Err(Error::Config(
+                "processing_guarantee = exactly_once is not supported yet; use at_least_once"
+                    .into(),
+            ));
+        }
+        let transport = self.connect(&settings.broker).await?;
         let (control_tx, control_rx) = tokio::sync::mpsc::channel(64);
         let rt = Arc::new(Runtime::new(
             self.core.id.clone(),
@@ -304,7 +310,16 @@ impl App {
             replication_factor: settings.topic_replication_factor,
             compacted: false,
         };
-        rt.ensure_topic(&reply_spec).await?;
+        match rt.ensure_topic(&reply_spec).await {
+            // The reply topic is this worker's own: any partition count serves (brokers that
+            // only auto-create topics give them their default count).
+            Err(Error::Transport(TransportError::PartitionMismatch { actual, .. })) => {
+                rt.accept_topic(&reply_spec.name, actual)
+            }
+            other => {
+                other?;
+            }
+        }
         let reply_consumer = transport
             .topic_consumer(&rt.reply_topic, StartAt::Latest)
             .await?;
@@ -318,9 +333,9 @@ impl App {
                 queues.push(None);
                 continue;
             }
-            let (tx, rx) = async_channel::bounded(capacity);
+            let (route, rx) = queue(agent.concurrency(), capacity);
             let names = topics.iter().map(|t| t.name.clone()).collect();
-            routes.push((names, Route::new(tx, agent.concurrency())));
+            routes.push((names, route));
             queues.push(Some(rx));
         }
         let dispatcher = if run_agents {
@@ -357,7 +372,7 @@ impl App {
         })
     }
 
-    fn connect(&self, url: &str) -> Result<Arc<dyn Transport>> {
+    async fn connect(&self, url: &str) -> Result<Arc<dyn Transport>> {
         if let Some(rest) = url.strip_prefix("memory:") {
             let name = rest.trim_start_matches("//").trim_end_matches('/');
             let broker = if name.is_empty() {
@@ -366,6 +381,12 @@ impl App {
                 MemoryBroker::named(name)
             };
             return Ok(Arc::new(MemoryTransport::new(broker)));
+        }
+        #[cfg(feature = "kafka")]
+        if url.starts_with("kafka://") {
+            use crate::transport::kafka::{KafkaConfig, KafkaTransport};
+            let config = KafkaConfig::from_url(url, &self.core.settings().kafka)?;
+            return Ok(Arc::new(KafkaTransport::connect(config).await?));
         }
         Err(TransportError::UnsupportedUrl(url.to_owned()).into())
     }

@@ -1,5 +1,6 @@
 //! App settings and their defaults.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 /// How often work is committed and what a consumer of the output may see twice.
@@ -37,6 +38,10 @@ pub struct Settings {
     pub map_max_inflight: usize,
     /// The processing guarantee.
     pub processing_guarantee: ProcessingGuarantee,
+    /// librdkafka settings passed through to every Kafka client (SASL, SSL, timeouts, ...),
+    /// e.g. `("security.protocol", "SASL_SSL")`. `RILL_KAFKA_*` environment variables add to
+    /// them (`RILL_KAFKA_SASL_PASSWORD` sets `sasl.password`). Values are never logged.
+    pub kafka: BTreeMap<String, String>,
 }
 
 impl Default for Settings {
@@ -51,6 +56,7 @@ impl Default for Settings {
             shutdown_timeout: Duration::from_secs(30),
             map_max_inflight: 1024,
             processing_guarantee: ProcessingGuarantee::AtLeastOnce,
+            kafka: BTreeMap::new(),
         }
     }
 }

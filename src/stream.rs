@@ -35,13 +35,15 @@ pub(crate) struct Route {
     pub(crate) chunk: usize,
 }
 
-impl Route {
-    pub(crate) fn new(tx: async_channel::Sender<Chunk>, concurrency: usize) -> Self {
-        Self {
-            tx,
-            chunk: if concurrency > 1 { 1 } else { 128 },
-        }
-    }
+/// A new agent queue holding about `buffer` records (the `stream_buffer_maxsize` setting).
+pub(crate) fn queue(concurrency: usize, buffer: usize) -> (Route, Queue) {
+    let chunk = if concurrency > 1 {
+        1
+    } else {
+        128.min(buffer.max(1))
+    };
+    let (tx, rx) = async_channel::bounded((buffer / chunk).max(1));
+    (Route { tx, chunk }, rx)
 }
 
 /// A value moving through a stream with the event it came from and the acks it holds.
@@ -516,11 +518,11 @@ async fn forward(
     value: crate::Result<Bytes>,
 ) {
     let result = match value {
-        Ok(v) => ctx
-            .runtime
-            .produce(spec, None, key, Some(v), Vec::new())
-            .await
-            .map(|_| ()),
+        Ok(v) => {
+            ctx.runtime
+                .enqueue(spec, None, key, Some(v), Vec::new())
+                .await
+        }
         Err(e) => Err(e),
     };
     if let Err(e) = result {

@@ -198,6 +198,14 @@ impl<K: 'static, V: 'static> Topic<K, V> {
             .await
     }
 
+    /// Queues `value` (no key) for a sink; durable at the next commit's flush.
+    pub(crate) async fn enqueue_value(&self, value: V) -> Result<()> {
+        let rt = self.core.runtime()?;
+        let value = self.encode_value(&value)?;
+        rt.enqueue(&self.spec(), None, None, Some(value), Vec::new())
+            .await
+    }
+
     pub(crate) fn encode_key(&self, key: &K) -> Result<Bytes> {
         self.key_codec
             .encode(key)

@@ -7,7 +7,7 @@ use crate::error::{Error, Result, TransportError};
 use crate::partitioner::partition_for_key;
 use crate::reply::{Replies, CORRELATION_ID};
 use crate::settings::Settings;
-use crate::stream::{Chunk, Delivery, Queue, Route};
+use crate::stream::{queue, Chunk, Delivery, Queue, Route};
 use crate::transport::{
     Consumer, ConsumerEvent, Headers, Message, OutgoingRecord, RecordPosition, TopicPartition,
     TopicSpec, Transport,
@@ -115,6 +115,11 @@ impl Runtime {
         Ok(partitions)
     }
 
+    /// Uses an existing topic with whatever partition count it has.
+    pub(crate) fn accept_topic(&self, name: &str, partitions: u32) {
+        self.remember(name, partitions);
+    }
+
     fn remember(&self, name: &str, partitions: u32) -> Arc<TopicMeta> {
         let meta = Arc::new(TopicMeta {
             name: Arc::from(name),
@@ -155,16 +160,16 @@ impl Runtime {
         }
     }
 
-    /// Sends one record. The partition is `partition` if given, else the one Kafka's Java
-    /// client picks for the key (murmur2), else the next one round-robin.
-    pub(crate) async fn produce(
+    /// The record for `spec`'s topic. The partition is `partition` if given, else the one
+    /// Kafka's Java client picks for the key (murmur2), else the next one round-robin.
+    async fn record(
         &self,
         spec: &TopicSpec,
         partition: Option<u32>,
         key: Option<Bytes>,
         value: Option<Bytes>,
         headers: Headers,
-    ) -> Result<RecordPosition> {
+    ) -> Result<OutgoingRecord> {
         let meta = self.topic_meta(spec).await?;
         let partition = match (partition, &key) {
             (Some(p), _) if p >= meta.partitions => {
@@ -179,15 +184,40 @@ impl Runtime {
             (None, Some(k)) => partition_for_key(k, meta.partitions),
             (None, None) => meta.round_robin.fetch_add(1, Ordering::Relaxed) % meta.partitions,
         };
-        let record = OutgoingRecord {
+        Ok(OutgoingRecord {
             topic: meta.name.clone(),
             partition,
             key,
             value,
             headers,
             timestamp: None,
-        };
+        })
+    }
+
+    /// Sends one record and waits until the log has it.
+    pub(crate) async fn produce(
+        &self,
+        spec: &TopicSpec,
+        partition: Option<u32>,
+        key: Option<Bytes>,
+        value: Option<Bytes>,
+        headers: Headers,
+    ) -> Result<RecordPosition> {
+        let record = self.record(spec, partition, key, value, headers).await?;
         Ok(self.transport.send(record).await?)
+    }
+
+    /// Queues one record; it is durable once the transport is flushed (before every commit).
+    pub(crate) async fn enqueue(
+        &self,
+        spec: &TopicSpec,
+        partition: Option<u32>,
+        key: Option<Bytes>,
+        value: Option<Bytes>,
+        headers: Headers,
+    ) -> Result<()> {
+        let record = self.record(spec, partition, key, value, headers).await?;
+        Ok(self.transport.enqueue(record).await?)
     }
 
     /// The queue of an agent's internal subscription to `spec` (created on first use and
@@ -204,7 +234,7 @@ impl Runtime {
             return Ok(rx.clone());
         }
         self.ensure_topic(&spec).await?;
-        let (tx, rx) = async_channel::bounded(self.settings.stream_buffer_maxsize.max(1));
+        let (route, rx) = queue(concurrency, self.settings.stream_buffer_maxsize);
         let (done_tx, done_rx) = oneshot::channel();
         let shutting_down = || Error::ShuttingDown {
             app: self.app_id.to_string(),
@@ -212,7 +242,7 @@ impl Runtime {
         self.control
             .send(Control::Subscribe {
                 topic: spec.name.clone(),
-                route: Route::new(tx, concurrency),
+                route,
                 done: done_tx,
             })
             .await
@@ -279,7 +309,10 @@ impl Dispatcher {
         let index = self.routes.len();
         self.routes.push(route);
         for t in topics {
-            self.topics.entry(Arc::from(t.as_str())).or_default().push(index);
+            self.topics
+                .entry(Arc::from(t.as_str()))
+                .or_default()
+                .push(index);
         }
     }
 
@@ -336,6 +369,10 @@ impl Dispatcher {
             );
         }
         self.commit().await;
+        // Closing a Kafka consumer blocks while it leaves the group: do it off the async
+        // threads.
+        let consumer = self.consumer;
+        let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
     }
 
     fn on_control(&mut self, control: Control) {
@@ -388,7 +425,11 @@ impl Dispatcher {
                 }
             };
             let offset = msg.offset;
-            let targets = self.topics.get(&msg.topic).map(Vec::as_slice).unwrap_or(&[]);
+            let targets = self
+                .topics
+                .get(&msg.topic)
+                .map(Vec::as_slice)
+                .unwrap_or(&[]);
             tracker.register(offset, targets.len() as u32);
             let msg = Arc::new(msg);
             for &i in targets {
@@ -411,6 +452,11 @@ impl Dispatcher {
     }
 
     async fn commit(&mut self) {
+        // Outputs of processed events must be durable before their inputs are committed.
+        if let Err(e) = self.rt.transport.flush().await {
+            tracing::error!(error = %e, "cannot flush produced records; not committing");
+            return;
+        }
         let mut offsets = Vec::new();
         for (tp, tracker) in &self.trackers {
             if let Some(offset) = tracker.committable() {
@@ -470,6 +516,7 @@ pub(crate) async fn run_replies(
             },
         }
     }
+    let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
 }
 
 /// A running app. Stop it with [`shutdown`](Worker::shutdown): agents finish the events they

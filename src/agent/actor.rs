@@ -24,12 +24,7 @@ pub(crate) trait AgentRunner: Send + Sync {
     /// The topics the agent reads (none for a channel).
     fn topics(&self) -> Result<Vec<TopicSpec>>;
     /// Starts the agent's actors. `queue` carries the records of its topics.
-    fn start(
-        &self,
-        rt: &Arc<Runtime>,
-        actors: &TaskTracker,
-        queue: Option<Queue>,
-    ) -> Result<()>;
+    fn start(&self, rt: &Arc<Runtime>, actors: &TaskTracker, queue: Option<Queue>) -> Result<()>;
 }
 
 impl<T, R, K> AgentRunner for super::Agent<T, R, K>
@@ -50,12 +45,7 @@ where
         Ok(source_specs(&self.source()?))
     }
 
-    fn start(
-        &self,
-        rt: &Arc<Runtime>,
-        actors: &TaskTracker,
-        queue: Option<Queue>,
-    ) -> Result<()> {
+    fn start(&self, rt: &Arc<Runtime>, actors: &TaskTracker, queue: Option<Queue>) -> Result<()> {
         let source = self.source()?;
         let _ = self.inner.resolved.set(source.clone());
         let (name, concurrency, sinks) = {
@@ -255,17 +245,17 @@ where
                     headers.push((CORRELATION_ID.to_owned(), id.clone()));
                 }
                 let result = match serde_json::to_vec(&value) {
-                    Ok(bytes) => self
-                        .rt
-                        .produce(
-                            &self.rt.default_spec(&reply_to),
-                            None,
-                            None,
-                            Some(Bytes::from(bytes)),
-                            headers,
-                        )
-                        .await
-                        .map(|_| ()),
+                    Ok(bytes) => {
+                        self.rt
+                            .enqueue(
+                                &self.rt.default_spec(&reply_to),
+                                None,
+                                None,
+                                Some(Bytes::from(bytes)),
+                                headers,
+                            )
+                            .await
+                    }
                     Err(e) => Err(crate::Error::Config(format!("cannot encode reply: {e}"))),
                 };
                 if let Err(e) = result {

@@ -130,14 +130,20 @@ where
         key: Option<K>,
         partition: Option<u32>,
         headers: Headers,
+        wait: bool,
     ) -> Result<()> {
         let rt = self.inner.core.runtime()?;
         match self.source()? {
             Source::Topic(t) => {
                 let key = key.as_ref().map(|k| t.encode_key(k)).transpose()?;
                 let value = t.encode_value(&value)?;
-                rt.produce(&t.spec(), partition, key, Some(value), headers)
-                    .await?;
+                if wait {
+                    rt.produce(&t.spec(), partition, key, Some(value), headers)
+                        .await?;
+                } else {
+                    rt.enqueue(&t.spec(), partition, key, Some(value), headers)
+                        .await?;
+                }
                 Ok(())
             }
             Source::Channel(c) => send_channel(&c, value, headers).await,
@@ -236,7 +242,7 @@ where
                             let id = rt.replies.new_id();
                             rt.replies.expect_many(id.clone(), tx.clone());
                             let headers = request_headers(&rt.reply_topic, &id);
-                            if let Err(e) = agent.deliver(value, key, None, headers).await {
+                            if let Err(e) = agent.deliver(value, key, None, headers, false).await {
                                 rt.replies.cancel(&id);
                                 for id in waiting.keys() {
                                     rt.replies.cancel(id);
@@ -373,7 +379,7 @@ where
                 headers.push((CORRELATION_ID.to_owned(), Bytes::from(id.into_bytes())));
             }
             self.agent
-                .deliver(self.value, self.key, self.partition, headers)
+                .deliver(self.value, self.key, self.partition, headers, true)
                 .await
         }
         .boxed()
@@ -436,7 +442,7 @@ where
             let headers = request_headers(&rt.reply_topic, &id);
             if let Err(e) = self
                 .agent
-                .deliver(self.value, self.key, self.partition, headers)
+                .deliver(self.value, self.key, self.partition, headers, false)
                 .await
             {
                 rt.replies.cancel(&id);

@@ -86,7 +86,7 @@ where
 {
     fn deliver(&self, value: R) -> BoxFuture<'_, Result<(), BoxError>> {
         async move {
-            self.0.send(value.into()).await?;
+            self.0.enqueue_value(value.into()).await?;
             Ok(())
         }
         .boxed()
@@ -142,7 +142,7 @@ where
 {
     fn deliver(&self, value: R) -> BoxFuture<'_, Result<(), BoxError>> {
         async move {
-            self.0.cast(value).await?;
+            self.0.deliver(value, None, None, Vec::new(), false).await?;
             Ok(())
         }
         .boxed()

@@ -123,7 +123,7 @@ impl MemoryBroker {
         static NAMED: OnceLock<Mutex<HashMap<String, Arc<MemoryBroker>>>> = OnceLock::new();
         lock(NAMED.get_or_init(Default::default))
             .entry(name.to_owned())
-            .or_insert_with(MemoryBroker::new)
+            .or_default()
             .clone()
     }
 
@@ -394,6 +394,11 @@ impl Transport for MemoryTransport {
         record: OutgoingRecord,
     ) -> BoxFuture<'_, Result<RecordPosition, TransportError>> {
         let r = self.broker.append(record);
+        async move { r }.boxed()
+    }
+
+    fn enqueue(&self, record: OutgoingRecord) -> BoxFuture<'_, Result<(), TransportError>> {
+        let r = self.broker.append(record).map(|_| ());
         async move { r }.boxed()
     }
 

@@ -11,6 +11,8 @@ use futures::future::BoxFuture;
 use std::fmt;
 use std::sync::Arc;
 
+#[cfg(feature = "kafka")]
+pub(crate) mod kafka;
 pub(crate) mod memory;
 
 #[doc(inline)]
@@ -148,7 +150,11 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
     fn send(&self, record: OutgoingRecord)
         -> BoxFuture<'_, Result<RecordPosition, TransportError>>;
 
-    /// Waits until every record sent so far is durable in the log.
+    /// Queues a record without waiting for the log to acknowledge it; it is durable once
+    /// [`flush`](Transport::flush) returns. Failures are reported by the next flush.
+    fn enqueue(&self, record: OutgoingRecord) -> BoxFuture<'_, Result<(), TransportError>>;
+
+    /// Waits until every record sent or queued so far is durable in the log.
     fn flush(&self) -> BoxFuture<'_, Result<(), TransportError>>;
 
     /// A consumer in the consumer group `group`. It receives partitions once it subscribes.

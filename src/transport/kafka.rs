@@ -1,0 +1,891 @@
+//! The Kafka transport, on librdkafka (through `rdkafka`).
+//!
+//! - One consumer per worker joins the app's consumer group. It is polled on a thread of its
+//!   own, which hands batches of records and rebalances to the dispatcher through a bounded
+//!   channel; rebalance callbacks only hand work over. When partitions are revoked, the
+//!   callback waits (bounded) until the dispatcher has committed what was processed of them,
+//!   so a graceful rebalance does not hand processed records to another worker.
+//! - Assignment strategy: `range` by default. It gives partition `p` of every topic the app
+//!   reads with the same partition count to the same worker (co-partitioning), which tables
+//!   and joins over several topics rely on. `cooperative-sticky` (set
+//!   `partition.assignment.strategy` in the Kafka settings) avoids stop-the-world rebalances but
+//!   does not co-partition.
+//! - The producer is shared by the worker. Records sent on behalf of agents are queued
+//!   without waiting for each acknowledgement; before offsets are committed the producer is
+//!   flushed, so no input is committed before its outputs are durable.
+//! - rill picks partitions itself (murmur2 of the key, as Kafka's Java client), so librdkafka's
+//!   own partitioner is never used.
+
+use super::{
+    Consumer, ConsumerEvent, Message, OutgoingRecord, RecordPosition, StartAt, TopicPartition,
+    TopicSpec, Transport,
+};
+use crate::error::TransportError;
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Headers as _, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::{ClientContext, Message as _};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+/// How long start-up waits for the brokers to answer.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Timeout of metadata and admin requests.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a CreateTopics request may take before the brokers are taken not to support it.
+const CREATE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most records the poll thread hands over at once.
+const MAX_BATCH: usize = 500;
+
+fn err(e: impl fmt::Display) -> TransportError {
+    TransportError::Other(e.to_string())
+}
+
+/// Settings common to every client: brokers, then the user's pass-through settings.
+#[derive(Clone)]
+pub(crate) struct KafkaConfig {
+    brokers: String,
+    extra: BTreeMap<String, String>,
+}
+
+impl fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Values may be secrets (SASL passwords, keys): only their names are shown.
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("settings", &self.extra.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl KafkaConfig {
+    /// Parses `kafka://host:port[,host:port]` and merges settings from the app and from
+    /// `RILL_KAFKA_*` environment variables (`RILL_KAFKA_SASL_USERNAME` → `sasl.username`).
+    pub(crate) fn from_url(
+        url: &str,
+        settings: &BTreeMap<String, String>,
+    ) -> Result<Self, TransportError> {
+        let rest = url
+            .strip_prefix("kafka://")
+            .ok_or_else(|| TransportError::UnsupportedUrl(url.to_owned()))?;
+        let hosts: Vec<&str> = rest
+            .split(',')
+            .map(|h| {
+                h.trim()
+                    .trim_start_matches("kafka://")
+                    .trim_end_matches('/')
+            })
+            .filter(|h| !h.is_empty())
+            .collect();
+        if hosts.is_empty() {
+            return Err(TransportError::UnsupportedUrl(url.to_owned()));
+        }
+        let mut extra = settings.clone();
+        for (k, v) in std::env::vars() {
+            if let Some(name) = k.strip_prefix("RILL_KAFKA_") {
+                extra.insert(name.to_ascii_lowercase().replace('_', "."), v);
+            }
+        }
+        Ok(Self {
+            brokers: hosts.join(","),
+            extra,
+        })
+    }
+
+    fn client(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers)
+            .set("allow.auto.create.topics", "false")
+            .set_log_level(RDKafkaLogLevel::Warning);
+        for (k, v) in &self.extra {
+            c.set(k, v);
+        }
+        c
+    }
+}
+
+/// Routes librdkafka's logs and errors to `tracing`.
+#[derive(Clone, Default)]
+struct Ctx;
+
+impl ConsumerContext for Ctx {}
+
+impl ClientContext for Ctx {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error => tracing::error!(target: "rill::kafka", fac, "{message}"),
+            RDKafkaLogLevel::Warning => tracing::warn!(target: "rill::kafka", fac, "{message}"),
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+                tracing::info!(target: "rill::kafka", fac, "{message}")
+            }
+            RDKafkaLogLevel::Debug => tracing::debug!(target: "rill::kafka", fac, "{message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(target: "rill::kafka", error = %error, "{reason}");
+    }
+}
+
+type DeliveryTx = oneshot::Sender<Result<RecordPosition, TransportError>>;
+
+/// Reports deliveries: to the sender that waits for one, and failures to the log.
+struct ProducerCtx {
+    failures: Arc<AtomicU64>,
+    last_failure: Arc<Mutex<Option<String>>>,
+}
+
+impl ClientContext for ProducerCtx {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        Ctx.log(level, fac, message)
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        Ctx.error(error, reason)
+    }
+}
+
+impl ProducerContext for ProducerCtx {
+    type DeliveryOpaque = Box<Option<DeliveryTx>>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, opaque: Self::DeliveryOpaque) {
+        let outcome = match result {
+            Ok(m) => Ok(RecordPosition {
+                partition: m.partition() as u32,
+                offset: m.offset(),
+            }),
+            Err((e, m)) => {
+                let text = format!(
+                    "cannot deliver a record to {}[{}]: {e}",
+                    m.topic(),
+                    m.partition()
+                );
+                tracing::error!(target: "rill::kafka", "{text}");
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(text.clone());
+                Err(TransportError::Other(text))
+            }
+        };
+        if let Some(tx) = *opaque {
+            let _ = tx.send(outcome);
+        }
+    }
+}
+
+struct Inner {
+    config: KafkaConfig,
+    producer: ThreadedProducer<ProducerCtx>,
+    admin: AdminClient<DefaultClientContext>,
+    failures: Arc<AtomicU64>,
+    last_failure: Arc<Mutex<Option<String>>>,
+    /// Delivery failures already reported by a flush.
+    reported_failures: AtomicU64,
+    /// Set when the brokers do not answer CreateTopics (librdkafka's mock cluster, some
+    /// proxies): topics are then created by a metadata request, with the broker's defaults.
+    no_create_topics: AtomicBool,
+}
+
+/// The Kafka transport: one producer and an admin client, and consumers on demand.
+#[derive(Clone)]
+pub(crate) struct KafkaTransport {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for KafkaTransport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaTransport")
+            .field("config", &self.inner.config)
+            .finish()
+    }
+}
+
+/// Runs a blocking librdkafka call off the async threads.
+async fn blocking<R: Send + 'static>(
+    inner: &Arc<Inner>,
+    f: impl FnOnce(&Inner) -> R + Send + 'static,
+) -> Result<R, TransportError> {
+    let inner = inner.clone();
+    tokio::task::spawn_blocking(move || f(&inner))
+        .await
+        .map_err(|e| err(format!("blocking Kafka call failed: {e}")))
+}
+
+/// Partition count of `topic`, or `None` when it does not exist. With `auto_create`, the
+/// request asks the broker to create a missing topic with its default settings.
+fn partitions_of(inner: &Inner, topic: &str) -> Result<Option<u32>, TransportError> {
+    lookup(inner, topic, false)
+}
+
+fn lookup(inner: &Inner, topic: &str, auto_create: bool) -> Result<Option<u32>, TransportError> {
+    let md = if auto_create {
+        inner
+            .producer
+            .client()
+            .fetch_metadata(Some(topic), REQUEST_TIMEOUT)
+    } else {
+        inner
+            .admin
+            .inner()
+            .fetch_metadata(Some(topic), REQUEST_TIMEOUT)
+    }
+    .map_err(|e| err(format!("cannot read metadata of topic {topic:?}: {e}")))?;
+    let Some(t) = md.topics().iter().find(|t| t.name() == topic) else {
+        return Ok(None);
+    };
+    match t.error() {
+        None if !t.partitions().is_empty() => Ok(Some(t.partitions().len() as u32)),
+        None => Ok(None),
+        Some(code) => {
+            let code: RDKafkaErrorCode = code.into();
+            if code == RDKafkaErrorCode::UnknownTopicOrPartition
+                || code == RDKafkaErrorCode::UnknownTopic
+                || code == RDKafkaErrorCode::LeaderNotAvailable
+            {
+                Ok(None)
+            } else {
+                Err(err(format!("metadata of topic {topic:?}: {code}")))
+            }
+        }
+    }
+}
+
+impl KafkaTransport {
+    /// Connects, failing with a clear error when no broker answers within 10 s.
+    pub(crate) async fn connect(config: KafkaConfig) -> Result<Self, TransportError> {
+        let failures = Arc::new(AtomicU64::new(0));
+        let last_failure = Arc::new(Mutex::new(None));
+        let mut pc = config.client();
+        pc.set("allow.auto.create.topics", "true")
+            .set("enable.idempotence", "false")
+            .set("linger.ms", "5")
+            .set("max.in.flight.requests.per.connection", "1");
+        for (k, v) in &config.extra {
+            pc.set(k, v);
+        }
+        let producer: ThreadedProducer<ProducerCtx> = pc
+            .create_with_context(ProducerCtx {
+                failures: failures.clone(),
+                last_failure: last_failure.clone(),
+            })
+            .map_err(|e| err(format!("cannot create Kafka producer: {e}")))?;
+        let admin: AdminClient<DefaultClientContext> = config
+            .client()
+            .create()
+            .map_err(|e| err(format!("cannot create Kafka admin client: {e}")))?;
+        let brokers = config.brokers.clone();
+        let inner = Arc::new(Inner {
+            config,
+            producer,
+            admin,
+            failures,
+            last_failure,
+            reported_failures: AtomicU64::new(0),
+            no_create_topics: AtomicBool::new(false),
+        });
+        let reached = blocking(&inner, |i| {
+            i.producer
+                .client()
+                .fetch_metadata(None, CONNECT_TIMEOUT)
+                .map(|m| m.brokers().len())
+        })
+        .await?;
+        match reached {
+            Ok(_) => Ok(Self { inner }),
+            Err(e) => Err(err(format!(
+                "cannot reach Kafka at {brokers} within {CONNECT_TIMEOUT:?}: {e}"
+            ))),
+        }
+    }
+
+    fn record<'a>(
+        record: &'a OutgoingRecord,
+        opaque: Box<Option<DeliveryTx>>,
+    ) -> BaseRecord<'a, [u8], [u8], Box<Option<DeliveryTx>>> {
+        let mut r =
+            BaseRecord::with_opaque_to(&record.topic, opaque).partition(record.partition as i32);
+        if let Some(k) = &record.key {
+            r = r.key(&k[..]);
+        }
+        if let Some(v) = &record.value {
+            r = r.payload(&v[..]);
+        }
+        if let Some(ts) = record.timestamp {
+            r = r.timestamp(ts);
+        }
+        if !record.headers.is_empty() {
+            let mut h = OwnedHeaders::new_with_capacity(record.headers.len());
+            for (k, v) in &record.headers {
+                h = h.insert(Header {
+                    key: k,
+                    value: Some(&v[..]),
+                });
+            }
+            r = r.headers(h);
+        }
+        r
+    }
+
+    /// Creates a topic by asking for its metadata with auto-creation allowed.
+    async fn auto_create(&self, spec: TopicSpec) -> Result<u32, TransportError> {
+        let name = spec.name.clone();
+        match blocking(&self.inner, move |i| lookup(i, &name, true)).await?? {
+            Some(actual) => check_partitions(&spec, actual),
+            None => {
+                // The first request may only trigger creation; ask once more.
+                let name = spec.name.clone();
+                let found = blocking(&self.inner, move |i| {
+                    std::thread::sleep(Duration::from_millis(100));
+                    lookup(i, &name, true)
+                })
+                .await??;
+                match found {
+                    Some(actual) => check_partitions(&spec, actual),
+                    None => Err(err(format!("cannot create topic {:?}", spec.name))),
+                }
+            }
+        }
+    }
+
+    /// Queues a record, waiting while librdkafka's queue is full.
+    async fn produce(
+        &self,
+        record: OutgoingRecord,
+        tx: Option<DeliveryTx>,
+    ) -> Result<(), TransportError> {
+        let mut opaque = Box::new(tx);
+        loop {
+            match self.inner.producer.send(Self::record(&record, opaque)) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    opaque = r.delivery_opaque;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((e, _)) => {
+                    return Err(err(format!(
+                        "cannot send to {}[{}]: {e}",
+                        record.topic, record.partition
+                    )))
+                }
+            }
+        }
+    }
+}
+
+impl Transport for KafkaTransport {
+    fn kind(&self) -> &'static str {
+        "kafka"
+    }
+
+    fn ensure_topic(&self, spec: TopicSpec) -> BoxFuture<'_, Result<u32, TransportError>> {
+        async move {
+            let inner = self.inner.clone();
+            let name = spec.name.clone();
+            if let Some(actual) = blocking(&inner, move |i| partitions_of(i, &name)).await?? {
+                return check_partitions(&spec, actual);
+            }
+            let mut topic = NewTopic::new(
+                &spec.name,
+                spec.partitions as i32,
+                TopicReplication::Fixed(i32::from(spec.replication_factor)),
+            );
+            if spec.compacted {
+                topic = topic.set("cleanup.policy", "compact");
+            }
+            if self.inner.no_create_topics.load(Ordering::Relaxed) {
+                return self.auto_create(spec).await;
+            }
+            let opts = AdminOptions::new()
+                .operation_timeout(Some(REQUEST_TIMEOUT))
+                .request_timeout(Some(CREATE_TIMEOUT));
+            let results = match self.inner.admin.create_topics([&topic], &opts).await {
+                Ok(r) => r,
+                Err(KafkaError::AdminOp(RDKafkaErrorCode::OperationTimedOut)) => {
+                    tracing::warn!(
+                        topic = %spec.name,
+                        "the brokers do not answer CreateTopics; creating topics through \
+                         metadata requests with the broker's default settings"
+                    );
+                    self.inner.no_create_topics.store(true, Ordering::Relaxed);
+                    return self.auto_create(spec).await;
+                }
+                Err(e) => return Err(err(format!("cannot create topic {:?}: {e}", spec.name))),
+            };
+            for r in results {
+                match r {
+                    Ok(_) => {}
+                    Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                    Err((name, code)) => {
+                        return Err(err(format!("cannot create topic {name:?}: {code}")))
+                    }
+                }
+            }
+            // Wait (bounded) until the new topic shows in metadata with its partitions.
+            let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+            loop {
+                let name = spec.name.clone();
+                if let Some(actual) = blocking(&inner, move |i| partitions_of(i, &name)).await?? {
+                    return check_partitions(&spec, actual);
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(err(format!(
+                        "topic {:?} was created but does not show in metadata",
+                        spec.name
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        .boxed()
+    }
+
+    fn partition_count(&self, topic: &str) -> BoxFuture<'_, Result<Option<u32>, TransportError>> {
+        let topic = topic.to_owned();
+        async move { blocking(&self.inner, move |i| partitions_of(i, &topic)).await? }.boxed()
+    }
+
+    fn send(
+        &self,
+        record: OutgoingRecord,
+    ) -> BoxFuture<'_, Result<RecordPosition, TransportError>> {
+        async move {
+            let (tx, rx) = oneshot::channel();
+            self.produce(record, Some(tx)).await?;
+            rx.await
+                .map_err(|_| err("the producer stopped before the record was delivered"))?
+        }
+        .boxed()
+    }
+
+    fn enqueue(&self, record: OutgoingRecord) -> BoxFuture<'_, Result<(), TransportError>> {
+        self.produce(record, None).boxed()
+    }
+
+    fn flush(&self) -> BoxFuture<'_, Result<(), TransportError>> {
+        async move {
+            blocking(&self.inner, |i| i.producer.flush(Duration::from_secs(60)))
+                .await?
+                .map_err(|e| err(format!("cannot flush the producer: {e}")))?;
+            let failures = self.inner.failures.load(Ordering::Relaxed);
+            let reported = self
+                .inner
+                .reported_failures
+                .swap(failures, Ordering::Relaxed);
+            if failures > reported {
+                let last = self
+                    .inner
+                    .last_failure
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone()
+                    .unwrap_or_default();
+                return Err(err(format!(
+                    "{} record(s) could not be delivered; last: {last}",
+                    failures - reported
+                )));
+            }
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn group_consumer(&self, group: &str) -> Result<Box<dyn Consumer>, TransportError> {
+        let mut c = self.inner.config.client();
+        c.set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("partition.assignment.strategy", "range")
+            // Brokers answer a fetch as soon as data arrives; the cap bounds latency on
+            // brokers that hold fetches for the whole wait (the mock cluster does).
+            .set("fetch.wait.max.ms", "20")
+            .set("isolation.level", "read_committed");
+        for (k, v) in &self.inner.config.extra {
+            c.set(k, v);
+        }
+        KafkaConsumer::new(c, Some(group.to_owned())).map(|c| Box::new(c) as Box<dyn Consumer>)
+    }
+
+    fn topic_consumer(
+        &self,
+        topic: &str,
+        start: StartAt,
+    ) -> BoxFuture<'_, Result<Box<dyn Consumer>, TransportError>> {
+        let topic = topic.to_owned();
+        async move {
+            let mut c = self.inner.config.client();
+            c.set("group.id", format!("rill-reader-{}", std::process::id()))
+                .set("enable.auto.commit", "false")
+                .set("fetch.wait.max.ms", "20")
+                .set("isolation.level", "read_committed");
+            for (k, v) in &self.inner.config.extra {
+                c.set(k, v);
+            }
+            let consumer = KafkaConsumer::new(c, None)?;
+            let t = topic.clone();
+            let tpl = blocking(&self.inner, move |i| -> Result<_, TransportError> {
+                let n =
+                    partitions_of(i, &t)?.ok_or_else(|| TransportError::UnknownTopic(t.clone()))?;
+                let mut tpl = TopicPartitionList::new();
+                for p in 0..n as i32 {
+                    let offset = match start {
+                        StartAt::Earliest => Offset::Beginning,
+                        StartAt::Latest => {
+                            let (_, high) = i
+                                .producer
+                                .client()
+                                .fetch_watermarks(&t, p, REQUEST_TIMEOUT)
+                                .map_err(|e| {
+                                    err(format!("cannot read offsets of {t}[{p}]: {e}"))
+                                })?;
+                            Offset::Offset(high)
+                        }
+                    };
+                    tpl.add_partition_offset(&t, p, offset).map_err(err)?;
+                }
+                Ok(tpl)
+            })
+            .await??;
+            consumer.assign(&tpl)?;
+            Ok(Box::new(consumer) as Box<dyn Consumer>)
+        }
+        .boxed()
+    }
+
+    fn committed(
+        &self,
+        group: &str,
+    ) -> BoxFuture<'_, Result<Vec<(TopicPartition, i64)>, TransportError>> {
+        let group = group.to_owned();
+        async move {
+            let mut c = self.inner.config.client();
+            c.set("group.id", &group).set("enable.auto.commit", "false");
+            blocking(&self.inner, move |i| {
+                let consumer: BaseConsumer<Ctx> = c.create_with_context(Ctx).map_err(err)?;
+                let md = i
+                    .producer
+                    .client()
+                    .fetch_metadata(None, REQUEST_TIMEOUT)
+                    .map_err(err)?;
+                let mut tpl = TopicPartitionList::new();
+                for t in md.topics() {
+                    for p in t.partitions() {
+                        tpl.add_partition(t.name(), p.id());
+                    }
+                }
+                let committed = consumer
+                    .committed_offsets(tpl, REQUEST_TIMEOUT)
+                    .map_err(err)?;
+                Ok(committed
+                    .elements()
+                    .iter()
+                    .filter_map(|e| match e.offset() {
+                        Offset::Offset(o) => {
+                            Some((TopicPartition::new(e.topic(), e.partition() as u32), o))
+                        }
+                        _ => None,
+                    })
+                    .collect())
+            })
+            .await?
+        }
+        .boxed()
+    }
+}
+
+fn check_partitions(spec: &TopicSpec, actual: u32) -> Result<u32, TransportError> {
+    if actual != spec.partitions {
+        return Err(TransportError::PartitionMismatch {
+            topic: spec.name.clone(),
+            declared: spec.partitions,
+            actual,
+        });
+    }
+    Ok(actual)
+}
+
+/// What the poll thread hands to the consumer.
+enum Polled {
+    Event(ConsumerEvent),
+    /// Partitions are being revoked; the callback waits on the sender until they are committed.
+    Revoking(Vec<TopicPartition>, std::sync::mpsc::SyncSender<()>),
+    Error(TransportError),
+}
+
+/// Forwards rebalances from librdkafka's callbacks to the dispatcher.
+struct GroupCtx {
+    events: mpsc::Sender<Polled>,
+    revoke_timeout: Duration,
+}
+
+impl ClientContext for GroupCtx {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        Ctx.log(level, fac, message)
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        Ctx.error(error, reason)
+    }
+}
+
+fn tps(list: &TopicPartitionList) -> Vec<TopicPartition> {
+    list.elements()
+        .iter()
+        .map(|e| TopicPartition::new(e.topic(), e.partition() as u32))
+        .collect()
+}
+
+impl ConsumerContext for GroupCtx {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(list) = rebalance {
+            let revoked = tps(list);
+            if revoked.is_empty() {
+                return;
+            }
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
+            if self
+                .events
+                .blocking_send(Polled::Revoking(revoked, tx))
+                .is_ok()
+                && rx.recv_timeout(self.revoke_timeout).is_err()
+            {
+                tracing::warn!(
+                    "revoked partitions were not committed within {:?}",
+                    self.revoke_timeout
+                );
+            }
+        }
+    }
+
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(list) => {
+                let assigned = tps(list);
+                if !assigned.is_empty() {
+                    let _ = self
+                        .events
+                        .blocking_send(Polled::Event(ConsumerEvent::Assigned(assigned)));
+                }
+            }
+            Rebalance::Error(e) => {
+                let _ = self
+                    .events
+                    .blocking_send(Polled::Error(err(format!("rebalance failed: {e}"))));
+            }
+            Rebalance::Revoke(_) => {}
+        }
+    }
+}
+
+/// A Kafka consumer polled on a thread of its own.
+struct KafkaConsumer {
+    consumer: Arc<BaseConsumer<GroupCtx>>,
+    group: Option<String>,
+    events: mpsc::Receiver<Polled>,
+    tx: Option<mpsc::Sender<Polled>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// Releases the revocation callback once the revoked partitions are committed.
+    revoking: Option<std::sync::mpsc::SyncSender<()>>,
+}
+
+impl fmt::Debug for KafkaConsumer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaConsumer")
+            .field("group", &self.group)
+            .finish()
+    }
+}
+
+impl KafkaConsumer {
+    fn new(config: ClientConfig, group: Option<String>) -> Result<Self, TransportError> {
+        let (tx, events) = mpsc::channel(8);
+        let consumer: BaseConsumer<GroupCtx> = config
+            .create_with_context(GroupCtx {
+                events: tx.clone(),
+                revoke_timeout: Duration::from_secs(30),
+            })
+            .map_err(|e| err(format!("cannot create Kafka consumer: {e}")))?;
+        Ok(Self {
+            consumer: Arc::new(consumer),
+            group,
+            events,
+            tx: Some(tx),
+            stop: Arc::new(AtomicBool::new(false)),
+            thread: None,
+            revoking: None,
+        })
+    }
+
+    fn assign(&self, tpl: &TopicPartitionList) -> Result<(), TransportError> {
+        self.consumer
+            .assign(tpl)
+            .map_err(|e| err(format!("cannot assign partitions: {e}")))
+    }
+
+    /// Starts the poll thread (once).
+    fn start(&mut self) -> Result<(), TransportError> {
+        let Some(tx) = self.tx.take() else {
+            return Ok(());
+        };
+        let consumer = self.consumer.clone();
+        let stop = self.stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("rill-kafka-poll".into())
+            .spawn(move || poll_loop(consumer, tx, stop))
+            .map_err(|e| err(format!("cannot start the Kafka poll thread: {e}")))?;
+        self.thread = Some(thread);
+        Ok(())
+    }
+
+    fn release_revocation(&mut self) {
+        if let Some(tx) = self.revoking.take() {
+            let _ = tx.try_send(());
+        }
+    }
+}
+
+fn owned(m: &rdkafka::message::BorrowedMessage<'_>) -> Message {
+    let headers = m
+        .headers()
+        .map(|h| {
+            h.iter()
+                .map(|h| {
+                    (
+                        h.key.to_owned(),
+                        Bytes::copy_from_slice(h.value.unwrap_or_default()),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Message {
+        topic: Arc::from(m.topic()),
+        partition: m.partition() as u32,
+        offset: m.offset(),
+        timestamp: m.timestamp().to_millis().unwrap_or(0),
+        key: m.key().map(Bytes::copy_from_slice),
+        value: m.payload().map(Bytes::copy_from_slice),
+        headers,
+    }
+}
+
+fn poll_loop(
+    consumer: Arc<BaseConsumer<GroupCtx>>,
+    tx: mpsc::Sender<Polled>,
+    stop: Arc<AtomicBool>,
+) {
+    let mut batch = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                batch.push(owned(&m));
+                while batch.len() < MAX_BATCH {
+                    match consumer.poll(Duration::ZERO) {
+                        Some(Ok(m)) => batch.push(owned(&m)),
+                        Some(Err(e)) => {
+                            tracing::warn!(target: "rill::kafka", error = %e, "consumer error");
+                            break;
+                        }
+                        None => break,
+                    }
+                }
+            }
+            Some(Err(e)) => {
+                tracing::warn!(target: "rill::kafka", error = %e, "consumer error");
+            }
+            None => {}
+        }
+        if !batch.is_empty() {
+            let msgs = std::mem::take(&mut batch);
+            if tx
+                .blocking_send(Polled::Event(ConsumerEvent::Messages(msgs)))
+                .is_err()
+            {
+                break;
+            }
+        }
+    }
+    // Dropping the last handle here closes the consumer on this thread, where its
+    // callbacks may block.
+    drop(tx);
+    drop(consumer);
+}
+
+impl Consumer for KafkaConsumer {
+    fn subscribe(&mut self, topics: &[String]) -> Result<(), TransportError> {
+        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+        self.consumer
+            .subscribe(&names)
+            .map_err(|e| err(format!("cannot subscribe to {topics:?}: {e}")))?;
+        self.start()
+    }
+
+    fn poll(&mut self) -> BoxFuture<'_, Result<ConsumerEvent, TransportError>> {
+        async move {
+            self.release_revocation();
+            if self.thread.is_none() {
+                self.start()?;
+            }
+            match self.events.recv().await {
+                Some(Polled::Event(e)) => Ok(e),
+                Some(Polled::Revoking(tps, ack)) => {
+                    self.revoking = Some(ack);
+                    Ok(ConsumerEvent::Revoked(tps))
+                }
+                Some(Polled::Error(e)) => Err(e),
+                None => Err(err("the Kafka poll thread stopped")),
+            }
+        }
+        .boxed()
+    }
+
+    fn commit(
+        &mut self,
+        offsets: Vec<(TopicPartition, i64)>,
+    ) -> BoxFuture<'_, Result<(), TransportError>> {
+        async move {
+            let mut tpl = TopicPartitionList::new();
+            for (tp, o) in &offsets {
+                tpl.add_partition_offset(&tp.topic, tp.partition as i32, Offset::Offset(*o))
+                    .map_err(err)?;
+            }
+            let consumer = self.consumer.clone();
+            let result =
+                tokio::task::spawn_blocking(move || consumer.commit(&tpl, CommitMode::Sync))
+                    .await
+                    .map_err(|e| err(format!("commit task failed: {e}")))?
+                    .map_err(|e| err(format!("commit failed: {e}")));
+            self.release_revocation();
+            result
+        }
+        .boxed()
+    }
+}
+
+impl Drop for KafkaConsumer {
+    fn drop(&mut self) {
+        self.release_revocation();
+        self.stop.store(true, Ordering::Relaxed);
+        // Unblock a callback waiting to hand an event over.
+        self.events.close();
+        if let Some(t) = self.thread.take() {
+            // The poll thread notices `stop` within one poll interval.
+            let _ = t.join();
+        }
+    }
+}
