@@ -38,11 +38,7 @@ fn payloads() -> Vec<(Bytes, Bytes)> {
     (0..EVENTS)
         .map(|i| {
             let key = Bytes::from(format!("k{}", i % 1000));
-            let value = serde_json::to_vec(&Add {
-                a: i as i64,
-                b: 1,
-            })
-            .expect("encode");
+            let value = serde_json::to_vec(&Add { a: i as i64, b: 1 }).expect("encode");
             (key, Bytes::from(value))
         })
         .collect()
@@ -149,7 +145,10 @@ async fn bare_round_trips() -> Vec<Duration> {
 
 async fn rill_round_trips() -> Vec<Duration> {
     let app = App::new("bench-ask");
-    let topic = app.topic("adding").value_type::<Add>().partitions(PARTITIONS);
+    let topic = app
+        .topic("adding")
+        .value_type::<Add>()
+        .partitions(PARTITIONS);
     let adding = app.agent(adding).channel(&topic);
     let worker = app.start().await.expect("start");
     let mut out = Vec::with_capacity(ASKS);
@@ -221,6 +220,10 @@ fn main() {
         println!("ask round trip, {ASKS} sequential asks (median of 3 runs):");
         println!("  bare request/reply between tasks: p50 {b50:>8.1} µs   p99 {b99:>8.1} µs");
         println!("  rill adding.ask (embedded):       p50 {r50:>8.1} µs   p99 {r99:>8.1} µs");
-        println!("  ratio rill / bare: p50 {:.1}x   p99 {:.1}x", r50 / b50, r99 / b99);
+        println!(
+            "  ratio rill / bare: p50 {:.1}x   p99 {:.1}x",
+            r50 / b50,
+            r99 / b99
+        );
     });
 }

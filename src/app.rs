@@ -249,6 +249,20 @@ impl App {
         self.start_with(true).await
     }
 
+    /// Starts only what sending and asking need, without running this app's agents: for
+    /// programs that talk to workers running elsewhere (on Kafka). On the embedded transport
+    /// nobody else runs the agents, so use [`start`](App::start) there; see
+    /// [`is_embedded`](App::is_embedded).
+    pub async fn start_client(&self) -> Result<Worker> {
+        self.start_with(false).await
+    }
+
+    /// Whether the app runs on the embedded transport (`memory://`), where every agent runs
+    /// in this process.
+    pub fn is_embedded(&self) -> bool {
+        self.core.settings().broker.starts_with("memory:")
+    }
+
     /// Starts the app; `run_agents = false` starts only what sending and asking need.
     pub(crate) async fn start_with(&self, run_agents: bool) -> Result<Worker> {
         if self.core.runtime().is_ok() {

@@ -133,6 +133,13 @@ impl App {
             let broker = broker.clone();
             self.configure(|s| s.broker = broker);
         }
+        if tokio::runtime::Handle::try_current().is_ok() {
+            return Err(Error::Config(
+                "App::main starts its own async runtime: call it from a plain `fn main`, not \
+                 from `#[tokio::main]` or another async context"
+                    .into(),
+            ));
+        }
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
@@ -153,8 +160,7 @@ impl App {
             .ok_or_else(|| Error::Config(format!("unknown command {name:?}")))?;
         let sub = sub.clone();
         runtime.block_on(async move {
-            let embedded = self.settings().broker.starts_with("memory:");
-            let worker = self.start_with(embedded).await?;
+            let worker = self.start_with(self.is_embedded()).await?;
             let result = match command.run(&sub) {
                 Ok(fut) => fut.await.map_err(|source| Error::Command {
                     command: name.to_owned(),
@@ -191,6 +197,7 @@ fn init_logging(level: &str) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .try_init();
 }

@@ -80,5 +80,6 @@ pub mod prelude {
     pub use crate::{
         field, stream, Agent, App, AsyncIterable, Channel, Event, GroupBy, Settings, Stream, Topic,
     };
+    pub use futures::StreamExt;
     pub use serde::{Deserialize, Serialize};
 }
