@@ -21,6 +21,9 @@ struct State {
     pending: VecDeque<(i64, u32)>,
     /// Next offset to commit when nothing is pending.
     done_until: i64,
+    /// Set when the worker gave up waiting for its agents: later acks must not move the
+    /// commit past events that were not processed.
+    frozen: bool,
 }
 
 impl fmt::Debug for PartitionTracker {
@@ -41,6 +44,7 @@ impl PartitionTracker {
             state: Mutex::new(State {
                 pending: VecDeque::new(),
                 done_until: -1,
+                frozen: false,
             }),
         })
     }
@@ -62,6 +66,9 @@ impl PartitionTracker {
     /// One receiver is done with `offset`.
     pub(crate) fn ack(&self, offset: i64) {
         let mut s = self.state();
+        if s.frozen {
+            return;
+        }
         let Ok(i) = s.pending.binary_search_by_key(&offset, |e| e.0) else {
             return;
         };
@@ -71,6 +78,16 @@ impl PartitionTracker {
             s.pending.pop_front();
             s.done_until = o + 1;
         }
+    }
+
+    /// Ignores every later ack: what is committable stays what it is now.
+    pub(crate) fn freeze(&self) {
+        self.state().frozen = true;
+    }
+
+    /// Whether no record handed out is still being processed.
+    pub(crate) fn is_idle(&self) -> bool {
+        self.state().pending.is_empty()
     }
 
     /// The offset to commit: every record below it that this tracker saw has been processed

@@ -2,7 +2,7 @@
 
 use crate::app::App;
 use crate::error::{BoxError, Error, Result};
-use crate::worker::Worker;
+use crate::worker::Signals;
 use clap::{Arg, ArgMatches};
 use futures::future::BoxFuture;
 use futures::FutureExt;
@@ -174,6 +174,10 @@ impl App {
     }
 
     async fn run_worker(&self, level: &str) -> Result<()> {
+        // Listen before anything else: a signal sent once the banner shows must stop the
+        // worker cleanly, not kill it.
+        let mut signals =
+            Signals::new().map_err(|e| Error::Config(format!("cannot listen for signals: {e}")))?;
         let worker = self.start().await?;
         let s = self.settings();
         println!("┌ rill {} worker", env!("CARGO_PKG_VERSION"));
@@ -183,7 +187,7 @@ impl App {
         println!("│ loglevel   {level}");
         println!("│ guarantee  {:?}", s.processing_guarantee);
         println!("└ ready (Ctrl-C or SIGTERM stops the worker)");
-        Worker::wait_for_signal().await;
+        signals.recv().await;
         worker.shutdown().await
     }
 }

@@ -53,6 +53,59 @@ pub(crate) struct Item<T> {
     pub(crate) acks: Acks,
 }
 
+/// Deliveries an actor took from a queue but has not handed to its agent yet. They outlive a
+/// failing agent body: the restarted body continues with them, so a failure loses nothing.
+pub(crate) type Buffer = Arc<Mutex<std::collections::VecDeque<Delivery>>>;
+
+/// An actor's buffers, one per queue it reads (its source and internal topics), kept across
+/// restarts of the agent body.
+#[derive(Default)]
+pub(crate) struct Buffers(Mutex<std::collections::HashMap<String, Buffer>>);
+
+impl Buffers {
+    pub(crate) fn get(&self, queue: &str) -> Buffer {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(queue.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    /// Whether every buffer is empty.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .all(|b| b.lock().unwrap_or_else(|e| e.into_inner()).is_empty())
+    }
+}
+
+/// The next delivery of a queue: from the actor's buffer first, else from the next chunk.
+///
+/// # Cancel safety
+///
+/// Cancel safe: a chunk is moved into the buffer as soon as it is received.
+pub(crate) async fn next_delivery(queue: &Queue, buffer: &Buffer) -> Option<Delivery> {
+    if let Some(d) = buffer.lock().unwrap_or_else(|e| e.into_inner()).pop_front() {
+        return Some(d);
+    }
+    let chunk = queue.recv().await.ok()?;
+    let mut b = buffer.lock().unwrap_or_else(|e| e.into_inner());
+    b.extend(chunk);
+    b.pop_front()
+}
+
+/// The deliveries of a queue as a stream, through `buffer`.
+pub(crate) fn deliveries(queue: Queue, buffer: Buffer) -> BoxStream<'static, Delivery> {
+    futures::stream::unfold((queue, buffer), |(queue, buffer)| async move {
+        let d = next_delivery(&queue, &buffer).await?;
+        Some((d, (queue, buffer)))
+    })
+    .boxed()
+}
+
 /// What one agent instance (actor) shares with the streams it iterates.
 pub(crate) struct ActorCtx {
     pub(crate) runtime: Arc<Runtime>,
@@ -63,6 +116,8 @@ pub(crate) struct ActorCtx {
     pub(crate) source_partitions: u32,
     /// Number of actors of the agent.
     pub(crate) concurrency: usize,
+    /// The actor's buffers, which outlive this body.
+    pub(crate) buffers: Arc<Buffers>,
     pub(crate) current: Mutex<Option<Arc<Message>>>,
 }
 
@@ -550,17 +605,19 @@ where
                 return;
             }
         };
+        let buffer = ctx.buffers.get(&spec.name);
         let mut upstream_done = false;
-        loop {
+        let mut relayed_done = false;
+        // Ends when both sides are done: at shutdown the internal queue closes first, and what
+        // is still upstream is forwarded (and read back after a restart).
+        while !(upstream_done && relayed_done) {
             tokio::select! {
                 biased;
-                chunk = rx.recv() => match chunk {
-                    Ok(chunk) => for d in chunk {
-                        if let Some(item) = decode_delivery(&ctx, &*value_codec, d) {
-                            yield item;
-                        }
+                d = next_delivery(&rx, &buffer), if !relayed_done => match d {
+                    Some(d) => if let Some(item) = decode_delivery(&ctx, &*value_codec, d) {
+                        yield item;
                     },
-                    Err(_) => break,
+                    None => relayed_done = true,
                 },
                 item = upstream.next(), if !upstream_done => match item {
                     Some(item) => {

@@ -75,6 +75,7 @@ pub(crate) struct Runtime {
     topics: RwLock<HashMap<String, Arc<TopicMeta>>>,
     control: mpsc::Sender<Control>,
     queues: tokio::sync::Mutex<HashMap<(String, String), Queue>>,
+    actors: Mutex<Vec<tokio::task::AbortHandle>>,
 }
 
 impl fmt::Debug for Runtime {
@@ -105,6 +106,7 @@ impl Runtime {
             topics: RwLock::new(HashMap::new()),
             control,
             queues: tokio::sync::Mutex::new(HashMap::new()),
+            actors: Mutex::new(Vec::new()),
         }
     }
 
@@ -113,6 +115,25 @@ impl Runtime {
         let partitions = self.transport.ensure_topic(spec.clone()).await?;
         self.remember(&spec.name, partitions);
         Ok(partitions)
+    }
+
+    pub(crate) fn track_actor(&self, handle: tokio::task::AbortHandle) {
+        self.actors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(handle);
+    }
+
+    /// Stops every actor where it is.
+    fn abort_actors(&self) {
+        for a in self
+            .actors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            a.abort();
+        }
     }
 
     /// Uses an existing topic with whatever partition count it has.
@@ -365,8 +386,17 @@ impl Dispatcher {
         {
             tracing::warn!(
                 ?timeout,
-                "agents did not finish their in-flight events in time; committing what is done"
+                "agents did not finish their in-flight events in time; stopping them and \
+                 committing what is done"
             );
+            // A stopped worker must not go on processing: after a restart its events are
+            // processed again from the commit. Events dropped by the stopped actors are not
+            // processed, so their acks must not count.
+            for t in self.trackers.values() {
+                t.freeze();
+            }
+            self.rt.abort_actors();
+            self.actors.wait().await;
         }
         self.commit().await;
         // Closing a Kafka consumer blocks while it leaves the group: do it off the async
@@ -396,6 +426,11 @@ impl Dispatcher {
             }
             ConsumerEvent::Revoked(tps) => {
                 tracing::info!(partitions = %list(&tps), "partitions revoked");
+                let trackers = tps
+                    .iter()
+                    .filter_map(|tp| self.trackers.get(tp).cloned())
+                    .collect();
+                finish_in_flight(trackers, self.rt.settings.shutdown_timeout).await;
                 self.commit().await;
                 for tp in &tps {
                     self.trackers.remove(tp);
@@ -476,6 +511,23 @@ impl Dispatcher {
             }
             Err(e) => tracing::warn!(error = %e, "commit failed; will retry"),
         }
+    }
+}
+
+/// Lets the agents finish the events they hold from revoked partitions (bounded), so the
+/// worker taking the partitions over does not process them again.
+async fn finish_in_flight(trackers: Vec<Arc<PartitionTracker>>, timeout: Duration) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while trackers.iter().any(|t| !t.is_idle()) {
+        if tokio::time::Instant::now() >= deadline {
+            let tps: Vec<_> = trackers.iter().map(|t| t.tp.clone()).collect();
+            tracing::warn!(
+                partitions = %list(&tps),
+                "revoked partitions still have events in flight; committing what is done"
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
@@ -568,26 +620,14 @@ impl Worker {
             .unwrap_or(0)
     }
 
-    /// Waits for Ctrl-C or SIGTERM.
+    /// Waits for Ctrl-C or SIGTERM (listening from the moment it is called).
     pub async fn wait_for_signal() {
-        #[cfg(unix)]
-        {
-            use tokio::signal::unix::{signal, SignalKind};
-            match signal(SignalKind::terminate()) {
-                Ok(mut term) => {
-                    tokio::select! {
-                        _ = tokio::signal::ctrl_c() => {}
-                        _ = term.recv() => {}
-                    }
-                }
-                Err(_) => {
-                    let _ = tokio::signal::ctrl_c().await;
-                }
+        match Signals::new() {
+            Ok(mut s) => s.recv().await,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for signals; waiting for Ctrl-C only");
+                let _ = tokio::signal::ctrl_c().await;
             }
-        }
-        #[cfg(not(unix))]
-        {
-            let _ = tokio::signal::ctrl_c().await;
         }
     }
 
@@ -607,6 +647,47 @@ impl Worker {
         self.core.clear_runtime(&self.rt);
         tracing::info!(app = %self.rt.app_id, "worker stopped");
         Ok(flushed?)
+    }
+}
+
+/// Listens for Ctrl-C (SIGINT) and SIGTERM from the moment it is created, so a signal that
+/// arrives early is not lost (or fatal).
+pub(crate) struct Signals {
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    pub(crate) fn new() -> std::io::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(Self {
+                term: signal(SignalKind::terminate())?,
+                int: signal(SignalKind::interrupt())?,
+            })
+        }
+        #[cfg(not(unix))]
+        {
+            Ok(Self {})
+        }
+    }
+
+    /// Waits for the next signal.
+    pub(crate) async fn recv(&mut self) {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = self.term.recv() => {}
+                _ = self.int.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 

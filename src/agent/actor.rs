@@ -3,7 +3,7 @@
 use super::{source_specs, AgentInner, Sink, Source};
 use crate::error::{BoxError, Result};
 use crate::reply::{CORRELATION_ID, REPLY_TO};
-use crate::stream::{decode_delivery, ActorCtx, Item, Queue, Stream};
+use crate::stream::{decode_delivery, deliveries, ActorCtx, Buffers, Item, Queue, Stream};
 use crate::transport::TopicSpec;
 use crate::worker::Runtime;
 use bytes::Bytes;
@@ -71,10 +71,12 @@ where
                 source_partitions,
                 concurrency,
                 queue: queue.clone(),
+                buffers: Arc::new(Buffers::default()),
                 sinks: sinks.clone(),
                 index,
             };
-            actors.spawn(actor.run());
+            let handle = actors.spawn(actor.run());
+            rt.track_actor(handle.abort_handle());
         }
         Ok(())
     }
@@ -89,6 +91,7 @@ struct Actor<T, R, K> {
     source_partitions: u32,
     concurrency: usize,
     queue: Option<Queue>,
+    buffers: Arc<Buffers>,
     sinks: Arc<Vec<Arc<dyn Sink<R>>>>,
     index: usize,
 }
@@ -114,6 +117,7 @@ where
                 source: self.source_name.clone(),
                 source_partitions: self.source_partitions,
                 concurrency: self.concurrency,
+                buffers: self.buffers.clone(),
                 current: Mutex::new(None),
             });
             let stream = self.stream(&ctx);
@@ -176,7 +180,7 @@ where
     /// Whether the source is closed and empty: the worker is stopping.
     fn exhausted(&self) -> bool {
         match (&self.queue, &self.source) {
-            (Some(q), _) => q.is_closed() && q.is_empty(),
+            (Some(q), _) => q.is_closed() && q.is_empty() && self.buffers.is_empty(),
             (None, Source::Channel(c)) => self.rt.stop.is_cancelled() && c.is_empty(),
             (None, Source::Topic(_)) => true,
         }
@@ -188,9 +192,7 @@ where
                 let codec = topic.value_codec.clone();
                 let decode_ctx = ctx.clone();
                 let inner: BoxStream<'static, Item<T>> = match &self.queue {
-                    Some(q) => q
-                        .clone()
-                        .flat_map(futures::stream::iter)
+                    Some(q) => deliveries(q.clone(), self.buffers.get(""))
                         .filter_map(move |d| {
                             std::future::ready(decode_delivery(&decode_ctx, &*codec, d))
                         })

@@ -344,7 +344,7 @@ fn read_from(
 ) -> Vec<Message> {
     let log = read(&part.log);
     let start = (offset.max(0) as usize).min(log.len());
-    let end = log.len().min(start + max);
+    let end = log.len().min(start.saturating_add(max));
     log[start..end]
         .iter()
         .enumerate()

@@ -1,0 +1,225 @@
+//! Helpers shared by the behaviour tests: bounded waits, recorders, and the checks on offsets
+//! and partitions that several areas make.
+//!
+//! Every test file uses only part of this module.
+#![allow(dead_code)]
+
+use rill::transport::{MemoryBroker, TopicPartition};
+use rill::App;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Upper bound for waits on work that normally finishes in milliseconds. Generous, so that a
+/// loaded 2-core machine does not fail a correct run; a broken run fails with a message.
+pub(crate) const WAIT: Duration = Duration::from_secs(30);
+
+/// How often [`wait_until`] looks at its condition.
+const STEP: Duration = Duration::from_millis(5);
+
+/// Waits until `condition` holds, looking every few milliseconds, and fails the test with
+/// `what` if it still does not hold after `timeout`.
+///
+/// Uses `tokio::time`, so under a paused clock (`start_paused = true`) the timeout is virtual.
+pub(crate) async fn wait_until(timeout: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if condition() {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting until {what}");
+        }
+        tokio::time::sleep(STEP).await;
+    }
+}
+
+/// As [`wait_until`], with the state the condition looked at printed on timeout.
+pub(crate) async fn wait_until_state<S: std::fmt::Debug>(
+    timeout: Duration,
+    what: &str,
+    mut state: impl FnMut() -> S,
+    mut condition: impl FnMut(&S) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let s = state();
+        if condition(&s) {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting until {what}; last state: {s:?}");
+        }
+        tokio::time::sleep(STEP).await;
+    }
+}
+
+/// Awaits `fut`, failing the test with `what` if it takes longer than `timeout`.
+pub(crate) async fn within<F: std::future::Future>(
+    timeout: Duration,
+    what: &str,
+    fut: F,
+) -> F::Output {
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(out) => out,
+        Err(_) => panic!("timed out after {timeout:?} waiting for {what}"),
+    }
+}
+
+/// A list that agents, sinks and the test share: agents push what they see, the test reads it.
+#[derive(Debug)]
+pub(crate) struct Recorder<T>(Arc<Mutex<Vec<T>>>);
+
+impl<T> Clone for Recorder<T> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+impl<T> Default for Recorder<T> {
+    fn default() -> Self {
+        Self(Arc::new(Mutex::new(Vec::new())))
+    }
+}
+
+impl<T: Clone> Recorder<T> {
+    pub(crate) fn new() -> Self {
+        Self::default()
+    }
+
+    pub(crate) fn push(&self, value: T) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(value);
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub(crate) fn snapshot(&self) -> Vec<T> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// Murmur2 as Kafka's Java client computes it (`org.apache.kafka.common.utils.Utils.murmur2`),
+/// written out here so the tests do not trust the library's own copy.
+pub(crate) fn java_murmur2(data: &[u8]) -> i32 {
+    let length = data.len() as i32;
+    let seed: i32 = 0x9747_b28c_u32 as i32;
+    let m: i32 = 0x5bd1_e995;
+    let r = 24;
+    let mut h: i32 = seed ^ length;
+    let length4 = length / 4;
+    for i in 0..length4 as usize {
+        let i4 = i * 4;
+        let mut k: i32 = (data[i4] as i32 & 0xff)
+            + ((data[i4 + 1] as i32 & 0xff) << 8)
+            + ((data[i4 + 2] as i32 & 0xff) << 16)
+            + ((data[i4 + 3] as i32 & 0xff) << 24);
+        k = k.wrapping_mul(m);
+        k ^= ((k as u32) >> r) as i32;
+        k = k.wrapping_mul(m);
+        h = h.wrapping_mul(m);
+        h ^= k;
+    }
+    let tail = (length4 * 4) as usize;
+    let rest = length % 4;
+    if rest == 3 {
+        h ^= (data[tail + 2] as i32 & 0xff) << 16;
+    }
+    if rest >= 2 {
+        h ^= (data[tail + 1] as i32 & 0xff) << 8;
+    }
+    if rest >= 1 {
+        h ^= data[tail] as i32 & 0xff;
+        h = h.wrapping_mul(m);
+    }
+    h ^= ((h as u32) >> 13) as i32;
+    h = h.wrapping_mul(m);
+    h ^= ((h as u32) >> 15) as i32;
+    h
+}
+
+/// The partition Kafka's Java producer picks for an encoded key:
+/// `Utils.toPositive(Utils.murmur2(key)) % partitions`.
+pub(crate) fn kafka_partition(key: &[u8], partitions: u32) -> u32 {
+    ((java_murmur2(key) & 0x7fff_ffff) as u32) % partitions
+}
+
+/// The embedded broker the app uses: its own (`memory://`), or the named one
+/// (`memory://NAME`).
+pub(crate) fn broker_of(app: &App) -> Arc<MemoryBroker> {
+    let url = app.settings().broker;
+    match url
+        .strip_prefix("memory://")
+        .filter(|name| !name.is_empty())
+    {
+        Some(name) => MemoryBroker::named(name.trim_end_matches('/')),
+        None => app.memory_broker(),
+    }
+}
+
+/// The app's committed offsets (its consumer group is its id), by topic partition.
+pub(crate) fn committed(app: &App) -> BTreeMap<TopicPartition, i64> {
+    broker_of(app).committed(app.id()).into_iter().collect()
+}
+
+/// The end offset of every partition of `topic`.
+pub(crate) fn end_offsets(app: &App, topic: &str) -> Vec<i64> {
+    let broker = broker_of(app);
+    let partitions = broker
+        .partitions(topic)
+        .unwrap_or_else(|| panic!("topic {topic:?} does not exist"));
+    (0..partitions)
+        .map(|p| broker.end_offset(topic, p).unwrap_or(0))
+        .collect()
+}
+
+/// Asserts that the app's group committed every partition of `topic` up to its end: every
+/// record was processed (or skipped) and nothing is left to redo after a restart.
+pub(crate) fn assert_committed_to_end(app: &App, topic: &str) {
+    let committed = committed(app);
+    for (p, end) in end_offsets(app, topic).into_iter().enumerate() {
+        let tp = TopicPartition::new(topic, p as u32);
+        let got = committed.get(&tp).copied().unwrap_or(0);
+        assert_eq!(
+            got, end,
+            "committed offset of {tp} is {got}, but the partition ends at {end}"
+        );
+    }
+}
+
+/// Every record of every partition of `topic`, partition by partition.
+pub(crate) fn read_all(app: &App, topic: &str) -> Vec<rill::transport::Message> {
+    let broker = broker_of(app);
+    let partitions = broker
+        .partitions(topic)
+        .unwrap_or_else(|| panic!("topic {topic:?} does not exist"));
+    (0..partitions)
+        .flat_map(|p| broker.read(topic, p, 0, usize::MAX))
+        .collect()
+}
+
+/// Writes `values` to `topic` (with `partitions` partitions) on the process-wide embedded
+/// broker `memory://{broker}`, from a separate producer app that has stopped by the time this
+/// returns. An app on the same broker started afterwards finds them all already in the log.
+pub(crate) async fn preload<T>(broker: &str, topic: &str, partitions: u32, values: &[T])
+where
+    T: serde::Serialize + serde::de::DeserializeOwned + Clone + Send + Sync + 'static,
+{
+    let producer = App::new(format!("{broker}-producer"));
+    let url = format!("memory://{broker}");
+    producer.configure(|s| s.broker = url);
+    let t = producer
+        .topic(topic)
+        .partitions(partitions)
+        .value_type::<T>();
+    let worker = producer.start().await.expect("producer starts");
+    for v in values {
+        t.send(v.clone()).await.expect("producer sends");
+    }
+    worker.shutdown().await.expect("producer stops");
+}

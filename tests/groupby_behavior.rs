@@ -1,0 +1,196 @@
+//! `group_by` on the embedded transport: the stream is repartitioned through
+//! `<app id>-<topic>-<key name>-repartition`, so each key is read from one partition, every
+//! event arrives once, and each key keeps its order.
+
+mod common;
+
+use common::{
+    assert_committed_to_end, kafka_partition, read_all, wait_until_state, Recorder, WAIT,
+};
+use rill::prelude::*;
+use rill::Bytes;
+use std::collections::{BTreeMap, BTreeSet};
+
+// The seed's `examples/groupby.py` record, with a sequence number per account so order can be
+// checked.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct BankTransfer {
+    account_id: String,
+    amount: f64,
+    seq: u32,
+}
+
+const REPARTITION: &str = "groupby-groupby-BankTransfer.account_id-repartition";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_by_routes_each_key_to_one_repartition_partition_once_and_in_order(
+) -> anyhow::Result<()> {
+    const ACCOUNTS: u32 = 40;
+    const TRANSFERS: u32 = 1200;
+
+    let app = App::new("groupby");
+    let topic = app.topic("groupby").value_type::<BankTransfer>();
+    // (account, seq, topic read from, partition read from)
+    let seen: Recorder<(String, u32, String, u32)> = Recorder::new();
+    let rec = seen.clone();
+    app.agent(move |s: Stream<BankTransfer>| {
+        let rec = rec.clone();
+        async move {
+            let mut s = s.group_by(field!(BankTransfer.account_id));
+            while let Some(transfer) = s.next().await {
+                let event = s.current_event().expect("a value comes with its event");
+                rec.push((
+                    transfer.account_id.clone(),
+                    transfer.seq,
+                    event.topic.to_string(),
+                    event.partition,
+                ));
+            }
+        }
+    })
+    .named("stream")
+    .channel(&topic);
+
+    let worker = app.start().await?;
+    // The source is keyed by branch, so each account's transfers sit in order in one source
+    // partition, and many accounts share a partition: group_by has to move them.
+    let mut next_seq: BTreeMap<String, u32> = BTreeMap::new();
+    for i in 0..TRANSFERS {
+        let n = (i * 31) % ACCOUNTS;
+        let account = format!("acct-{n}");
+        let branch = format!("branch-{}", n % 5);
+        let seq = next_seq.entry(account.clone()).or_default();
+        let transfer = BankTransfer {
+            account_id: account,
+            amount: f64::from(i),
+            seq: *seq,
+        };
+        *seq += 1;
+        topic
+            .send(transfer)
+            .key(Bytes::from(branch.into_bytes()))
+            .await?;
+    }
+    wait_until_state(
+        WAIT,
+        "every transfer came out of group_by",
+        || seen.len(),
+        |n| *n >= TRANSFERS as usize,
+    )
+    .await;
+    worker.shutdown().await?;
+
+    let broker = app.memory_broker();
+    assert_eq!(
+        broker.partitions(REPARTITION),
+        Some(8),
+        "the repartition topic has the source's partition count"
+    );
+
+    let seen = seen.snapshot();
+    assert_eq!(
+        seen.len(),
+        TRANSFERS as usize,
+        "transfers arrived more than once"
+    );
+    let mut per_account: BTreeMap<String, (Vec<u32>, BTreeSet<u32>)> = BTreeMap::new();
+    for (account, seq, topic, partition) in &seen {
+        assert_eq!(
+            topic, REPARTITION,
+            "value not read back from the repartition topic"
+        );
+        let entry = per_account.entry(account.clone()).or_default();
+        entry.0.push(*seq);
+        entry.1.insert(*partition);
+    }
+    assert_eq!(per_account.len(), ACCOUNTS as usize);
+    for (account, (seqs, partitions)) in &per_account {
+        let expected: Vec<u32> = (0..next_seq[account]).collect();
+        assert_eq!(
+            seqs, &expected,
+            "transfers of {account} out of order, lost or duplicated"
+        );
+        // The new key is JSON-encoded, and partitioned as Kafka's Java client would.
+        let key = serde_json::to_vec(account)?;
+        assert_eq!(
+            partitions,
+            &BTreeSet::from([kafka_partition(&key, 8)]),
+            "transfers of {account} read from the wrong partitions"
+        );
+    }
+
+    // What the repartition topic holds: each transfer once, keyed by its account.
+    let records = read_all(&app, REPARTITION);
+    assert_eq!(records.len(), TRANSFERS as usize);
+    for m in &records {
+        let t: BankTransfer = serde_json::from_slice(m.value.as_deref().unwrap_or_default())?;
+        let key: String = serde_json::from_slice(m.key.as_deref().unwrap_or_default())?;
+        assert_eq!(key, t.account_id);
+    }
+
+    assert_committed_to_end(&app, "groupby");
+    assert_committed_to_end(&app, REPARTITION);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_by_with_a_computed_key_names_the_topic_after_the_grouping() -> anyhow::Result<()> {
+    let app = App::new("bank");
+    let topic = app
+        .topic("transfers")
+        .partitions(4)
+        .value_type::<BankTransfer>();
+    let seen: Recorder<(bool, u32)> = Recorder::new();
+    let rec = seen.clone();
+    app.agent(move |s: Stream<BankTransfer>| {
+        let rec = rec.clone();
+        async move {
+            let by_parity = GroupBy::new("parity", |t: &BankTransfer| t.seq % 2 == 0);
+            let mut s = s.group_by(by_parity).items();
+            while let Some((key, transfer)) = s.next().await {
+                rec.push((key.expect("group_by sets the key"), transfer.seq));
+            }
+        }
+    })
+    .named("parity")
+    .channel(&topic);
+
+    let worker = app.start().await?;
+    for seq in 0..100 {
+        let t = BankTransfer {
+            account_id: "a".into(),
+            amount: 1.0,
+            seq,
+        };
+        topic.send(t).partition(0).await?;
+    }
+    wait_until_state(
+        WAIT,
+        "all 100 transfers grouped",
+        || seen.len(),
+        |n| *n >= 100,
+    )
+    .await;
+    worker.shutdown().await?;
+
+    assert_eq!(
+        app.memory_broker()
+            .partitions("bank-transfers-parity-repartition"),
+        Some(4)
+    );
+    let seen = seen.snapshot();
+    assert_eq!(seen.len(), 100);
+    for parity in [true, false] {
+        let seqs: Vec<u32> = seen
+            .iter()
+            .filter(|(k, _)| *k == parity)
+            .map(|(_, s)| *s)
+            .collect();
+        let expected: Vec<u32> = (0..100).filter(|s| (s % 2 == 0) == parity).collect();
+        assert_eq!(
+            seqs, expected,
+            "key {parity}: the typed key or the order is wrong"
+        );
+    }
+    Ok(())
+}
