@@ -185,7 +185,7 @@ impl App {
         println!("│ transport  {}", s.broker);
         println!("│ agents     {}", self.agent_names().join(", "));
         println!("│ loglevel   {level}");
-        println!("│ guarantee  {:?}", s.processing_guarantee);
+        println!("│ guarantee  {}", s.processing_guarantee);
         println!("└ ready (Ctrl-C or SIGTERM stops the worker)");
         signals.recv().await;
         worker.shutdown().await

@@ -14,6 +14,15 @@ pub enum ProcessingGuarantee {
     ExactlyOnce,
 }
 
+impl std::fmt::Display for ProcessingGuarantee {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ProcessingGuarantee::AtLeastOnce => "at-least-once",
+            ProcessingGuarantee::ExactlyOnce => "exactly-once",
+        })
+    }
+}
+
 /// Settings of an [`App`](crate::App). Every field has a default that suits development on the
 /// embedded transport; see each field.
 #[derive(Debug, Clone)]

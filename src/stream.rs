@@ -82,28 +82,66 @@ impl Buffers {
     }
 }
 
-/// The next delivery of a queue: from the actor's buffer first, else from the next chunk.
-///
-/// # Cancel safety
-///
-/// Cancel safe: a chunk is moved into the buffer as soon as it is received.
-pub(crate) async fn next_delivery(queue: &Queue, buffer: &Buffer) -> Option<Delivery> {
-    if let Some(d) = buffer.lock().unwrap_or_else(|e| e.into_inner()).pop_front() {
-        return Some(d);
-    }
-    let chunk = queue.recv().await.ok()?;
-    let mut b = buffer.lock().unwrap_or_else(|e| e.into_inner());
-    b.extend(chunk);
-    b.pop_front()
+/// Reads a queue one delivery at a time. The deliveries it holds go back to the actor's
+/// buffer when it is dropped (when an agent body fails), so the restarted body gets them.
+pub(crate) struct QueueReader {
+    queue: Pin<Box<Queue>>,
+    local: std::collections::VecDeque<Delivery>,
+    shared: Buffer,
 }
 
-/// The deliveries of a queue as a stream, through `buffer`.
-pub(crate) fn deliveries(queue: Queue, buffer: Buffer) -> BoxStream<'static, Delivery> {
-    futures::stream::unfold((queue, buffer), |(queue, buffer)| async move {
-        let d = next_delivery(&queue, &buffer).await?;
-        Some((d, (queue, buffer)))
-    })
-    .boxed()
+impl QueueReader {
+    pub(crate) fn new(queue: Queue, shared: Buffer) -> Self {
+        let local = std::mem::take(&mut *shared.lock().unwrap_or_else(|e| e.into_inner()));
+        Self {
+            queue: Box::pin(queue),
+            local,
+            shared,
+        }
+    }
+
+    fn poll_delivery(&mut self, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
+        if let Some(d) = self.local.pop_front() {
+            return Poll::Ready(Some(d));
+        }
+        match futures::Stream::poll_next(self.queue.as_mut(), cx) {
+            Poll::Ready(Some(chunk)) => {
+                self.local.extend(chunk);
+                Poll::Ready(self.local.pop_front())
+            }
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// The next delivery.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: a received chunk is kept by the reader.
+    pub(crate) async fn next(&mut self) -> Option<Delivery> {
+        std::future::poll_fn(|cx| self.poll_delivery(cx)).await
+    }
+}
+
+impl futures::Stream for QueueReader {
+    type Item = Delivery;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
+        self.get_mut().poll_delivery(cx)
+    }
+}
+
+impl Drop for QueueReader {
+    fn drop(&mut self) {
+        if self.local.is_empty() {
+            return;
+        }
+        let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some(d) = self.local.pop_back() {
+            shared.push_front(d);
+        }
+    }
 }
 
 /// What one agent instance (actor) shares with the streams it iterates.
@@ -605,7 +643,7 @@ where
                 return;
             }
         };
-        let buffer = ctx.buffers.get(&spec.name);
+        let mut reader = QueueReader::new(rx, ctx.buffers.get(&spec.name));
         let mut upstream_done = false;
         let mut relayed_done = false;
         // Ends when both sides are done: at shutdown the internal queue closes first, and what
@@ -613,7 +651,7 @@ where
         while !(upstream_done && relayed_done) {
             tokio::select! {
                 biased;
-                d = next_delivery(&rx, &buffer), if !relayed_done => match d {
+                d = reader.next(), if !relayed_done => match d {
                     Some(d) => if let Some(item) = decode_delivery(&ctx, &*value_codec, d) {
                         yield item;
                     },

@@ -3,7 +3,7 @@
 use super::{source_specs, AgentInner, Sink, Source};
 use crate::error::{BoxError, Result};
 use crate::reply::{CORRELATION_ID, REPLY_TO};
-use crate::stream::{decode_delivery, deliveries, ActorCtx, Buffers, Item, Queue, Stream};
+use crate::stream::{decode_delivery, ActorCtx, Buffers, Item, Queue, QueueReader, Stream};
 use crate::transport::TopicSpec;
 use crate::worker::Runtime;
 use bytes::Bytes;
@@ -192,7 +192,7 @@ where
                 let codec = topic.value_codec.clone();
                 let decode_ctx = ctx.clone();
                 let inner: BoxStream<'static, Item<T>> = match &self.queue {
-                    Some(q) => deliveries(q.clone(), self.buffers.get(""))
+                    Some(q) => QueueReader::new(q.clone(), self.buffers.get(""))
                         .filter_map(move |d| {
                             std::future::ready(decode_delivery(&decode_ctx, &*codec, d))
                         })
@@ -242,6 +242,16 @@ where
         if let Some(meta) = ctx.current() {
             if let Some(reply_to) = meta.header(REPLY_TO) {
                 let reply_to = String::from_utf8_lossy(reply_to).into_owned();
+                // A reply to this very worker is handed over directly.
+                if reply_to == self.rt.reply_topic {
+                    if let (Some(id), Ok(bytes)) =
+                        (meta.header(CORRELATION_ID), serde_json::to_vec(&value))
+                    {
+                        let id = String::from_utf8_lossy(id);
+                        self.rt.replies.complete(&id, Bytes::from(bytes));
+                    }
+                    return self.to_sinks(value).await;
+                }
                 let mut headers = Vec::new();
                 if let Some(id) = meta.header(CORRELATION_ID) {
                     headers.push((CORRELATION_ID.to_owned(), id.clone()));
@@ -265,6 +275,10 @@ where
                 }
             }
         }
+        self.to_sinks(value).await;
+    }
+
+    async fn to_sinks(&self, value: R) {
         for sink in self.sinks.iter() {
             if let Err(e) = sink.deliver(value.clone()).await {
                 tracing::error!(agent = %self.name, sink = %sink.describe(), error = %e, "sink failed");
