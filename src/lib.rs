@@ -78,7 +78,8 @@ pub use clap;
 pub mod prelude {
     pub use crate::codec::{Json, Raw, Utf8};
     pub use crate::{
-        field, stream, Agent, App, AsyncIterable, Channel, Event, GroupBy, Settings, Stream, Topic,
+        field, stream, Agent, App, AsyncIterable, Bytes, Channel, Event, GroupBy, Settings, Stream,
+        Topic,
     };
     pub use futures::StreamExt;
     pub use serde::{Deserialize, Serialize};

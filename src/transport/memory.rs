@@ -78,6 +78,9 @@ impl fmt::Debug for MemoryBroker {
 #[derive(Default)]
 struct Group {
     members: BTreeMap<u64, Member>,
+    /// Partitions revoked from a member that has not yet confirmed it committed them; they are
+    /// given to their new owner only then, as Kafka's group protocol does.
+    releasing: BTreeMap<TopicPartition, u64>,
 }
 
 struct Member {
@@ -261,6 +264,7 @@ impl MemoryBroker {
     fn leave(&self, group: &str, id: u64) {
         if let Some(g) = lock(&self.groups).get_mut(group) {
             g.members.remove(&id);
+            g.releasing.retain(|_, owner| *owner != id);
         }
         self.rebalance(group);
     }
@@ -301,33 +305,54 @@ impl MemoryBroker {
                 next += count;
             }
         }
+        // First take partitions away; they stay unowned until their owner releases them.
         for (id, member) in g.members.iter_mut() {
-            let new = target.remove(id).unwrap_or_default();
+            let new = target.get(id).map(Vec::as_slice).unwrap_or(&[]);
             let revoked: Vec<_> = member
                 .assigned
                 .iter()
                 .filter(|tp| !new.contains(tp))
                 .cloned()
                 .collect();
-            let assigned: Vec<_> = new
-                .iter()
-                .filter(|tp| !member.assigned.contains(tp))
-                .cloned()
-                .collect();
-            if revoked.is_empty() && assigned.is_empty() {
+            if revoked.is_empty() {
                 continue;
             }
-            member.assigned = new;
-            let mut events = lock(&member.inbox.events);
-            if !revoked.is_empty() {
-                events.push_back(ConsumerEvent::Revoked(revoked));
+            member.assigned.retain(|tp| new.contains(tp));
+            for tp in &revoked {
+                g.releasing.insert(tp.clone(), *id);
             }
-            if !assigned.is_empty() {
-                events.push_back(ConsumerEvent::Assigned(assigned));
-            }
-            drop(events);
+            lock(&member.inbox.events).push_back(ConsumerEvent::Revoked(revoked));
             member.inbox.notify.notify_one();
         }
+        // Then give out what nobody holds.
+        let owned: Vec<TopicPartition> = g
+            .members
+            .values()
+            .flat_map(|m| m.assigned.iter().cloned())
+            .chain(g.releasing.keys().cloned())
+            .collect();
+        for (id, member) in g.members.iter_mut() {
+            let new = target.remove(id).unwrap_or_default();
+            let assigned: Vec<_> = new.into_iter().filter(|tp| !owned.contains(tp)).collect();
+            if assigned.is_empty() {
+                continue;
+            }
+            member.assigned.extend(assigned.iter().cloned());
+            lock(&member.inbox.events).push_back(ConsumerEvent::Assigned(assigned));
+            member.inbox.notify.notify_one();
+        }
+    }
+
+    /// A member committed the partitions it was asked to give up: hand them over.
+    fn release(&self, group: &str, id: u64, tps: &[TopicPartition]) {
+        if let Some(g) = lock(&self.groups).get_mut(group) {
+            for tp in tps {
+                if g.releasing.get(tp) == Some(&id) {
+                    g.releasing.remove(tp);
+                }
+            }
+        }
+        self.rebalance(group);
     }
 
     fn committed_offset(&self, group: &str, tp: &TopicPartition) -> Option<i64> {
@@ -414,6 +439,7 @@ impl Transport for MemoryTransport {
             inbox: Arc::new(Inbox::default()),
             assigned: Vec::new(),
             cursor: 0,
+            releasing: Vec::new(),
         }))
     }
 
@@ -448,6 +474,7 @@ impl Transport for MemoryTransport {
                 inbox,
                 assigned,
                 cursor: 0,
+                releasing: Vec::new(),
             }) as Box<dyn Consumer>
         });
         async move { r }.boxed()
@@ -476,6 +503,9 @@ struct MemoryConsumer {
     assigned: Vec<Assigned>,
     /// Partition to read first on the next poll, so no partition starves the others.
     cursor: usize,
+    /// Partitions revoked by the last poll: released to the group at the next poll, once the
+    /// caller has committed them.
+    releasing: Vec<TopicPartition>,
 }
 
 impl fmt::Debug for MemoryConsumer {
@@ -575,10 +605,19 @@ impl Consumer for MemoryConsumer {
 
     fn poll(&mut self) -> BoxFuture<'_, Result<ConsumerEvent, TransportError>> {
         async move {
+            if !self.releasing.is_empty() {
+                let tps = std::mem::take(&mut self.releasing);
+                if let (Some(group), Some(id)) = (&self.group, self.member) {
+                    self.broker.release(group, id, &tps);
+                }
+            }
             loop {
                 let pending = lock(&self.inbox.events).pop_front();
                 if let Some(event) = pending {
                     self.apply(&event);
+                    if let ConsumerEvent::Revoked(tps) = &event {
+                        self.releasing = tps.clone();
+                    }
                     return Ok(event);
                 }
                 let batch = self.fetch();
