@@ -8,7 +8,7 @@ use crate::settings::{ProcessingGuarantee, Settings};
 use crate::stream::queue;
 use crate::topic::{Topic, TopicNames};
 use crate::transport::memory::MemoryTransport;
-use crate::transport::{MemoryBroker, StartAt, TopicSpec, Transport};
+use crate::transport::{MemoryBroker, StartAt, TopicPartition, TopicSpec, Transport};
 use crate::worker::{run_replies, Dispatcher, Runtime, Worker};
 
 use serde::de::DeserializeOwned;
@@ -242,6 +242,27 @@ impl App {
     /// and tools.
     pub fn memory_broker(&self) -> Arc<MemoryBroker> {
         self.core.memory.clone()
+    }
+
+    /// The offsets the app's consumer group has committed: for each partition, the next offset
+    /// a worker will read. Works whether or not a worker runs.
+    pub async fn committed_offsets(&self) -> Result<Vec<(TopicPartition, i64)>> {
+        let transport = self.transport().await?;
+        Ok(transport.committed(&self.core.id).await?)
+    }
+
+    /// The end offset of each partition of `topic` (the offset its next record will get).
+    pub async fn end_offsets(&self, topic: &str) -> Result<Vec<i64>> {
+        let transport = self.transport().await?;
+        Ok(transport.end_offsets(topic).await?)
+    }
+
+    /// The running worker's transport, or a new connection.
+    async fn transport(&self) -> Result<Arc<dyn Transport>> {
+        match self.core.runtime() {
+            Ok(rt) => Ok(rt.transport.clone()),
+            Err(_) => self.connect(&self.core.settings().broker).await,
+        }
     }
 
     /// Starts a worker: creates the topics, joins the consumer group and runs every agent.

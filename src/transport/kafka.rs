@@ -45,7 +45,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Timeout of metadata and admin requests.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a CreateTopics request may take before the brokers are taken not to support it.
-const CREATE_TIMEOUT: Duration = Duration::from_secs(5);
+const CREATE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Most records the poll thread hands over at once.
 const MAX_BATCH: usize = 500;
 
@@ -499,6 +499,27 @@ impl Transport for KafkaTransport {
                 )));
             }
             Ok(())
+        }
+        .boxed()
+    }
+
+    fn end_offsets(&self, topic: &str) -> BoxFuture<'_, Result<Vec<i64>, TransportError>> {
+        let topic = topic.to_owned();
+        async move {
+            blocking(&self.inner, move |i| {
+                let n = partitions_of(i, &topic)?
+                    .ok_or_else(|| TransportError::UnknownTopic(topic.clone()))?;
+                (0..n as i32)
+                    .map(|p| {
+                        i.producer
+                            .client()
+                            .fetch_watermarks(&topic, p, REQUEST_TIMEOUT)
+                            .map(|(_, high)| high)
+                            .map_err(|e| err(format!("cannot read offsets of {topic}[{p}]: {e}")))
+                    })
+                    .collect()
+            })
+            .await?
         }
         .boxed()
     }

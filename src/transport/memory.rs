@@ -431,6 +431,14 @@ impl Transport for MemoryTransport {
         async { Ok(()) }.boxed()
     }
 
+    fn end_offsets(&self, topic: &str) -> BoxFuture<'_, Result<Vec<i64>, TransportError>> {
+        let r = self
+            .broker
+            .topic(topic)
+            .map(|t| t.partitions.iter().map(Partition::len).collect());
+        async move { r }.boxed()
+    }
+
     fn group_consumer(&self, group: &str) -> Result<Box<dyn Consumer>, TransportError> {
         Ok(Box::new(MemoryConsumer {
             broker: self.broker.clone(),

@@ -157,6 +157,10 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
     /// Waits until every record sent or queued so far is durable in the log.
     fn flush(&self) -> BoxFuture<'_, Result<(), TransportError>>;
 
+    /// The end offset (high watermark: the offset the next record will get) of every partition
+    /// of `topic`, by partition.
+    fn end_offsets(&self, topic: &str) -> BoxFuture<'_, Result<Vec<i64>, TransportError>>;
+
     /// A consumer in the consumer group `group`. It receives partitions once it subscribes.
     fn group_consumer(&self, group: &str) -> Result<Box<dyn Consumer>, TransportError>;
 
