@@ -124,6 +124,12 @@ impl ConsumerContext for Ctx {}
 
 impl ClientContext for Ctx {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        // Settings pass through to every client; one that only applies to consumers (or
+        // producers) is expected to be ignored by the others.
+        if fac == "CONFWARN" && message.contains("will be ignored by this") {
+            tracing::debug!(target: "rill::kafka", fac, "{message}");
+            return;
+        }
         match level {
             RDKafkaLogLevel::Emerg
             | RDKafkaLogLevel::Alert

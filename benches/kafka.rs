@@ -1,0 +1,315 @@
+//! The seed's `adding` agent on Kafka against a bare rdkafka loop on the same broker and data,
+//! and `ask` round trips against a bare produce → consume round trip.
+//!
+//! ```console
+//! $ cargo bench --bench kafka                       # starts tansu (on PATH) on a free port
+//! $ RILL_BENCH_BROKER=127.0.0.1:9092 cargo bench --bench kafka   # or use a running broker
+//! ```
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+use rdkafka::Message;
+use rill::prelude::*;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+
+const EVENTS: u64 = 200_000;
+const PARTITIONS: u32 = 4;
+const ROUNDS: usize = 3;
+const ASKS: usize = 2_000;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Add {
+    a: i64,
+    b: i64,
+}
+
+fn adding(mut stream: Stream<Add>) -> impl AsyncIterable<i64> {
+    stream! {
+        while let Some(value) = stream.next().await {
+            yield value.a + value.b;
+        }
+    }
+}
+
+struct Broker {
+    addr: String,
+    child: Option<Child>,
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.child {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn broker() -> Broker {
+    if let Ok(addr) = std::env::var("RILL_BENCH_BROKER") {
+        return Broker { addr, child: None };
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let url = format!("tcp://127.0.0.1:{port}");
+    let child = Command::new("tansu")
+        .args([
+            "broker",
+            "--listener-url",
+            &url,
+            "--advertised-listener-url",
+            &url,
+            "--storage-engine",
+            "memory://tansu/",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start tansu (cargo install tansu --version 0.6.0 --locked --features dynostore,libsql)");
+    let addr = format!("127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(Instant::now() < deadline, "tansu did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Broker {
+        addr,
+        child: Some(child),
+    }
+}
+
+fn producer(addr: &str) -> ThreadedProducer<rdkafka::producer::DefaultProducerContext> {
+    ClientConfig::new()
+        .set("bootstrap.servers", addr)
+        .set("partitioner", "murmur2_random")
+        .set("linger.ms", "5")
+        .create()
+        .expect("producer")
+}
+
+/// Creates `topic` through a rill app (so both loops read the same kind of topic) and fills
+/// it with keyed JSON `Add` records.
+async fn fill(addr: &str, topic: &str) {
+    let app = App::new(format!("bench-setup-{topic}"));
+    app.configure(|s| s.broker = format!("kafka://{addr}"));
+    let _t = app.topic(topic).partitions(PARTITIONS);
+    let w = app.start_client().await.expect("create topic");
+    w.shutdown().await.expect("stop");
+    let p = producer(addr);
+    for i in 0..EVENTS {
+        let key = format!("k{}", i % 1000);
+        let value = serde_json::to_vec(&Add { a: i as i64, b: 1 }).expect("encode");
+        let mut record = BaseRecord::to(topic).key(&key).payload(&value);
+        loop {
+            match p.send(record) {
+                Ok(()) => break,
+                Err((_, r)) => {
+                    record = r;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        }
+    }
+    p.flush(Duration::from_secs(60)).expect("flush");
+}
+
+/// consume → decode → a + b → produce, with rdkafka alone.
+fn bare_loop(addr: &str, input: &str, output: &str, group: &str) -> Duration {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", addr)
+        .set("group.id", group)
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "true")
+        .create()
+        .expect("consumer");
+    consumer.subscribe(&[input]).expect("subscribe");
+    let p = producer(addr);
+    let start = Instant::now();
+    let mut n = 0u64;
+    while n < EVENTS {
+        let Some(m) = consumer.poll(Duration::from_millis(100)) else {
+            assert!(
+                start.elapsed() < Duration::from_secs(300),
+                "bare loop stalled"
+            );
+            continue;
+        };
+        let m = m.expect("message");
+        let add: Add = serde_json::from_slice(m.payload().unwrap_or_default()).expect("decode");
+        let sum = (add.a + add.b).to_string();
+        let mut record = BaseRecord::<(), _>::to(output).payload(&sum);
+        loop {
+            match p.send(record) {
+                Ok(()) => break,
+                Err((_, r)) => {
+                    record = r;
+                    p.poll(Duration::from_millis(1));
+                }
+            }
+        }
+        n += 1;
+    }
+    p.flush(Duration::from_secs(60)).expect("flush");
+    start.elapsed()
+}
+
+/// The seed's adding agent with a topic sink, counted by a function sink.
+async fn rill_agent(addr: &str, input: &str, output: &str, group: &str) -> Duration {
+    let app = App::new(group);
+    app.configure(|s| s.broker = format!("kafka://{addr}"));
+    let topic = app.topic(input).value_type::<Add>().partitions(PARTITIONS);
+    let out = app.topic(output).value_type::<i64>().partitions(PARTITIONS);
+    let done = Arc::new(Notify::new());
+    let count = Arc::new(AtomicU64::new(0));
+    let (c, d) = (count.clone(), done.clone());
+    let _adding = app
+        .agent(adding)
+        .channel(&topic)
+        .sink(&out)
+        .sink(move |_: i64| {
+            if c.fetch_add(1, Ordering::Relaxed) + 1 == EVENTS {
+                d.notify_one();
+            }
+        });
+    let start = Instant::now();
+    let worker = app.start().await.expect("start");
+    tokio::time::timeout(Duration::from_secs(300), done.notified())
+        .await
+        .expect("all events processed");
+    worker
+        .shutdown()
+        .await
+        .expect("shutdown (flushes the output)");
+    start.elapsed()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn main() {
+    let broker = broker();
+    let addr = broker.addr.clone();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let run = std::process::id();
+        let mut bare = Vec::new();
+        let mut rill = Vec::new();
+        for round in 0..ROUNDS {
+            let input = format!("bench-in-{run}-{round}");
+            fill(&addr, &input).await;
+            let a = addr.clone();
+            let (i, o, g) = (input.clone(), format!("bench-bare-out-{run}-{round}"), format!("bench-bare-{run}-{round}"));
+            let b = tokio::task::spawn_blocking(move || bare_loop(&a, &i, &o, &g))
+                .await
+                .expect("bare loop");
+            let r = rill_agent(
+                &addr,
+                &input,
+                &format!("bench-rill-out-{run}-{round}"),
+                &format!("bench-rill-{run}-{round}"),
+            )
+            .await;
+            bare.push(EVENTS as f64 / b.as_secs_f64());
+            rill.push(EVENTS as f64 / r.as_secs_f64());
+            println!(
+                "round {round}: bare {:>10.0} events/s   rill {:>10.0} events/s",
+                bare[round], rill[round]
+            );
+        }
+        let (b, r) = (median(bare), median(rill));
+        println!("adding on Kafka ({addr}), {EVENTS} keyed JSON events, {PARTITIONS} partitions, median of {ROUNDS}:");
+        println!("  bare rdkafka consume → decode → a + b → produce: {b:>10.0} events/s");
+        println!("  rill adding agent + topic sink:                  {r:>10.0} events/s");
+        println!("  ratio rill / bare: {:.2}", r / b);
+
+        // ask round trips.
+        let app = App::new(format!("bench-ask-{run}"));
+        app.configure(|s| s.broker = format!("kafka://{addr}"));
+        let topic = app.topic(format!("bench-ask-in-{run}")).value_type::<Add>().partitions(PARTITIONS);
+        let adding = app.agent(adding).channel(&topic);
+        let worker = app.start().await.expect("start");
+        adding.ask(Add { a: 0, b: 0 }).await.expect("first ask");
+        let mut samples = Vec::with_capacity(ASKS);
+        for i in 0..ASKS {
+            let start = Instant::now();
+            let v = adding.ask(Add { a: i as i64, b: 1 }).await.expect("ask");
+            samples.push(start.elapsed());
+            assert_eq!(v, i as i64 + 1);
+        }
+        worker.shutdown().await.expect("shutdown");
+        let a = addr.clone();
+        let mut bare_samples = tokio::task::spawn_blocking(move || bare_round_trips(&a, run))
+            .await
+            .expect("bare round trips");
+        samples.sort();
+        bare_samples.sort();
+        let pct = |s: &[Duration], p: f64| s[((s.len() as f64 - 1.0) * p) as usize].as_secs_f64() * 1e3;
+        println!("ask round trip on Kafka, {ASKS} sequential:");
+        println!("  bare produce → consume:  p50 {:>7.2} ms   p99 {:>7.2} ms", pct(&bare_samples, 0.5), pct(&bare_samples, 0.99));
+        println!("  rill adding.ask:         p50 {:>7.2} ms   p99 {:>7.2} ms", pct(&samples, 0.5), pct(&samples, 0.99));
+    });
+}
+
+/// One record produced and consumed back, per sample.
+fn bare_round_trips(addr: &str, run: u32) -> Vec<Duration> {
+    let topic = format!("bench-rt-{run}");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let app = App::new(format!("bench-rt-setup-{run}"));
+        app.configure(|s| s.broker = format!("kafka://{addr}"));
+        let _t = app.topic(topic.as_str()).partitions(1);
+        let w = app.start_client().await.expect("create topic");
+        w.shutdown().await.expect("stop");
+    });
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", addr)
+        .set("group.id", format!("bench-rt-{run}"))
+        .set("auto.offset.reset", "latest")
+        .set("fetch.wait.max.ms", "20")
+        .create()
+        .expect("consumer");
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset(&topic, 0, rdkafka::Offset::End)
+        .expect("tpl");
+    consumer.assign(&tpl).expect("assign");
+    let p = producer(addr);
+    let mut out = Vec::with_capacity(ASKS);
+    for i in 0..=ASKS {
+        let payload = i.to_string();
+        let start = Instant::now();
+        p.send(
+            BaseRecord::<(), _>::to(&topic)
+                .payload(&payload)
+                .partition(0),
+        )
+        .map_err(|(e, _)| e)
+        .expect("send");
+        p.flush(Duration::from_secs(10)).expect("flush");
+        loop {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_secs(10)) {
+                if m.payload() == Some(payload.as_bytes()) {
+                    break;
+                }
+            }
+        }
+        if i > 0 {
+            out.push(start.elapsed());
+        }
+    }
+    out
+}
