@@ -5,6 +5,11 @@
 //! $ cargo bench --bench kafka                       # starts tansu (on PATH) on a free port
 //! $ RILL_BENCH_BROKER=127.0.0.1:9092 cargo bench --bench kafka   # or use a running broker
 //! ```
+//!
+//! Known problem, not yet solved: against tansu 0.6.0 the bare rdkafka baseline runs at only
+//! ~650 events/s (rill's agent on the same broker: ~23 000 events/s), so the printed ratio says
+//! nothing yet; the baseline's consumer settings need to be found out before figures are
+//! quoted. The event count is kept small until then.
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -17,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
-const EVENTS: u64 = 200_000;
+const EVENTS: u64 = 20_000;
 const PARTITIONS: u32 = 4;
 const ROUNDS: usize = 3;
 const ASKS: usize = 2_000;
@@ -118,6 +123,7 @@ async fn fill(addr: &str, topic: &str) {
         }
     }
     p.flush(Duration::from_secs(60)).expect("flush");
+    eprintln!("filled {topic}");
 }
 
 /// consume → decode → a + b → produce, with rdkafka alone.
@@ -127,6 +133,10 @@ fn bare_loop(addr: &str, input: &str, output: &str, group: &str) -> Duration {
         .set("group.id", group)
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "true")
+        // As rill's consumers: brokers that hold a fetch for the whole wait (tansu does)
+        // would otherwise cap the loop at a few fetches a second.
+        .set("fetch.wait.max.ms", "20")
+        .set("isolation.level", "read_committed")
         .create()
         .expect("consumer");
     consumer.subscribe(&[input]).expect("subscribe");
@@ -141,7 +151,10 @@ fn bare_loop(addr: &str, input: &str, output: &str, group: &str) -> Duration {
             );
             continue;
         };
-        let m = m.expect("message");
+        let m = match m {
+            Ok(m) => m,
+            Err(e) => panic!("bare consumer: {e}"),
+        };
         let add: Add = serde_json::from_slice(m.payload().unwrap_or_default()).expect("decode");
         let sum = (add.a + add.b).to_string();
         let mut record = BaseRecord::<(), _>::to(output).payload(&sum);
