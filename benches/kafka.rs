@@ -5,11 +5,6 @@
 //! $ cargo bench --bench kafka                       # starts tansu (on PATH) on a free port
 //! $ RILL_BENCH_BROKER=127.0.0.1:9092 cargo bench --bench kafka   # or use a running broker
 //! ```
-//!
-//! Known problem, not yet solved: against tansu 0.6.0 the bare rdkafka baseline runs at only
-//! ~650 events/s (rill's agent on the same broker: ~23 000 events/s), so the printed ratio says
-//! nothing yet; the baseline's consumer settings need to be found out before figures are
-//! quoted. The event count is kept small until then.
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -22,10 +17,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
-const EVENTS: u64 = 20_000;
+const EVENTS: u64 = 200_000;
 const PARTITIONS: u32 = 4;
 const ROUNDS: usize = 3;
-const ASKS: usize = 2_000;
+const ASKS: usize = 300;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Add {
@@ -101,10 +96,15 @@ fn producer(addr: &str) -> ThreadedProducer<rdkafka::producer::DefaultProducerCo
 
 /// Creates `topic` through a rill app (so both loops read the same kind of topic) and fills
 /// it with keyed JSON `Add` records.
-async fn fill(addr: &str, topic: &str) {
+async fn fill(addr: &str, topic: &str, outputs: &[&str]) {
     let app = App::new(format!("bench-setup-{topic}"));
     app.configure(|s| s.broker = format!("kafka://{addr}"));
     let _t = app.topic(topic).partitions(PARTITIONS);
+    // The outputs too: a producer writing to a missing topic waits for it to appear.
+    let _o: Vec<_> = outputs
+        .iter()
+        .map(|o| app.topic(*o).partitions(PARTITIONS))
+        .collect();
     let w = app.start_client().await.expect("create topic");
     w.shutdown().await.expect("stop");
     let p = producer(addr);
@@ -221,16 +221,18 @@ fn main() {
         let mut rill = Vec::new();
         for round in 0..ROUNDS {
             let input = format!("bench-in-{run}-{round}");
-            fill(&addr, &input).await;
+            let bare_out = format!("bench-bare-out-{run}-{round}");
+            let rill_out = format!("bench-rill-out-{run}-{round}");
+            fill(&addr, &input, &[&bare_out, &rill_out]).await;
             let a = addr.clone();
-            let (i, o, g) = (input.clone(), format!("bench-bare-out-{run}-{round}"), format!("bench-bare-{run}-{round}"));
+            let (i, o, g) = (input.clone(), bare_out.clone(), format!("bench-bare-{run}-{round}"));
             let b = tokio::task::spawn_blocking(move || bare_loop(&a, &i, &o, &g))
                 .await
                 .expect("bare loop");
             let r = rill_agent(
                 &addr,
                 &input,
-                &format!("bench-rill-out-{run}-{round}"),
+                &rill_out,
                 &format!("bench-rill-{run}-{round}"),
             )
             .await;
