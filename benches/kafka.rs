@@ -299,7 +299,9 @@ fn bare_round_trips(addr: &str, run: u32) -> Vec<Duration> {
         .create()
         .expect("consumer");
     let mut tpl = rdkafka::TopicPartitionList::new();
-    tpl.add_partition_offset(&topic, 0, rdkafka::Offset::End)
+    // The topic is new: read it from the start, so no record is missed while the consumer
+    // looks up where the end is.
+    tpl.add_partition_offset(&topic, 0, rdkafka::Offset::Beginning)
         .expect("tpl");
     consumer.assign(&tpl).expect("assign");
     let p = producer(addr);
@@ -315,8 +317,13 @@ fn bare_round_trips(addr: &str, run: u32) -> Vec<Duration> {
         .map_err(|(e, _)| e)
         .expect("send");
         p.flush(Duration::from_secs(10)).expect("flush");
+        let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Some(Ok(m)) = consumer.poll(Duration::from_secs(10)) {
+            assert!(
+                Instant::now() < deadline,
+                "round trip {i} got no record back"
+            );
+            if let Some(Ok(m)) = consumer.poll(Duration::from_secs(1)) {
                 if m.payload() == Some(payload.as_bytes()) {
                     break;
                 }
