@@ -4,6 +4,8 @@
 //! Every test file uses only part of this module.
 #![allow(dead_code)]
 
+pub(crate) mod tansu;
+
 use rill::transport::{MemoryBroker, TopicPartition};
 use rill::App;
 use std::collections::BTreeMap;
