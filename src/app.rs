@@ -6,6 +6,7 @@ use crate::cli::{Command, CommandSpec};
 use crate::error::{BoxError, Error, Result, TransportError};
 use crate::settings::{ProcessingGuarantee, Settings};
 use crate::stream::queue;
+use crate::table::{Table, TableKey, TableRunner, TableValue};
 use crate::topic::{Topic, TopicNames};
 use crate::transport::memory::MemoryTransport;
 use crate::transport::{MemoryBroker, StartAt, TopicPartition, TopicSpec, Transport};
@@ -118,6 +119,7 @@ pub struct App {
     pub(crate) core: Arc<AppCore>,
     agents: Arc<Mutex<Vec<Arc<dyn AgentRunner>>>>,
     pub(crate) commands: Arc<Mutex<Vec<Arc<dyn CommandSpec>>>>,
+    tables: Arc<Mutex<Vec<Arc<dyn TableRunner>>>>,
     channels: Arc<AtomicUsize>,
 }
 
@@ -148,6 +150,7 @@ impl App {
             }),
             agents: Arc::new(Mutex::new(Vec::new())),
             commands: Arc::new(Mutex::new(Vec::new())),
+            tables: Arc::new(Mutex::new(Vec::new())),
             channels: Arc::new(AtomicUsize::new(0)),
         }
     }
@@ -209,6 +212,39 @@ impl App {
             .unwrap_or_else(|e| e.into_inner())
             .push(Arc::new(agent.clone()));
         agent
+    }
+
+    /// Declares a table, Faust's `app.Table(name, default=...)`: partitioned key/value state
+    /// kept in memory, written to the changelog topic `<app id>-<name>-changelog`, and
+    /// restored when a worker takes its partitions. Missing keys start from `V::default()`
+    /// (change it with [`default_value`](Table::default_value)).
+    ///
+    /// # Panics
+    ///
+    /// If a table named `name` was already declared.
+    pub fn table<K: TableKey, V: TableValue + Default>(
+        &self,
+        name: impl Into<String>,
+    ) -> Table<K, V> {
+        let name = name.into();
+        let mut tables = self.tables.lock().unwrap_or_else(|e| e.into_inner());
+        assert!(
+            tables.iter().all(|t| t.name() != name),
+            "table {name:?} is declared twice"
+        );
+        let table = Table::new(self.core.clone(), name, Arc::new(V::default));
+        tables.push(Arc::new(table.clone()));
+        table
+    }
+
+    /// Names of the declared tables.
+    pub fn table_names(&self) -> Vec<String> {
+        self.tables
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|t| t.name().to_owned())
+            .collect()
     }
 
     /// Declares a command-line command, Faust's `@app.command()`. `A` is a `clap::Args` struct
@@ -301,11 +337,25 @@ impl App {
         }
         let transport = self.connect(&settings.broker).await?;
         let (control_tx, control_rx) = tokio::sync::mpsc::channel(64);
+        let tables: Vec<Arc<dyn TableRunner>> = if run_agents {
+            self.tables
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+        } else {
+            Vec::new()
+        };
+        let store = if tables.is_empty() {
+            None
+        } else {
+            Some(crate::table::store::open(&settings.store, &self.core.id)?)
+        };
         let rt = Arc::new(Runtime::new(
             self.core.id.clone(),
             settings.clone(),
             transport.clone(),
             control_tx,
+            tables.clone(),
         ));
 
         let agents: Vec<Arc<dyn AgentRunner>> = if run_agents {
@@ -336,8 +386,17 @@ impl App {
             }
             agent_topics.push(topics);
         }
+        for table in &tables {
+            let spec = table.changelog_spec();
+            specs.insert(spec.name.clone(), spec);
+        }
         for spec in specs.values() {
             rt.ensure_topic(spec).await?;
+        }
+        if let Some(store) = &store {
+            for table in &tables {
+                table.attach(&rt, store.clone());
+            }
         }
         let reply_spec = TopicSpec {
             name: rt.reply_topic.clone(),

@@ -70,6 +70,17 @@ pub enum Error {
     /// The app's declarations are inconsistent.
     #[error("configuration error: {0}")]
     Config(String),
+    /// A table store (on disk) failed.
+    #[error("table store: {0}")]
+    Store(String),
+    /// A table was used in a way it does not allow.
+    #[error("table {table:?}: {message}")]
+    Table {
+        /// The table's name.
+        table: String,
+        /// What went wrong.
+        message: String,
+    },
     /// A user command failed.
     #[error("command {command:?} failed: {source}")]
     Command {

@@ -42,6 +42,7 @@ mod partitioner;
 mod reply;
 mod settings;
 mod stream;
+pub mod table;
 mod topic;
 pub mod transport;
 mod worker;
@@ -62,6 +63,8 @@ pub use settings::{ProcessingGuarantee, Settings};
 #[doc(inline)]
 pub use stream::{Event, GroupBy, Stream};
 #[doc(inline)]
+pub use table::Table;
+#[doc(inline)]
 pub use topic::{Topic, TopicNames, TopicSend};
 #[doc(inline)]
 pub use worker::Worker;
@@ -79,7 +82,7 @@ pub mod prelude {
     pub use crate::codec::{Json, Raw, Utf8};
     pub use crate::{
         field, stream, Agent, App, AsyncIterable, Bytes, Channel, Event, GroupBy, Settings, Stream,
-        Topic,
+        Table, Topic,
     };
     pub use futures::StreamExt;
     pub use serde::{Deserialize, Serialize};

@@ -47,6 +47,11 @@ pub struct Settings {
     pub map_max_inflight: usize,
     /// The processing guarantee.
     pub processing_guarantee: ProcessingGuarantee,
+    /// Where tables keep a local copy of their partitions: `memory://` (the default: nothing
+    /// is kept, a worker rebuilds its partitions from the changelogs) or `fjall://PATH` (a
+    /// persistent store under `PATH/<app id>`: a restarted worker reads it and replays only
+    /// the changelog written since). The `--store` option and `RILL_STORE` override it.
+    pub store: String,
     /// librdkafka settings passed through to every Kafka client (SASL, SSL, timeouts, ...),
     /// e.g. `("security.protocol", "SASL_SSL")`. `RILL_KAFKA_*` environment variables add to
     /// them (`RILL_KAFKA_SASL_PASSWORD` sets `sasl.password`). Values are never logged.
@@ -65,6 +70,7 @@ impl Default for Settings {
             shutdown_timeout: Duration::from_secs(30),
             map_max_inflight: 1024,
             processing_guarantee: ProcessingGuarantee::AtLeastOnce,
+            store: "memory://".to_owned(),
             kafka: BTreeMap::new(),
         }
     }

@@ -8,12 +8,13 @@ use crate::partitioner::partition_for_key;
 use crate::reply::{Replies, CORRELATION_ID};
 use crate::settings::Settings;
 use crate::stream::{queue, Chunk, Delivery, Queue, Route};
+use crate::table::TableRunner;
 use crate::transport::{
     Consumer, ConsumerEvent, Headers, Message, OutgoingRecord, RecordPosition, TopicPartition,
     TopicSpec, Transport,
 };
 use bytes::Bytes;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -34,6 +35,7 @@ struct TopicMeta {
 pub(crate) struct Stats {
     decode_errors: Mutex<BTreeMap<String, u64>>,
     agent_errors: Mutex<BTreeMap<String, u64>>,
+    table_replayed: Mutex<BTreeMap<String, u64>>,
 }
 
 impl Stats {
@@ -44,6 +46,15 @@ impl Stats {
             .unwrap_or_else(|e| e.into_inner())
             .entry(topic.to_owned())
             .or_default() += 1;
+    }
+
+    pub(crate) fn table_replayed(&self, table: &str, records: u64) {
+        *self
+            .table_replayed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(table.to_owned())
+            .or_default() += records;
     }
 
     pub(crate) fn agent_error(&self, agent: &str) -> u64 {
@@ -76,6 +87,8 @@ pub(crate) struct Runtime {
     control: mpsc::Sender<Control>,
     queues: tokio::sync::Mutex<HashMap<(String, String), Queue>>,
     actors: Mutex<Vec<tokio::task::AbortHandle>>,
+    /// The app's tables, attached to this worker.
+    pub(crate) tables: Vec<Arc<dyn TableRunner>>,
 }
 
 impl fmt::Debug for Runtime {
@@ -93,6 +106,7 @@ impl Runtime {
         settings: Settings,
         transport: Arc<dyn Transport>,
         control: mpsc::Sender<Control>,
+        tables: Vec<Arc<dyn TableRunner>>,
     ) -> Self {
         let instance = random_id();
         Self {
@@ -107,6 +121,7 @@ impl Runtime {
             control,
             queues: tokio::sync::Mutex::new(HashMap::new()),
             actors: Mutex::new(Vec::new()),
+            tables,
         }
     }
 
@@ -297,6 +312,10 @@ pub(crate) struct Dispatcher {
     topics: HashMap<Arc<str>, Vec<usize>>,
     trackers: HashMap<TopicPartition, Arc<PartitionTracker>>,
     committed: HashMap<TopicPartition, i64>,
+    /// Partitions the group gave this worker.
+    assigned: HashSet<TopicPartition>,
+    /// Table partitions this worker holds (partition numbers of `assigned`).
+    owned: BTreeSet<u32>,
     control: mpsc::Receiver<Control>,
     actors: TaskTracker,
 }
@@ -316,6 +335,8 @@ impl Dispatcher {
             topics: HashMap::new(),
             trackers: HashMap::new(),
             committed: HashMap::new(),
+            assigned: HashSet::new(),
+            owned: BTreeSet::new(),
             control,
             actors,
         };
@@ -419,10 +440,12 @@ impl Dispatcher {
             ConsumerEvent::Messages(batch) => self.dispatch(batch).await,
             ConsumerEvent::Assigned(tps) => {
                 tracing::info!(partitions = %list(&tps), "partitions assigned");
-                for tp in tps {
+                for tp in &tps {
                     self.trackers
                         .insert(tp.clone(), PartitionTracker::new(tp.clone()));
+                    self.assigned.insert(tp.clone());
                 }
+                self.recover_tables().await;
             }
             ConsumerEvent::Revoked(tps) => {
                 tracing::info!(partitions = %list(&tps), "partitions revoked");
@@ -435,9 +458,46 @@ impl Dispatcher {
                 for tp in &tps {
                     self.trackers.remove(tp);
                     self.committed.remove(tp);
+                    self.assigned.remove(tp);
                 }
+                self.release_tables();
             }
         }
+    }
+
+    /// Restores the table partitions of newly assigned partitions before any of their events
+    /// are handed to agents.
+    async fn recover_tables(&mut self) {
+        if self.rt.tables.is_empty() {
+            return;
+        }
+        let wanted: BTreeSet<u32> = self.assigned.iter().map(|tp| tp.partition).collect();
+        let new: Vec<u32> = wanted.difference(&self.owned).copied().collect();
+        if new.is_empty() {
+            return;
+        }
+        for table in &self.rt.tables {
+            if let Err(e) = table.recover(&new).await {
+                tracing::error!(table = table.name(), partitions = ?new, error = %e, "cannot recover table partitions");
+            }
+        }
+        self.owned.extend(new);
+    }
+
+    /// Drops table partitions no assigned partition needs any more (they were committed).
+    fn release_tables(&mut self) {
+        if self.rt.tables.is_empty() {
+            return;
+        }
+        let wanted: BTreeSet<u32> = self.assigned.iter().map(|tp| tp.partition).collect();
+        let gone: Vec<u32> = self.owned.difference(&wanted).copied().collect();
+        if gone.is_empty() {
+            return;
+        }
+        for table in &self.rt.tables {
+            table.release(&gone);
+        }
+        self.owned = wanted;
     }
 
     async fn dispatch(&mut self, batch: Vec<Message>) {
@@ -487,17 +547,34 @@ impl Dispatcher {
     }
 
     async fn commit(&mut self) {
-        // Outputs of processed events must be durable before their inputs are committed.
-        if let Err(e) = self.rt.transport.flush().await {
-            tracing::error!(error = %e, "cannot flush produced records; not committing");
-            return;
-        }
+        // What is processed now is what this commit covers: its outputs and table changes
+        // were made before its events were acked, so the flushes below include them.
         let mut offsets = Vec::new();
         for (tp, tracker) in &self.trackers {
             if let Some(offset) = tracker.committable() {
                 if self.committed.get(tp).is_none_or(|c| *c < offset) {
                     offsets.push((tp.clone(), offset));
                 }
+            }
+        }
+        let mut flushed = Vec::with_capacity(self.rt.tables.len());
+        for table in &self.rt.tables {
+            match table.flush().await {
+                Ok(f) => flushed.push(f),
+                Err(e) => {
+                    tracing::error!(table = table.name(), error = %e, "cannot write table changes to the changelog; not committing");
+                    return;
+                }
+            }
+        }
+        // Outputs of processed events must be durable before their inputs are committed.
+        if let Err(e) = self.rt.transport.flush().await {
+            tracing::error!(error = %e, "cannot flush produced records; not committing");
+            return;
+        }
+        for (table, f) in self.rt.tables.iter().zip(flushed) {
+            if let Err(e) = table.persist(f) {
+                tracing::error!(table = table.name(), error = %e, "cannot store table changes locally; the changelog has them");
             }
         }
         if offsets.is_empty() {
@@ -620,6 +697,18 @@ impl Worker {
             .unwrap_or(0)
     }
 
+    /// How many changelog records this worker replayed to restore partitions of `table`.
+    pub fn table_records_replayed(&self, table: &str) -> u64 {
+        self.rt
+            .stats
+            .table_replayed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(table)
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// Waits for Ctrl-C or SIGTERM (listening from the moment it is called).
     pub async fn wait_for_signal() {
         match Signals::new() {
@@ -644,6 +733,9 @@ impl Worker {
             let _ = replies.await;
         }
         let flushed = self.rt.transport.flush().await;
+        for table in &self.rt.tables {
+            table.detach();
+        }
         self.core.clear_runtime(&self.rt);
         tracing::info!(app = %self.rt.app_id, "worker stopped");
         Ok(flushed?)

@@ -122,8 +122,11 @@ where
             });
             let stream = self.stream(&ctx);
             let mut out = (self.agent.fun)(stream);
-            let outcome = AssertUnwindSafe(self.drive(&mut out, &ctx))
-                .catch_unwind()
+            let outcome = crate::table::ACTOR
+                .scope(
+                    ctx.clone(),
+                    AssertUnwindSafe(self.drive(&mut out, &ctx)).catch_unwind(),
+                )
                 .await;
             drop(out);
             let outcome = match outcome {

@@ -593,6 +593,34 @@ impl Transport for KafkaTransport {
         .boxed()
     }
 
+    fn partitions_consumer(
+        &self,
+        topic: &str,
+        starts: Vec<(u32, i64)>,
+    ) -> BoxFuture<'_, Result<Box<dyn Consumer>, TransportError>> {
+        let topic = topic.to_owned();
+        async move {
+            let mut c = self.inner.config.client();
+            c.set("group.id", format!("rill-reader-{}", std::process::id()))
+                .set("enable.auto.commit", "false")
+                .set("auto.offset.reset", "earliest")
+                .set("fetch.wait.max.ms", "20")
+                .set("isolation.level", "read_committed");
+            for (k, v) in &self.inner.config.extra {
+                c.set(k, v);
+            }
+            let consumer = KafkaConsumer::new(c, None)?;
+            let mut tpl = TopicPartitionList::new();
+            for (p, offset) in starts {
+                tpl.add_partition_offset(&topic, p as i32, Offset::Offset(offset))
+                    .map_err(err)?;
+            }
+            consumer.assign(&tpl)?;
+            Ok(Box::new(consumer) as Box<dyn Consumer>)
+        }
+        .boxed()
+    }
+
     fn committed(
         &self,
         group: &str,

@@ -488,6 +488,42 @@ impl Transport for MemoryTransport {
         async move { r }.boxed()
     }
 
+    fn partitions_consumer(
+        &self,
+        topic: &str,
+        starts: Vec<(u32, i64)>,
+    ) -> BoxFuture<'_, Result<Box<dyn Consumer>, TransportError>> {
+        let r = self.broker.topic(topic).and_then(|t| {
+            let inbox = Arc::new(Inbox::default());
+            let mut assigned = Vec::with_capacity(starts.len());
+            for (p, offset) in starts {
+                let part = t.partitions.get(p as usize).ok_or_else(|| {
+                    TransportError::UnknownPartition {
+                        topic: topic.to_owned(),
+                        partition: p,
+                        partitions: t.partitions.len() as u32,
+                    }
+                })?;
+                part.watch(&inbox.notify);
+                assigned.push(Assigned {
+                    topic: t.clone(),
+                    partition: p,
+                    position: offset.clamp(0, part.len()),
+                });
+            }
+            Ok(Box::new(MemoryConsumer {
+                broker: self.broker.clone(),
+                group: None,
+                member: None,
+                inbox,
+                assigned,
+                cursor: 0,
+                releasing: Vec::new(),
+            }) as Box<dyn Consumer>)
+        });
+        async move { r }.boxed()
+    }
+
     fn committed(
         &self,
         group: &str,

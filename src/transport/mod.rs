@@ -171,6 +171,14 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
         start: StartAt,
     ) -> BoxFuture<'_, Result<Box<dyn Consumer>, TransportError>>;
 
+    /// A consumer outside any group, reading the given partitions of `topic`, each from the
+    /// given offset (table recovery reads changelog partitions this way).
+    fn partitions_consumer(
+        &self,
+        topic: &str,
+        starts: Vec<(u32, i64)>,
+    ) -> BoxFuture<'_, Result<Box<dyn Consumer>, TransportError>>;
+
     /// The offsets `group` has committed: the next offset to read, per partition.
     fn committed(
         &self,

@@ -1,0 +1,98 @@
+//! Word count: sentences in, words out through `group_by`, counted in a table.
+//!
+//! ```console
+//! $ cargo run --example word_count -- worker -l info --store fjall://./word-count-data
+//! $ cargo run --example word_count -- send "The quick brown fox" "the lazy dog" --print
+//! the      2
+//! quick    1
+//! ...
+//! ```
+//!
+//! On the embedded transport `send` runs the agents in its own process and prints the counts
+//! once every word is counted. With a worker running (on Kafka), its web server answers
+//! `GET http://127.0.0.1:6066/tables/word_counts/the` with the count of `the`.
+
+use rill::prelude::*;
+use std::time::{Duration, Instant};
+
+/// Splits sentences into lower-cased words.
+fn split_sentences(mut sentences: Stream<String>) -> impl AsyncIterable<String> {
+    stream! {
+        while let Some(sentence) = sentences.next().await {
+            for word in sentence.split(|c: char| !c.is_alphanumeric()) {
+                if !word.is_empty() {
+                    yield word.to_lowercase();
+                }
+            }
+        }
+    }
+}
+
+/// Send sentences; with `--print`, wait until their words are counted and print the counts.
+#[derive(Debug, rill::clap::Args)]
+struct Send {
+    /// The sentences.
+    sentences: Vec<String>,
+    /// Print the counts of the words sent (embedded transport).
+    #[arg(long)]
+    print: bool,
+}
+
+fn main() {
+    let app = App::new("word_count");
+    let sentences = app.topic("sentences").value_codec(Utf8);
+    let words = app.topic("words").value_type::<String>();
+    let word_counts = app.table::<String, i64>("word_counts");
+
+    app.agent(split_sentences).channel(&sentences).sink(&words);
+
+    let counts = word_counts.clone();
+    app.agent(move |words: Stream<String>| {
+        let word_counts = counts.clone();
+        async move {
+            // Every occurrence of a word reaches the same partition, so the worker that owns
+            // the partition holds the word's count.
+            let mut words = words.group_by(GroupBy::new("word", |w: &String| w.clone()));
+            while let Some(word) = words.next().await {
+                word_counts.update(word, |n| *n += 1);
+            }
+        }
+    })
+    .named("count_words")
+    .channel(&words);
+
+    let local = app.clone();
+    app.command("send", move |args: Send| {
+        let (app, sentences, word_counts) = (local.clone(), sentences.clone(), word_counts.clone());
+        async move {
+            let mut expected: std::collections::BTreeMap<String, i64> = Default::default();
+            for sentence in &args.sentences {
+                for word in sentence.split(|c: char| !c.is_alphanumeric()) {
+                    if !word.is_empty() {
+                        *expected.entry(word.to_lowercase()).or_default() += 1;
+                    }
+                }
+                sentences.send(sentence.clone()).await?;
+            }
+            if !args.print || !app.is_embedded() {
+                return Ok::<_, rill::Error>(());
+            }
+            // Counts start from the table's state, so wait until each word has grown by at
+            // least what was sent.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let before: Vec<(String, i64)> = expected.keys().map(|w| (w.clone(), 0)).collect();
+            while before
+                .iter()
+                .any(|(w, _)| word_counts.value(w) < expected[w])
+                && Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            for word in expected.keys() {
+                println!("{word:<8} {}", word_counts.value(word));
+            }
+            Ok(())
+        }
+    });
+    app.main()
+}

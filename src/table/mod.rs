@@ -1,0 +1,764 @@
+//! Tables: partitioned key/value state that survives restarts and moves with its partitions.
+//!
+//! A table is split into partitions like the stream that writes it: an event read from
+//! partition `p` updates partition `p` of the table, so the worker that owns a partition of the
+//! stream owns the same partition of the table (co-partitioning). Every change is also written
+//! to the table's changelog topic, `<app id>-<table>-changelog` (compacted, with the table's
+//! partition count), which is the durable copy:
+//!
+//! - Changes are collected in memory and written to the changelog when the worker commits
+//!   (every `commit_interval`, on rebalance and on shutdown), before the offsets of the events
+//!   that made them; a key changed many times between commits is written once, with its last
+//!   value (as Kafka Streams' record cache does).
+//! - When a worker is given partitions (start, rebalance, failover) it restores those table
+//!   partitions before any of their events reach an agent: from the local store if it is
+//!   persistent (see [`store`]), then from the changelog records written after it.
+//! - On revocation the partitions are committed, then dropped from memory.
+//!
+//! With at-least-once processing, events processed since the last commit are processed again
+//! after a crash, so their table updates are applied again.
+
+pub(crate) mod store;
+
+use crate::app::AppCore;
+use crate::codec::{Codec, Json};
+use crate::error::{Error, Result};
+use crate::partitioner::partition_for_key;
+use crate::stream::ActorCtx;
+use crate::transport::{ConsumerEvent, TopicSpec};
+use crate::worker::Runtime;
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::fmt;
+use std::hash::Hash;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+use store::{Change, Store};
+
+tokio::task_local! {
+    /// The actor whose agent body is running on this task: tables read the current event's
+    /// partition and the agent's concurrency from it.
+    pub(crate) static ACTOR: Arc<ActorCtx>;
+}
+
+/// How often recovery reports progress.
+const PROGRESS_EVERY: Duration = Duration::from_secs(2);
+
+/// One partition of a table in memory.
+struct Part<K, V> {
+    data: HashMap<K, V>,
+    /// Keys changed since the last commit (removed keys are dirty and absent from `data`).
+    dirty: HashSet<K>,
+}
+
+impl<K, V> Default for Part<K, V> {
+    fn default() -> Self {
+        Self {
+            data: HashMap::new(),
+            dirty: HashSet::new(),
+        }
+    }
+}
+
+/// Where a running table writes.
+#[derive(Clone)]
+struct Attached {
+    rt: Arc<Runtime>,
+    store: Arc<dyn Store>,
+    spec: TopicSpec,
+}
+
+pub(crate) struct TableInner<K, V> {
+    core: Arc<AppCore>,
+    name: String,
+    partitions: Mutex<Option<u32>>,
+    default: RwLock<Arc<dyn Fn() -> V + Send + Sync>>,
+    key_codec: Arc<dyn Codec<K>>,
+    value_codec: Arc<dyn Codec<V>>,
+    parts: Mutex<HashMap<u32, Part<K, V>>>,
+    /// Partitions being restored: not served to lookups yet.
+    recovering: Mutex<BTreeSet<u32>>,
+    attached: RwLock<Option<Attached>>,
+}
+
+/// A partitioned key/value table, Faust's `app.Table`: declare it with
+/// [`App::table`](crate::App::table) and use it from agents.
+///
+/// ```
+/// # use rill::prelude::*;
+/// # #[tokio::main] async fn main() -> rill::Result<()> {
+/// let app = App::new("word-count-doc");
+/// let counts = app.table::<String, i64>("word_counts");
+/// let words = app.topic("words").value_type::<String>();
+/// let table = counts.clone();
+/// app.agent(move |mut words: Stream<String>| {
+///     let counts = table.clone();
+///     async move {
+///         while let Some(word) = words.next().await {
+///             counts.update(word, |n| *n += 1);
+///         }
+///     }
+/// })
+/// .named("count_words")
+/// .channel(&words);
+/// let worker = app.start().await?;
+/// words.send("hello".to_owned()).await?;
+/// # let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+/// # while counts.get(&"hello".to_owned()).is_none() && std::time::Instant::now() < deadline {
+/// #     tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+/// # }
+/// assert_eq!(counts.get(&"hello".to_owned()), Some(1));
+/// worker.shutdown().await?;
+/// # Ok(()) }
+/// ```
+pub struct Table<K, V> {
+    pub(crate) inner: Arc<TableInner<K, V>>,
+}
+
+impl<K, V> Clone for Table<K, V> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<K, V> fmt::Debug for Table<K, V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Table")
+            .field("name", &self.inner.name)
+            .finish()
+    }
+}
+
+/// The bounds table keys meet.
+pub trait TableKey:
+    Eq + Hash + Clone + Serialize + DeserializeOwned + Send + Sync + 'static
+{
+}
+impl<T> TableKey for T where
+    T: Eq + Hash + Clone + Serialize + DeserializeOwned + Send + Sync + 'static
+{
+}
+
+/// The bounds table values meet.
+pub trait TableValue: Clone + Serialize + DeserializeOwned + Send + Sync + 'static {}
+impl<T> TableValue for T where T: Clone + Serialize + DeserializeOwned + Send + Sync + 'static {}
+
+impl<K: TableKey, V: TableValue> Table<K, V> {
+    pub(crate) fn new(
+        core: Arc<AppCore>,
+        name: String,
+        default: Arc<dyn Fn() -> V + Send + Sync>,
+    ) -> Self {
+        Self {
+            inner: Arc::new(TableInner {
+                core,
+                name,
+                partitions: Mutex::new(None),
+                default: RwLock::new(default),
+                key_codec: Arc::new(Json::<K>::new()),
+                value_codec: Arc::new(Json::<V>::new()),
+                parts: Mutex::new(HashMap::new()),
+                recovering: Mutex::new(BTreeSet::new()),
+                attached: RwLock::new(None),
+            }),
+        }
+    }
+
+    /// The table's name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The changelog topic: `<app id>-<table>-changelog`.
+    pub fn changelog_topic(&self) -> String {
+        changelog_name(&self.inner.core.id, &self.inner.name)
+    }
+
+    /// Sets the partition count (by default the app's `topic_partitions`). It must match the
+    /// partition count of the topics whose agents write the table.
+    pub fn partitions(self, n: u32) -> Self {
+        *self
+            .inner
+            .partitions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(n.max(1));
+        self
+    }
+
+    /// Sets the value a missing key starts from (by default `V::default()`), Faust's
+    /// `default=`.
+    pub fn default_value(self, f: impl Fn() -> V + Send + Sync + 'static) -> Self {
+        *self
+            .inner
+            .default
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Arc::new(f);
+        self
+    }
+
+    fn default(&self) -> V {
+        let f = self
+            .inner
+            .default
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        f()
+    }
+
+    fn partition_count(&self) -> u32 {
+        self.inner.partition_count()
+    }
+
+    /// The partition a write goes to: the current event's, else the key's.
+    fn write_partition(&self, key: &K) -> u32 {
+        let n = self.partition_count();
+        let current = ACTOR.try_with(|a| {
+            if a.concurrency > 1 {
+                panic!(
+                    "table {:?}: agent {:?} has concurrency {} and cannot write tables; an \
+                     agent with concurrency > 1 can only read them (its actors would race on \
+                     the same keys)",
+                    self.inner.name, a.agent, a.concurrency
+                );
+            }
+            a.current().map(|m| m.partition)
+        });
+        match current {
+            Ok(Some(p)) if p < n => p,
+            _ => self.key_partition(key),
+        }
+    }
+
+    fn key_partition(&self, key: &K) -> u32 {
+        match self.inner.key_codec.encode(key) {
+            Ok(bytes) => partition_for_key(&bytes, self.partition_count()),
+            Err(_) => 0,
+        }
+    }
+
+    /// The partition the current event came from, if an agent is running here.
+    fn current_partition(&self) -> Option<u32> {
+        ACTOR
+            .try_with(|a| a.current().map(|m| m.partition))
+            .ok()
+            .flatten()
+    }
+
+    fn with_parts<R>(&self, f: impl FnOnce(&mut HashMap<u32, Part<K, V>>) -> R) -> R {
+        f(&mut self.inner.parts.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Reads a key: from the current event's partition first, then from every partition
+    /// this worker holds.
+    fn read<R>(&self, key: &K, f: impl FnOnce(&V) -> R) -> Option<R> {
+        let first = self.current_partition();
+        self.with_parts(|parts| {
+            if let Some(v) = first
+                .and_then(|p| parts.get(&p))
+                .and_then(|p| p.data.get(key))
+            {
+                return Some(f(v));
+            }
+            parts.values().find_map(|p| p.data.get(key)).map(f)
+        })
+    }
+
+    /// The value of `key`, if the table has it (on this worker).
+    pub fn get(&self, key: &K) -> Option<V> {
+        self.read(key, V::clone)
+    }
+
+    /// The value of `key`, or the default value if the table does not have it: Faust's
+    /// `table[key]`.
+    pub fn value(&self, key: &K) -> V {
+        self.get(key).unwrap_or_else(|| self.default())
+    }
+
+    /// Whether the table has `key` (on this worker).
+    pub fn contains_key(&self, key: &K) -> bool {
+        self.read(key, |_| ()).is_some()
+    }
+
+    /// Sets `key` to `value`, returning the old value.
+    pub fn insert(&self, key: K, value: V) -> Option<V> {
+        let p = self.write_partition(&key);
+        self.with_parts(|parts| {
+            let part = parts.entry(p).or_default();
+            part.dirty.insert(key.clone());
+            part.data.insert(key, value)
+        })
+    }
+
+    /// Changes the value of `key` in place, starting from the default value when the key is
+    /// missing: `counts.update(word, |n| *n += 1)` is Faust's `counts[word] += 1`.
+    pub fn update<R>(&self, key: K, f: impl FnOnce(&mut V) -> R) -> R {
+        let p = self.write_partition(&key);
+        self.with_parts(|parts| {
+            let part = parts.entry(p).or_default();
+            if !part.dirty.contains(&key) {
+                part.dirty.insert(key.clone());
+            }
+            match part.data.get_mut(&key) {
+                Some(value) => f(value),
+                None => {
+                    let mut value = self.default();
+                    let r = f(&mut value);
+                    part.data.insert(key, value);
+                    r
+                }
+            }
+        })
+    }
+
+    /// Removes `key`, returning its value. The changelog gets a tombstone.
+    pub fn remove(&self, key: &K) -> Option<V> {
+        let p = self.write_partition(key);
+        self.with_parts(|parts| {
+            let part = parts.entry(p).or_default();
+            let old = part.data.remove(key);
+            part.dirty.insert(key.clone());
+            old
+        })
+    }
+
+    /// Number of keys this worker holds.
+    pub fn len(&self) -> usize {
+        self.with_parts(|parts| parts.values().map(|p| p.data.len()).sum())
+    }
+
+    /// Whether this worker holds no keys.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A copy of the entries this worker holds, in no particular order.
+    pub fn items(&self) -> Vec<(K, V)> {
+        self.with_parts(|parts| {
+            parts
+                .values()
+                .flat_map(|p| p.data.iter().map(|(k, v)| (k.clone(), v.clone())))
+                .collect()
+        })
+    }
+
+    /// The table partitions this worker holds.
+    pub fn local_partitions(&self) -> Vec<u32> {
+        let mut v: Vec<u32> = self.with_parts(|parts| parts.keys().copied().collect());
+        v.sort_unstable();
+        v
+    }
+}
+
+pub(crate) fn changelog_name(app_id: &str, table: &str) -> String {
+    format!("{app_id}-{table}-changelog")
+}
+
+impl<K, V> TableInner<K, V> {
+    fn partition_count(&self) -> u32 {
+        if let Some(a) = self
+            .attached
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            return a.spec.partitions;
+        }
+        self.partitions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or_else(|| self.core.settings().topic_partitions)
+    }
+
+    fn attached(&self) -> Result<Attached> {
+        self.attached
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| Error::NotRunning {
+                app: self.core.id.to_string(),
+            })
+    }
+}
+
+/// What a commit wrote to the changelog of one table partition, to be stored locally once the
+/// changelog has it.
+pub(crate) struct Flushed {
+    partition: u32,
+    changes: Vec<Change>,
+    checkpoint: i64,
+}
+
+/// A table with its types erased, as the app and the worker keep it.
+pub(crate) trait TableRunner: Send + Sync {
+    fn name(&self) -> &str;
+    /// The changelog topic's spec.
+    fn changelog_spec(&self) -> TopicSpec;
+    /// Connects the table to a starting worker.
+    fn attach(&self, rt: &Arc<Runtime>, store: Arc<dyn Store>);
+    /// Disconnects it from a stopped worker and forgets its partitions.
+    fn detach(&self);
+    /// Restores `partitions` (from the store, then the changelog).
+    fn recover<'a>(&'a self, partitions: &'a [u32]) -> BoxFuture<'a, Result<()>>;
+    /// Drops partitions this worker no longer owns (after they were committed).
+    fn release(&self, partitions: &[u32]);
+    /// Writes the changes since the last commit to the changelog.
+    fn flush(&self) -> BoxFuture<'_, Result<Vec<Flushed>>>;
+    /// Stores what [`flush`](TableRunner::flush) wrote, once the changelog has it.
+    fn persist(&self, flushed: Vec<Flushed>) -> Result<()>;
+    /// The value of a key given as text (JSON, or a bare string), as JSON; for lookups.
+    fn lookup(&self, key: &str) -> Lookup;
+    /// Number of keys held.
+    fn size(&self) -> usize;
+}
+
+/// The answer to a lookup by key.
+#[derive(Debug)]
+pub(crate) enum Lookup {
+    Found(serde_json::Value),
+    Missing,
+    /// The key's partition is being restored.
+    Recovering(u32),
+    /// The key does not parse as a key of this table.
+    BadKey(String),
+}
+
+impl<K: TableKey, V: TableValue> TableRunner for Table<K, V> {
+    fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    fn changelog_spec(&self) -> TopicSpec {
+        let settings = self.inner.core.settings();
+        TopicSpec {
+            name: self.changelog_topic(),
+            partitions: self.partition_count(),
+            replication_factor: settings.topic_replication_factor,
+            compacted: true,
+        }
+    }
+
+    fn attach(&self, rt: &Arc<Runtime>, store: Arc<dyn Store>) {
+        let spec = self.changelog_spec();
+        *self
+            .inner
+            .attached
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Some(Attached {
+            rt: rt.clone(),
+            store,
+            spec,
+        });
+    }
+
+    fn detach(&self) {
+        *self
+            .inner
+            .attached
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = None;
+        self.with_parts(|parts| parts.clear());
+    }
+
+    fn recover<'a>(&'a self, partitions: &'a [u32]) -> BoxFuture<'a, Result<()>> {
+        async move { self.restore(partitions).await }.boxed()
+    }
+
+    fn release(&self, partitions: &[u32]) {
+        self.with_parts(|parts| {
+            for p in partitions {
+                parts.remove(p);
+            }
+        });
+    }
+
+    fn flush(&self) -> BoxFuture<'_, Result<Vec<Flushed>>> {
+        async move { self.write_changelog().await }.boxed()
+    }
+
+    fn persist(&self, flushed: Vec<Flushed>) -> Result<()> {
+        let a = self.inner.attached()?;
+        for f in flushed {
+            a.store
+                .write(&self.inner.name, f.partition, &f.changes, f.checkpoint)?;
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, text: &str) -> Lookup {
+        let key: K = match serde_json::from_str(text)
+            .or_else(|_| serde_json::from_value(serde_json::Value::String(text.to_owned())))
+        {
+            Ok(k) => k,
+            Err(e) => return Lookup::BadKey(e.to_string()),
+        };
+        let p = self.key_partition(&key);
+        if self
+            .inner
+            .recovering
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&p)
+        {
+            return Lookup::Recovering(p);
+        }
+        match self.get(&key) {
+            Some(v) => match serde_json::to_value(&v) {
+                Ok(j) => Lookup::Found(j),
+                Err(e) => Lookup::BadKey(e.to_string()),
+            },
+            None => Lookup::Missing,
+        }
+    }
+
+    fn size(&self) -> usize {
+        self.len()
+    }
+}
+
+impl<K: TableKey, V: TableValue> Table<K, V> {
+    /// Encodes the dirty keys of every partition and queues them to the changelog.
+    async fn write_changelog(&self) -> Result<Vec<Flushed>> {
+        let a = self.inner.attached()?;
+        let batches: Vec<(u32, Vec<Change>)> = self.with_parts(|parts| {
+            let mut out = Vec::new();
+            for (p, part) in parts.iter_mut() {
+                if part.dirty.is_empty() {
+                    continue;
+                }
+                let mut changes = Vec::with_capacity(part.dirty.len());
+                for key in part.dirty.drain() {
+                    let k = match self.inner.key_codec.encode(&key) {
+                        Ok(k) => k,
+                        Err(e) => {
+                            tracing::error!(table = %self.inner.name, error = %e, "cannot encode a table key; change not written");
+                            continue;
+                        }
+                    };
+                    let v = match part.data.get(&key) {
+                        Some(v) => match self.inner.value_codec.encode(v) {
+                            Ok(v) => Some(v),
+                            Err(e) => {
+                                tracing::error!(table = %self.inner.name, error = %e, "cannot encode a table value; change not written");
+                                continue;
+                            }
+                        },
+                        None => None,
+                    };
+                    changes.push((k, v));
+                }
+                if !changes.is_empty() {
+                    out.push((*p, changes));
+                }
+            }
+            out
+        });
+        let persistent = a.store.is_persistent();
+        let mut flushed = Vec::with_capacity(batches.len());
+        for (p, changes) in batches {
+            let last = changes.len() - 1;
+            let mut checkpoint = -1;
+            for (i, (k, v)) in changes.iter().enumerate() {
+                if persistent && i == last {
+                    // The position of the last record is the checkpoint; records of one
+                    // partition are appended in order, so the others are before it.
+                    checkpoint =
+                        a.rt.produce(&a.spec, Some(p), Some(k.clone()), v.clone(), Vec::new())
+                            .await?
+                            .offset;
+                } else {
+                    a.rt.enqueue(&a.spec, Some(p), Some(k.clone()), v.clone(), Vec::new())
+                        .await?;
+                }
+            }
+            if persistent {
+                flushed.push(Flushed {
+                    partition: p,
+                    changes,
+                    checkpoint,
+                });
+            }
+        }
+        Ok(flushed)
+    }
+
+    /// Restores partitions: local store first, then the changelog from after the store's
+    /// checkpoint to its end.
+    async fn restore(&self, partitions: &[u32]) -> Result<()> {
+        let a = self.inner.attached()?;
+        let partitions: Vec<u32> = partitions
+            .iter()
+            .copied()
+            .filter(|p| *p < a.spec.partitions)
+            .collect();
+        let partitions = &partitions[..];
+        if partitions.is_empty() {
+            return Ok(());
+        }
+        let name = &self.inner.name;
+        let topic = a.spec.name.clone();
+        self.inner
+            .recovering
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(partitions.iter().copied());
+        let started = Instant::now();
+        let ends = a.rt.transport.end_offsets(&topic).await?;
+        let mut starts: Vec<(u32, i64)> = Vec::new();
+        let mut total = 0i64;
+        let mut loaded = 0usize;
+        for &p in partitions {
+            let (entries, checkpoint) = a.store.load(name, p)?;
+            let mut part = Part::default();
+            for (k, v) in entries {
+                match (
+                    self.inner.key_codec.decode(&k),
+                    self.inner.value_codec.decode(&v),
+                ) {
+                    (Ok(k), Ok(v)) => {
+                        part.data.insert(k, v);
+                    }
+                    _ => {
+                        tracing::warn!(table = %name, partition = p, "undecodable entry in the local store skipped")
+                    }
+                }
+            }
+            loaded += part.data.len();
+            let end = ends.get(p as usize).copied().unwrap_or(0);
+            let from = checkpoint.map_or(0, |c| c + 1);
+            if from > end {
+                // The changelog is shorter than what the store has seen: a new embedded
+                // broker, or a changelog topic that was deleted and created again.
+                tracing::warn!(
+                    table = %name,
+                    partition = p,
+                    checkpoint = from - 1,
+                    changelog_end = end,
+                    "the local store is ahead of the changelog; keeping the local state"
+                );
+            } else if from < end {
+                starts.push((p, from));
+                total += end - from;
+            }
+            self.with_parts(|parts| {
+                parts.insert(p, part);
+            });
+        }
+        tracing::info!(
+            table = %name,
+            partitions = ?partitions,
+            from_store = loaded,
+            changelog_records = total,
+            "recovering table partitions"
+        );
+        if total > 0 {
+            self.replay(&a, &topic, starts, &ends, total).await?;
+        }
+        self.inner
+            .recovering
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|p| !partitions.contains(p));
+        let secs = started.elapsed().as_secs_f64();
+        tracing::info!(
+            table = %name,
+            partitions = ?partitions,
+            records = total,
+            seconds = format!("{secs:.3}"),
+            "table partitions recovered"
+        );
+        Ok(())
+    }
+
+    /// Applies changelog records from `starts` up to `ends`, reporting progress.
+    async fn replay(
+        &self,
+        a: &Attached,
+        topic: &str,
+        starts: Vec<(u32, i64)>,
+        ends: &[i64],
+        total: i64,
+    ) -> Result<()> {
+        let name = &self.inner.name;
+        let mut remaining: BTreeMap<u32, i64> = starts
+            .iter()
+            .map(|&(p, _)| (p, ends.get(p as usize).copied().unwrap_or(0)))
+            .collect();
+        let mut consumer = a.rt.transport.partitions_consumer(topic, starts).await?;
+        let started = Instant::now();
+        let mut last_report = Instant::now();
+        let mut done = 0i64;
+        while !remaining.is_empty() {
+            let event = tokio::select! {
+                e = consumer.poll() => e?,
+                _ = a.rt.stop.cancelled() => {
+                    return Err(Error::ShuttingDown { app: self.inner.core.id.to_string() })
+                }
+            };
+            let ConsumerEvent::Messages(batch) = event else {
+                continue;
+            };
+            self.with_parts(|parts| {
+                for m in &batch {
+                    let Some(end) = remaining.get(&m.partition).copied() else {
+                        continue;
+                    };
+                    if m.offset >= end {
+                        continue;
+                    }
+                    done += 1;
+                    if m.offset + 1 >= end {
+                        remaining.remove(&m.partition);
+                    }
+                    let Some(part) = parts.get_mut(&m.partition) else {
+                        continue;
+                    };
+                    let Some(k) = m.key.as_deref() else {
+                        continue;
+                    };
+                    let key = match self.inner.key_codec.decode(k) {
+                        Ok(k) => k,
+                        Err(e) => {
+                            tracing::warn!(table = %name, topic, partition = m.partition, offset = m.offset, error = %e, "undecodable changelog key skipped");
+                            continue;
+                        }
+                    };
+                    match m.value.as_deref() {
+                        None | Some([]) => {
+                            part.data.remove(&key);
+                        }
+                        Some(v) => match self.inner.value_codec.decode(v) {
+                            Ok(v) => {
+                                part.data.insert(key, v);
+                            }
+                            Err(e) => {
+                                tracing::warn!(table = %name, topic, partition = m.partition, offset = m.offset, error = %e, "undecodable changelog value skipped");
+                            }
+                        },
+                    }
+                }
+            });
+            if last_report.elapsed() >= PROGRESS_EVERY {
+                last_report = Instant::now();
+                let rate = done as f64 / started.elapsed().as_secs_f64().max(1e-6);
+                let eta = (total - done) as f64 / rate.max(1.0);
+                tracing::info!(
+                    table = %name,
+                    done,
+                    total,
+                    rate = format!("{rate:.0}/s"),
+                    eta = format!("{eta:.1}s"),
+                    "recovering"
+                );
+            }
+        }
+        a.rt.stats.table_replayed(name, done as u64);
+        let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
+        Ok(())
+    }
+}

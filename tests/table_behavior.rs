@@ -1,0 +1,308 @@
+//! Tables on the embedded transport: counts are exact, survive restarts (from the changelog
+//! with the memory store, from local state plus the changelog tail with the fjall store), are
+//! restored before an agent sees an event, and cannot be written by concurrent actors.
+
+mod common;
+
+use common::{read_all, wait_until, Recorder, WAIT};
+use rill::prelude::*;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The word count of `examples/word_count.rs`: sentences → words (a sink) → `group_by` word →
+/// the `word_counts` table.
+struct WordCount {
+    app: App,
+    sentences: Topic<Bytes, String>,
+    counts: Table<String, i64>,
+}
+
+fn word_count(id: &str, broker: &str, store: Option<&str>) -> WordCount {
+    let app = App::new(id);
+    let (broker, store) = (broker.to_owned(), store.map(str::to_owned));
+    app.configure(|s| {
+        s.broker = broker;
+        s.topic_partitions = 4;
+        s.commit_interval = Duration::from_millis(50);
+        if let Some(store) = store {
+            s.store = store;
+        }
+    });
+    let sentences = app.topic("sentences").value_codec(Utf8);
+    let words = app.topic("words").value_type::<String>();
+    let counts = app.table::<String, i64>("word_counts");
+    app.agent(|mut sentences: Stream<String>| {
+        stream! {
+            while let Some(sentence) = sentences.next().await {
+                for word in sentence.split_whitespace() {
+                    yield word.to_lowercase();
+                }
+            }
+        }
+    })
+    .named("split")
+    .channel(&sentences)
+    .sink(&words);
+    let table = counts.clone();
+    app.agent(move |words: Stream<String>| {
+        let counts = table.clone();
+        async move {
+            let mut words = words.group_by(GroupBy::new("word", |w: &String| w.clone()));
+            while let Some(word) = words.next().await {
+                counts.update(word, |n| *n += 1);
+            }
+        }
+    })
+    .named("count")
+    .channel(&words);
+    WordCount {
+        app,
+        sentences,
+        counts,
+    }
+}
+
+const SENTENCES: [&str; 4] = [
+    "the quick brown fox",
+    "jumps over the lazy dog",
+    "The dog sleeps",
+    "a fox a dog a cat",
+];
+
+fn expected(rounds: usize) -> BTreeMap<String, i64> {
+    let mut m = BTreeMap::new();
+    for _ in 0..rounds {
+        for s in SENTENCES {
+            for w in s.split_whitespace() {
+                *m.entry(w.to_lowercase()).or_insert(0) += 1;
+            }
+        }
+    }
+    m
+}
+
+fn snapshot(t: &Table<String, i64>) -> BTreeMap<String, i64> {
+    t.items().into_iter().collect()
+}
+
+async fn send_rounds(wc: &WordCount, rounds: usize) {
+    for _ in 0..rounds {
+        for s in SENTENCES {
+            wc.sentences.send(s.to_owned()).await.expect("send");
+        }
+    }
+}
+
+async fn wait_for_counts(t: &Table<String, i64>, want: &BTreeMap<String, i64>) {
+    common::wait_until_state(WAIT, "the word counts", || snapshot(t), |got| got == want).await;
+}
+
+fn store_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("rill-table-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn word_counts_are_exact_and_the_changelog_holds_them() {
+    let wc = word_count("wc-exact", "memory://", None);
+    let worker = wc.app.start().await.expect("start");
+    send_rounds(&wc, 25).await;
+    wait_for_counts(&wc.counts, &expected(25)).await;
+    assert_eq!(wc.counts.value(&"the".to_owned()), 75);
+    assert_eq!(wc.counts.value(&"unseen".to_owned()), 0, "default value");
+    assert_eq!(wc.counts.get(&"unseen".to_owned()), None);
+    worker.shutdown().await.expect("stop");
+
+    // The changelog's last record per key is the count (compacted topic semantics), and each
+    // key is in the partition Kafka's Java client would pick for it.
+    let mut last: BTreeMap<String, i64> = BTreeMap::new();
+    for m in read_all(&wc.app, "wc-exact-word_counts-changelog") {
+        let key: String = serde_json::from_slice(m.key.as_deref().expect("key")).expect("key");
+        let value: i64 = serde_json::from_slice(m.value.as_deref().expect("value")).expect("v");
+        assert_eq!(
+            m.partition,
+            common::kafka_partition(m.key.as_deref().expect("key"), 4),
+            "changelog partition of {key}"
+        );
+        last.insert(key, value);
+    }
+    assert_eq!(last, expected(25));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_store_tables_are_rebuilt_from_the_changelog_on_restart() {
+    let wc = word_count("wc-restart", "memory://wc-restart", None);
+    let worker = wc.app.start().await.expect("start");
+    send_rounds(&wc, 10).await;
+    wait_for_counts(&wc.counts, &expected(10)).await;
+    worker.shutdown().await.expect("stop");
+    assert!(wc.counts.is_empty(), "a stopped worker holds no partitions");
+
+    // A new process (a new app on the same broker) rebuilds the table from the changelog.
+    let wc = word_count("wc-restart", "memory://wc-restart", None);
+    let worker = wc.app.start().await.expect("restart");
+    wait_for_counts(&wc.counts, &expected(10)).await;
+    assert!(worker.table_records_replayed("word_counts") > 0);
+    send_rounds(&wc, 5).await;
+    wait_for_counts(&wc.counts, &expected(15)).await;
+    worker.shutdown().await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fjall_store_keeps_counts_across_restarts_and_replays_only_the_tail() {
+    let dir = store_dir("fjall");
+    let store = format!("fjall://{}", dir.display());
+
+    // Embedded broker of its own: after the restart the changelog is gone, the store is not.
+    let wc = word_count("wc-fjall", "memory://", Some(&store));
+    let worker = wc.app.start().await.expect("start");
+    send_rounds(&wc, 10).await;
+    wait_for_counts(&wc.counts, &expected(10)).await;
+    worker.shutdown().await.expect("stop");
+
+    let wc = word_count("wc-fjall", "memory://", Some(&store));
+    let worker = wc.app.start().await.expect("restart");
+    wait_for_counts(&wc.counts, &expected(10)).await;
+    assert_eq!(worker.table_records_replayed("word_counts"), 0);
+    send_rounds(&wc, 3).await;
+    wait_for_counts(&wc.counts, &expected(13)).await;
+    worker.shutdown().await.expect("stop");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fjall_store_replays_the_changelog_written_since_its_checkpoint() {
+    let dir = store_dir("tail");
+    let store = format!("fjall://{}", dir.display());
+    let broker = "memory://wc-tail";
+
+    // Worker A counts with a local store, then stops.
+    let a = word_count("wc-tail", broker, Some(&store));
+    let worker = a.app.start().await.expect("start a");
+    send_rounds(&a, 10).await;
+    wait_for_counts(&a.counts, &expected(10)).await;
+    worker.shutdown().await.expect("stop a");
+    let changelog = "wc-tail-word_counts-changelog";
+    let before = read_all(&a.app, changelog).len();
+
+    // Meanwhile another worker (its own, empty store) takes over and counts more.
+    let other = store_dir("tail-other");
+    let b = word_count(
+        "wc-tail",
+        broker,
+        Some(&format!("fjall://{}", other.display())),
+    );
+    let worker = b.app.start().await.expect("start b");
+    wait_for_counts(&b.counts, &expected(10)).await;
+    assert_eq!(
+        worker.table_records_replayed("word_counts"),
+        before as u64,
+        "an empty store replays the whole changelog"
+    );
+    send_rounds(&b, 2).await;
+    wait_for_counts(&b.counts, &expected(12)).await;
+    worker.shutdown().await.expect("stop b");
+    let tail = read_all(&b.app, changelog).len() - before;
+    assert!(tail > 0);
+
+    // A comes back: its store has the first 10 rounds, the changelog tail the rest.
+    let a = word_count("wc-tail", broker, Some(&store));
+    let worker = a.app.start().await.expect("restart a");
+    wait_for_counts(&a.counts, &expected(12)).await;
+    assert_eq!(
+        worker.table_records_replayed("word_counts"),
+        tail as u64,
+        "only the changelog written since the store's checkpoint is replayed"
+    );
+    worker.shutdown().await.expect("stop a");
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&other);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_sees_a_fully_restored_table() {
+    let broker = "memory://restore-first";
+    let build = || {
+        let app = App::new("restore-first");
+        app.configure(|s| {
+            s.broker = broker.to_owned();
+            s.topic_partitions = 1;
+        });
+        let totals = app.table::<String, i64>("totals");
+        let adds = app.topic("adds").value_type::<i64>();
+        let seen = Recorder::new();
+        let (t, r) = (totals.clone(), seen.clone());
+        app.agent(move |mut adds: Stream<i64>| {
+            let (totals, seen) = (t.clone(), r.clone());
+            async move {
+                while let Some(n) = adds.next().await {
+                    // What the agent sees before it writes.
+                    seen.push(totals.value(&"sum".to_owned()));
+                    totals.update("sum".to_owned(), |s| *s += n);
+                }
+            }
+        })
+        .named("sum")
+        .channel(&adds);
+        (app, totals, adds, seen)
+    };
+
+    // 20k updates of one key, committed to the changelog.
+    let (app, totals, adds, _) = build();
+    app.configure(|s| s.commit_interval = Duration::from_millis(10));
+    let worker = app.start().await.expect("start");
+    for _ in 0..20_000 {
+        adds.send(1).await.expect("send");
+    }
+    wait_until(WAIT, "20000 adds", || {
+        totals.value(&"sum".to_owned()) == 20_000
+    })
+    .await;
+    worker.shutdown().await.expect("stop");
+
+    // After a restart the first event already sees the whole sum.
+    let (app, totals, adds, seen) = build();
+    let worker = app.start().await.expect("restart");
+    adds.send(5).await.expect("send");
+    wait_until(WAIT, "the new add", || !seen.is_empty()).await;
+    assert_eq!(
+        seen.snapshot()[0],
+        20_000,
+        "the agent saw a partly restored table"
+    );
+    wait_until(WAIT, "sum", || totals.value(&"sum".to_owned()) == 20_005).await;
+    worker.shutdown().await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_with_concurrency_above_one_cannot_write_a_table() {
+    let app = App::new("concurrent-writer");
+    let counts = app.table::<String, i64>("counts");
+    let words = app.topic("words").value_type::<String>();
+    let t = counts.clone();
+    let reads = Recorder::new();
+    let r = reads.clone();
+    app.agent(move |mut words: Stream<String>| {
+        let (counts, reads) = (t.clone(), r.clone());
+        async move {
+            while let Some(word) = words.next().await {
+                reads.push(counts.value(&word)); // reading is fine
+                counts.update(word, |n| *n += 1); // writing is refused
+            }
+        }
+    })
+    .named("racy")
+    .concurrency(3)
+    .channel(&words);
+    let worker = app.start().await.expect("start");
+    words.send("x".to_owned()).await.expect("send");
+    wait_until(WAIT, "the refused write to be reported", || {
+        worker.agent_errors("racy") >= 1
+    })
+    .await;
+    assert_eq!(reads.snapshot(), vec![0]);
+    assert!(counts.is_empty(), "the write must not happen");
+    worker.shutdown().await.expect("stop");
+}
