@@ -237,6 +237,41 @@ impl App {
         table
     }
 
+    /// Removes the local state of every table (`reset` command): a worker started afterwards
+    /// rebuilds its partitions from the changelogs.
+    pub(crate) fn reset(&self, confirmed: bool) -> Result<()> {
+        let settings = self.core.settings();
+        let store = crate::table::store::open(&settings.store, &self.core.id)?;
+        if !store.is_persistent() {
+            println!(
+                "the table store is {}: nothing is kept locally",
+                store.describe()
+            );
+            return Ok(());
+        }
+        if !confirmed {
+            return Err(Error::Config(format!(
+                "reset removes the local state of tables {:?} in {}; run it again with --yes \
+                 to confirm",
+                self.table_names(),
+                store.describe()
+            )));
+        }
+        let tables = self
+            .tables
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for t in &tables {
+            let partitions = t.changelog_spec().partitions;
+            for p in 0..partitions {
+                store.clear(t.name(), p)?;
+            }
+            println!("removed the local state of table {:?}", t.name());
+        }
+        Ok(())
+    }
+
     /// Names of the declared tables.
     pub fn table_names(&self) -> Vec<String> {
         self.tables
@@ -454,6 +489,20 @@ impl App {
             }
         }
         let closed = CancellationToken::new();
+        let web = match (run_agents, settings.web_port) {
+            (true, Some(port)) => {
+                match crate::web::start(rt.clone(), &settings.web_bind, port, closed.clone()).await
+                {
+                    Ok(web) => Some(web),
+                    Err(e) => {
+                        rt.stop.cancel();
+                        self.core.clear_runtime(&rt);
+                        return Err(e);
+                    }
+                }
+            }
+            _ => None,
+        };
         let replies = tokio::spawn(run_replies(rt.clone(), reply_consumer, closed.clone()));
         let dispatcher = dispatcher.map(|d| tokio::spawn(d.run()));
         tracing::info!(app = %self.core.id, transport = transport.kind(), agents = agents.len(), "worker started");
@@ -462,6 +511,7 @@ impl App {
             rt,
             dispatcher,
             replies: Some(replies),
+            web,
             closed,
         })
     }

@@ -88,9 +88,50 @@ impl App {
                     .value_parser(LEVELS)
                     .help("Log level: critical, error, warn, info, debug or trace [default: warn]"),
             )
+            .arg(
+                Arg::new("store")
+                    .long("store")
+                    .global(true)
+                    .env("RILL_STORE")
+                    .value_name("URL")
+                    .help("Local table store: memory:// (rebuild from changelogs) or fjall://PATH"),
+            )
             .subcommand(
                 clap::Command::new("worker")
-                    .about("Run the app's agents until Ctrl-C or SIGTERM, then drain and commit"),
+                    .about("Run the app's agents until Ctrl-C or SIGTERM, then drain and commit")
+                    .arg(
+                        Arg::new("web_port")
+                            .long("web-port")
+                            .env("RILL_WEB_PORT")
+                            .value_name("PORT")
+                            .value_parser(clap::value_parser!(u16))
+                            .default_value("6066")
+                            .help("Port of the web server (table lookups); 0 picks a free one"),
+                    )
+                    .arg(
+                        Arg::new("web_bind")
+                            .long("web-bind")
+                            .env("RILL_WEB_BIND")
+                            .value_name("ADDRESS")
+                            .default_value("127.0.0.1")
+                            .help("Address the web server listens on"),
+                    )
+                    .arg(
+                        Arg::new("without_web")
+                            .long("without-web")
+                            .action(clap::ArgAction::SetTrue)
+                            .help("Do not serve the web interface"),
+                    ),
+            )
+            .subcommand(
+                clap::Command::new("reset")
+                    .about("Remove the local state of the app's tables (the changelogs are kept)")
+                    .arg(
+                        Arg::new("yes")
+                            .long("yes")
+                            .action(clap::ArgAction::SetTrue)
+                            .help("Confirm the removal"),
+                    ),
             );
         for c in self
             .commands
@@ -133,6 +174,10 @@ impl App {
             let broker = broker.clone();
             self.configure(|s| s.broker = broker);
         }
+        if let Some(store) = matches.get_one::<String>("store") {
+            let store = store.clone();
+            self.configure(|s| s.store = store);
+        }
         if tokio::runtime::Handle::try_current().is_ok() {
             return Err(Error::Config(
                 "App::main starts its own async runtime: call it from a plain `fn main`, not \
@@ -148,7 +193,23 @@ impl App {
             .subcommand()
             .ok_or_else(|| Error::Config("no command given".into()))?;
         if name == "worker" {
+            let port = if sub.get_flag("without_web") {
+                None
+            } else {
+                sub.get_one::<u16>("web_port").copied()
+            };
+            let bind = sub
+                .get_one::<String>("web_bind")
+                .cloned()
+                .unwrap_or_else(|| "127.0.0.1".to_owned());
+            self.configure(|s| {
+                s.web_port = port;
+                s.web_bind = bind;
+            });
             return runtime.block_on(self.run_worker(level));
+        }
+        if name == "reset" {
+            return self.reset(sub.get_flag("yes"));
         }
         let command = self
             .commands
@@ -184,6 +245,14 @@ impl App {
         println!("│ app id     {}", self.id());
         println!("│ transport  {}", s.broker);
         println!("│ agents     {}", self.agent_names().join(", "));
+        let tables = self.table_names();
+        if !tables.is_empty() {
+            println!("│ tables     {}", tables.join(", "));
+            println!("│ store      {}", s.store);
+        }
+        if let Some(addr) = worker.web_addr() {
+            println!("│ web        http://{addr}");
+        }
         println!("│ loglevel   {level}");
         println!("│ guarantee  {}", s.processing_guarantee);
         println!("└ ready (Ctrl-C or SIGTERM stops the worker)");

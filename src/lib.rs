@@ -45,6 +45,7 @@ mod stream;
 pub mod table;
 mod topic;
 pub mod transport;
+mod web;
 mod worker;
 
 #[doc(inline)]

@@ -52,6 +52,12 @@ pub struct Settings {
     /// persistent store under `PATH/<app id>`: a restarted worker reads it and replays only
     /// the changelog written since). The `--store` option and `RILL_STORE` override it.
     pub store: String,
+    /// Port of the worker's web server (table lookups): `None` (the default for workers
+    /// started in code) serves nothing; the `worker` command serves on 6066, as Faust does,
+    /// unless `--web-port` says otherwise. Port 0 picks a free port.
+    pub web_port: Option<u16>,
+    /// Address the web server binds: loopback unless configured otherwise.
+    pub web_bind: String,
     /// librdkafka settings passed through to every Kafka client (SASL, SSL, timeouts, ...),
     /// e.g. `("security.protocol", "SASL_SSL")`. `RILL_KAFKA_*` environment variables add to
     /// them (`RILL_KAFKA_SASL_PASSWORD` sets `sasl.password`). Values are never logged.
@@ -71,6 +77,8 @@ impl Default for Settings {
             map_max_inflight: 1024,
             processing_guarantee: ProcessingGuarantee::AtLeastOnce,
             store: "memory://".to_owned(),
+            web_port: None,
+            web_bind: "127.0.0.1".to_owned(),
             kafka: BTreeMap::new(),
         }
     }

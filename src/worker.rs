@@ -89,6 +89,12 @@ pub(crate) struct Runtime {
     actors: Mutex<Vec<tokio::task::AbortHandle>>,
     /// The app's tables, attached to this worker.
     pub(crate) tables: Vec<Arc<dyn TableRunner>>,
+    /// This worker's id among the app's workers.
+    pub(crate) instance: String,
+    /// The app's workers, from the membership topic.
+    pub(crate) members: crate::web::Members,
+    /// `http://host:port` of this worker's web server, once it listens.
+    web: Mutex<Option<String>>,
 }
 
 impl fmt::Debug for Runtime {
@@ -122,7 +128,18 @@ impl Runtime {
             queues: tokio::sync::Mutex::new(HashMap::new()),
             actors: Mutex::new(Vec::new()),
             tables,
+            instance: format!("{instance:016x}"),
+            members: Default::default(),
+            web: Mutex::new(None),
         }
+    }
+
+    pub(crate) fn set_web(&self, url: String) {
+        *self.web.lock().unwrap_or_else(|e| e.into_inner()) = Some(url);
+    }
+
+    pub(crate) fn web(&self) -> Option<String> {
+        self.web.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Creates a topic if it is missing, and remembers its partition count.
@@ -419,6 +436,9 @@ impl Dispatcher {
             self.rt.abort_actors();
             self.actors.wait().await;
         }
+        if !self.rt.tables.is_empty() {
+            crate::web::publish(&self.rt, None).await;
+        }
         self.commit().await;
         // Closing a Kafka consumer blocks while it leaves the group: do it off the async
         // threads.
@@ -461,6 +481,9 @@ impl Dispatcher {
                     self.assigned.remove(tp);
                 }
                 self.release_tables();
+                if !self.rt.tables.is_empty() {
+                    crate::web::publish(&self.rt, Some(&self.owned)).await;
+                }
             }
         }
     }
@@ -482,6 +505,7 @@ impl Dispatcher {
             }
         }
         self.owned.extend(new);
+        crate::web::publish(&self.rt, Some(&self.owned)).await;
     }
 
     /// Drops table partitions no assigned partition needs any more (they were committed).
@@ -655,6 +679,7 @@ pub struct Worker {
     pub(crate) rt: Arc<Runtime>,
     pub(crate) dispatcher: Option<JoinHandle<()>>,
     pub(crate) replies: Option<JoinHandle<()>>,
+    pub(crate) web: Option<crate::web::Web>,
     pub(crate) closed: CancellationToken,
 }
 
@@ -697,6 +722,12 @@ impl Worker {
             .unwrap_or(0)
     }
 
+    /// The address of the worker's web server, if it serves one (see
+    /// [`Settings::web_port`](crate::Settings::web_port)).
+    pub fn web_addr(&self) -> Option<std::net::SocketAddr> {
+        self.web.as_ref().map(|w| w.addr)
+    }
+
     /// How many changelog records this worker replayed to restore partitions of `table`.
     pub fn table_records_replayed(&self, table: &str) -> u64 {
         self.rt
@@ -731,6 +762,10 @@ impl Worker {
         self.closed.cancel();
         if let Some(replies) = self.replies.take() {
             let _ = replies.await;
+        }
+        if let Some(web) = self.web.take() {
+            let _ = web.server.await;
+            let _ = web.membership.await;
         }
         let flushed = self.rt.transport.flush().await;
         for table in &self.rt.tables {

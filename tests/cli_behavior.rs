@@ -184,6 +184,8 @@ async fn start_worker() -> ReadyWorker {
             .env_remove("RILL_BROKER")
             .env_remove("RILL_LOG")
             .env_remove("RUST_LOG")
+            // Tests run side by side: each worker serves on a free port.
+            .env("RILL_WEB_PORT", "0")
             .arg("worker")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

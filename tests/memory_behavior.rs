@@ -31,6 +31,8 @@ fn idle_embedded_worker_stays_under_30_mb() {
     let bin = example("agent");
     assert!(bin.exists(), "{} not built", bin.display());
     let mut child = Command::new(&bin)
+        // Tests run side by side: each worker serves on a free port.
+        .env("RILL_WEB_PORT", "0")
         .arg("worker")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

@@ -306,3 +306,104 @@ async fn an_agent_with_concurrency_above_one_cannot_write_a_table() {
     assert!(counts.is_empty(), "the write must not happen");
     worker.shutdown().await.expect("stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn table_values_are_served_over_http() {
+    let wc = word_count("wc-http", "memory://", None);
+    wc.app.configure(|s| s.web_port = Some(0));
+    let worker = wc.app.start().await.expect("start");
+    let addr = worker.web_addr().expect("a web server");
+    send_rounds(&wc, 4).await;
+    wait_for_counts(&wc.counts, &expected(4)).await;
+    let get =
+        |path: &'static str| tokio::task::spawn_blocking(move || common::http_get(addr, path));
+    assert_eq!(
+        get("/tables/word_counts/the").await.expect("get"),
+        (200, "12".to_owned())
+    );
+    assert_eq!(
+        get("/tables/word_counts/%22dog%22").await.expect("get"),
+        (200, "12".to_owned())
+    );
+    let (status, body) = get("/tables/word_counts/zebra").await.expect("get");
+    assert_eq!(status, 404, "{body}");
+    let (status, body) = get("/tables/nope/the").await.expect("get");
+    assert_eq!(status, 404);
+    assert!(body.contains("no table named"), "{body}");
+    let (status, body) = get("/tables").await.expect("get");
+    assert_eq!(status, 200);
+    let tables: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(tables[0]["name"], "word_counts");
+    assert_eq!(tables[0]["changelog"], "wc-http-word_counts-changelog");
+    assert_eq!(tables[0]["partitions"], 4);
+    worker.shutdown().await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_worker_answers_for_keys_another_worker_owns() {
+    // Two workers of one app share the partitions (a consumer group on one embedded broker).
+    let a = word_count("wc-fwd", "memory://wc-fwd", None);
+    let b = word_count("wc-fwd", "memory://wc-fwd", None);
+    a.app.configure(|s| s.web_port = Some(0));
+    b.app.configure(|s| s.web_port = Some(0));
+    let wa = a.app.start().await.expect("start a");
+    let wb = b.app.start().await.expect("start b");
+    common::wait_until(WAIT, "both workers hold partitions", || {
+        !a.counts.local_partitions().is_empty()
+            && !b.counts.local_partitions().is_empty()
+            && a.counts.local_partitions().len() + b.counts.local_partitions().len() == 4
+    })
+    .await;
+    send_rounds(&a, 6).await;
+    let want = expected(6);
+    common::wait_until_state(
+        WAIT,
+        "the counts, split over both workers",
+        || {
+            let mut all = snapshot(&a.counts);
+            all.extend(snapshot(&b.counts));
+            all
+        },
+        |all| *all == want,
+    )
+    .await;
+    // Each worker misses some words: those lookups are forwarded.
+    assert!(want.keys().any(|w| a.counts.get(w).is_none()));
+    assert!(want.keys().any(|w| b.counts.get(w).is_none()));
+    let (addr_a, addr_b) = (wa.web_addr().expect("web a"), wb.web_addr().expect("web b"));
+    for (word, count) in &want {
+        let path = format!("/tables/word_counts/{word}");
+        let (pa, pb) = (path.clone(), path.clone());
+        let from_a = common::within(WAIT, "lookup on a", async {
+            loop {
+                let p = pa.clone();
+                let r = tokio::task::spawn_blocking(move || common::http_get(addr_a, &p))
+                    .await
+                    .expect("get");
+                // 503 while the membership topic has not told a where the key is yet.
+                if r.0 != 503 {
+                    return r;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        let from_b = common::within(WAIT, "lookup on b", async {
+            loop {
+                let p = pb.clone();
+                let r = tokio::task::spawn_blocking(move || common::http_get(addr_b, &p))
+                    .await
+                    .expect("get");
+                if r.0 != 503 {
+                    return r;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        assert_eq!(from_a, (200, count.to_string()), "{word} on a");
+        assert_eq!(from_b, (200, count.to_string()), "{word} on b");
+    }
+    wa.shutdown().await.expect("stop a");
+    wb.shutdown().await.expect("stop b");
+}

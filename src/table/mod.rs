@@ -415,13 +415,19 @@ pub(crate) trait TableRunner: Send + Sync {
     fn lookup(&self, key: &str) -> Lookup;
     /// Number of keys held.
     fn size(&self) -> usize;
+    /// Partitions held.
+    fn held_partitions(&self) -> Vec<u32>;
 }
 
 /// The answer to a lookup by key.
 #[derive(Debug)]
 pub(crate) enum Lookup {
     Found(serde_json::Value),
-    Missing,
+    /// Not here; `held` says whether this worker holds the key's partition.
+    Missing {
+        partition: u32,
+        held: bool,
+    },
     /// The key's partition is being restored.
     Recovering(u32),
     /// The key does not parse as a key of this table.
@@ -512,12 +518,19 @@ impl<K: TableKey, V: TableValue> TableRunner for Table<K, V> {
                 Ok(j) => Lookup::Found(j),
                 Err(e) => Lookup::BadKey(e.to_string()),
             },
-            None => Lookup::Missing,
+            None => Lookup::Missing {
+                partition: p,
+                held: self.with_parts(|parts| parts.contains_key(&p)),
+            },
         }
     }
 
     fn size(&self) -> usize {
         self.len()
+    }
+
+    fn held_partitions(&self) -> Vec<u32> {
+        self.local_partitions()
     }
 }
 

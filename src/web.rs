@@ -1,0 +1,412 @@
+//! The worker's web server: table lookups, and the membership that lets any worker answer
+//! for a key another worker owns.
+//!
+//! - `GET /tables`: the app's tables (name, changelog topic, partitions, what this worker
+//!   holds).
+//! - `GET /tables/{table}/{key}`: 200 with the value as JSON, 404 when the key is missing,
+//!   503 while the key's partition is being restored. The key is JSON (`"word"`, `42`) or bare
+//!   text, which is taken as a string. When another worker owns the key's partition the request
+//!   is forwarded to it.
+//!
+//! Membership: each worker with a web server publishes, on every rebalance, its web address
+//! and the table partitions it holds to the compacted topic `<app id>-workers` (keyed by its
+//! instance id, removed with a tombstone when it stops), and reads that topic to learn where
+//! the other partitions are.
+
+use crate::error::{Error, Result};
+use crate::table::Lookup;
+use crate::transport::{ConsumerEvent, StartAt, TopicSpec};
+use crate::worker::Runtime;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Marks a forwarded lookup, which is answered locally (no second hop).
+const FORWARDED: &str = "x-rill-forwarded";
+/// How long a forwarded lookup may take.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What a worker says about itself on the membership topic.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Member {
+    instance: String,
+    /// `http://host:port` of its web server.
+    web: String,
+    /// Table partitions it holds.
+    partitions: BTreeSet<u32>,
+    /// When it said so (ms since the epoch): the latest claim to a partition wins.
+    at: i64,
+}
+
+/// The workers of the app, as the membership topic tells.
+#[derive(Debug, Default)]
+pub(crate) struct Members {
+    by_instance: Mutex<HashMap<String, Member>>,
+}
+
+impl Members {
+    /// The web address of the other worker that most recently claimed `partition`.
+    fn owner_of(&self, partition: u32, me: &str) -> Option<String> {
+        self.by_instance
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|m| m.instance != me && m.partitions.contains(&partition))
+            .max_by_key(|m| m.at)
+            .map(|m| m.web.clone())
+    }
+
+    fn apply(&self, key: &[u8], value: Option<&[u8]>) {
+        let instance = String::from_utf8_lossy(key).into_owned();
+        let mut map = self.by_instance.lock().unwrap_or_else(|e| e.into_inner());
+        match value.filter(|v| !v.is_empty()) {
+            None => {
+                map.remove(&instance);
+            }
+            Some(v) => match serde_json::from_slice::<Member>(v) {
+                Ok(m) => {
+                    map.insert(instance, m);
+                }
+                Err(e) => tracing::debug!(error = %e, "unreadable membership record ignored"),
+            },
+        }
+    }
+}
+
+pub(crate) fn members_topic(app_id: &str) -> String {
+    format!("{app_id}-workers")
+}
+
+/// The running web server of a worker.
+#[derive(Debug)]
+pub(crate) struct Web {
+    pub(crate) addr: SocketAddr,
+    pub(crate) server: JoinHandle<()>,
+    pub(crate) membership: JoinHandle<()>,
+}
+
+/// Binds the web server and starts serving; stops when `closed` is cancelled.
+pub(crate) async fn start(
+    rt: Arc<Runtime>,
+    bind: &str,
+    port: u16,
+    closed: CancellationToken,
+) -> Result<Web> {
+    let listener = tokio::net::TcpListener::bind((bind, port))
+        .await
+        .map_err(|e| {
+            Error::Config(format!(
+                "cannot serve the web interface on {bind}:{port}: {e} (another worker on this \
+                 machine? give each its own --web-port)"
+            ))
+        })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Error::Config(format!("cannot read the web address: {e}")))?;
+    let host = if addr.ip().is_unspecified() {
+        "127.0.0.1".to_owned()
+    } else {
+        addr.ip().to_string()
+    };
+    rt.set_web(format!("http://{host}:{}", addr.port()));
+
+    let spec = TopicSpec {
+        name: members_topic(&rt.app_id),
+        partitions: 1,
+        replication_factor: rt.settings.topic_replication_factor,
+        compacted: true,
+    };
+    rt.ensure_topic(&spec).await?;
+    let consumer = rt
+        .transport
+        .topic_consumer(&spec.name, StartAt::Earliest)
+        .await?;
+    let membership = tokio::spawn(read_members(rt.clone(), consumer, closed.clone()));
+
+    let app = Router::new()
+        .route("/tables", get(list_tables))
+        .route("/tables/{table}/{key}", get(get_key))
+        .with_state(rt.clone());
+    let stop = closed.clone();
+    let server = tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "web server failed");
+        }
+    });
+    tracing::info!(address = %addr, "web server listening");
+    Ok(Web {
+        addr,
+        server,
+        membership,
+    })
+}
+
+async fn read_members(
+    rt: Arc<Runtime>,
+    mut consumer: Box<dyn crate::transport::Consumer>,
+    closed: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = closed.cancelled() => break,
+            event = consumer.poll() => match event {
+                Ok(ConsumerEvent::Messages(batch)) => {
+                    for m in batch {
+                        if let Some(k) = m.key.as_deref() {
+                            rt.members.apply(k, m.value.as_deref());
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "membership reader error; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            },
+        }
+    }
+    let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
+}
+
+/// Publishes this worker's web address and table partitions (or, with `None`, that it left).
+pub(crate) async fn publish(rt: &Runtime, partitions: Option<&BTreeSet<u32>>) {
+    let Some(web) = rt.web() else {
+        return;
+    };
+    let value = match partitions {
+        Some(p) => {
+            let member = Member {
+                instance: rt.instance.clone(),
+                web,
+                partitions: p.clone(),
+                at: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as i64)
+                    .unwrap_or(0),
+            };
+            match serde_json::to_vec(&member) {
+                Ok(v) => Some(Bytes::from(v)),
+                Err(_) => return,
+            }
+        }
+        None => None,
+    };
+    let spec = rt.default_spec(&members_topic(&rt.app_id));
+    let key = Bytes::from(rt.instance.clone());
+    if let Err(e) = rt
+        .enqueue(&spec, Some(0), Some(key), value, Vec::new())
+        .await
+    {
+        tracing::warn!(error = %e, "cannot publish this worker's partitions");
+    }
+}
+
+#[derive(Serialize)]
+struct TableInfo {
+    name: String,
+    changelog: String,
+    partitions: u32,
+    local_partitions: Vec<u32>,
+    local_keys: usize,
+}
+
+async fn list_tables(State(rt): State<Arc<Runtime>>) -> Json<Vec<TableInfo>> {
+    Json(
+        rt.tables
+            .iter()
+            .map(|t| {
+                let spec = t.changelog_spec();
+                TableInfo {
+                    name: t.name().to_owned(),
+                    changelog: spec.name,
+                    partitions: spec.partitions,
+                    local_partitions: t.held_partitions(),
+                    local_keys: t.size(),
+                }
+            })
+            .collect(),
+    )
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(serde_json::json!({ "error": message.into() }))).into_response()
+}
+
+async fn get_key(
+    State(rt): State<Arc<Runtime>>,
+    Path((table, key)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let Some(t) = rt.tables.iter().find(|t| t.name() == table) else {
+        return error(StatusCode::NOT_FOUND, format!("no table named {table:?}"));
+    };
+    match t.lookup(&key) {
+        Lookup::Found(v) => Json(v).into_response(),
+        Lookup::BadKey(e) => error(
+            StatusCode::BAD_REQUEST,
+            format!("{key:?} is not a key of table {table:?}: {e}"),
+        ),
+        Lookup::Recovering(p) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("partition {p} of table {table:?} is being restored; try again"),
+        ),
+        Lookup::Missing { partition, held } => {
+            if held || headers.contains_key(FORWARDED) {
+                return error(
+                    StatusCode::NOT_FOUND,
+                    format!("no key {key:?} in table {table:?}"),
+                );
+            }
+            match rt.members.owner_of(partition, &rt.instance) {
+                Some(owner) => forward(&owner, &table, &key).await,
+                None => error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "partition {partition} of table {table:?} is not held by any worker \
+                         right now (rebalancing?); try again"
+                    ),
+                ),
+            }
+        }
+    }
+}
+
+/// Percent-encodes a path segment.
+fn encode_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Asks the worker at `owner` (`http://host:port`) and relays its answer.
+async fn forward(owner: &str, table: &str, key: &str) -> Response {
+    let path = format!("/tables/{}/{}", encode_segment(table), encode_segment(key));
+    match tokio::time::timeout(FORWARD_TIMEOUT, http_get(owner, &path)).await {
+        Ok(Ok((status, body))) => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+            (
+                status,
+                [(axum::http::header::CONTENT_TYPE, "application/json")],
+                body,
+            )
+                .into_response()
+        }
+        Ok(Err(e)) => error(
+            StatusCode::BAD_GATEWAY,
+            format!("the worker at {owner} owns this key but did not answer: {e}"),
+        ),
+        Err(_) => error(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!(
+                "the worker at {owner} owns this key but did not answer within {FORWARD_TIMEOUT:?}"
+            ),
+        ),
+    }
+}
+
+/// A minimal HTTP/1.1 GET: status code and body.
+async fn http_get(base: &str, path: &str) -> std::io::Result<(u16, Vec<u8>)> {
+    let host = base.strip_prefix("http://").unwrap_or(base);
+    let mut stream = tokio::net::TcpStream::connect(host).await?;
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\n{FORWARDED}: 1\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await?;
+    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "malformed HTTP response");
+    let split = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(bad)?;
+    let head = std::str::from_utf8(&response[..split]).map_err(|_| bad())?;
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(bad)?;
+    let mut body = response[split + 4..].to_vec();
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        body = dechunk(&body).ok_or_else(bad)?;
+    }
+    Ok((status, body))
+}
+
+fn dechunk(mut data: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = data.windows(2).position(|w| w == b"\r\n")?;
+        let size = std::str::from_utf8(&data[..line_end]).ok()?;
+        let size = usize::from_str_radix(size.split(';').next()?.trim(), 16).ok()?;
+        data = &data[line_end + 2..];
+        if size == 0 {
+            return Some(out);
+        }
+        out.extend_from_slice(data.get(..size)?);
+        data = data.get(size + 2..)?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunked_bodies_are_decoded() {
+        assert_eq!(
+            dechunk(b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"),
+            Some(b"abcde".to_vec())
+        );
+        assert_eq!(dechunk(b"5\r\nab"), None);
+    }
+
+    #[test]
+    fn path_segments_are_percent_encoded() {
+        assert_eq!(encode_segment("a b/\"c\""), "a%20b%2F%22c%22");
+    }
+
+    #[test]
+    fn the_latest_claim_to_a_partition_wins() {
+        let m = Members::default();
+        let rec = |i: &str, p: &[u32], at| {
+            serde_json::to_vec(&Member {
+                instance: i.into(),
+                web: format!("http://{i}"),
+                partitions: p.iter().copied().collect(),
+                at,
+            })
+            .expect("json")
+        };
+        m.apply(b"a", Some(&rec("a", &[0, 1], 10)));
+        m.apply(b"b", Some(&rec("b", &[1, 2], 20)));
+        assert_eq!(m.owner_of(1, "me").as_deref(), Some("http://b"));
+        assert_eq!(m.owner_of(0, "me").as_deref(), Some("http://a"));
+        assert_eq!(m.owner_of(0, "a"), None, "never forwards to itself");
+        m.apply(b"b", None);
+        assert_eq!(m.owner_of(1, "me").as_deref(), Some("http://a"));
+        assert_eq!(m.owner_of(2, "me"), None);
+    }
+}
