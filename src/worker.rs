@@ -465,7 +465,7 @@ impl Dispatcher {
                         .insert(tp.clone(), PartitionTracker::new(tp.clone()));
                     self.assigned.insert(tp.clone());
                 }
-                self.recover_tables().await;
+                self.sync_tables().await;
             }
             ConsumerEvent::Revoked(tps) => {
                 tracing::info!(partitions = %list(&tps), "partitions revoked");
@@ -480,36 +480,40 @@ impl Dispatcher {
                     self.committed.remove(tp);
                     self.assigned.remove(tp);
                 }
-                self.release_tables();
-                if !self.rt.tables.is_empty() {
-                    crate::web::publish(&self.rt, Some(&self.owned)).await;
-                }
+                self.park_tables().await;
             }
         }
     }
 
-    /// Restores the table partitions of newly assigned partitions before any of their events
-    /// are handed to agents.
-    async fn recover_tables(&mut self) {
+    /// Brings the table partitions in line with the assignment: restores those of newly
+    /// assigned partitions before any of their events reach an agent (partitions set aside at
+    /// the last revocation only replay the changelog written since), and drops the rest.
+    async fn sync_tables(&mut self) {
         if self.rt.tables.is_empty() {
             return;
         }
         let wanted: BTreeSet<u32> = self.assigned.iter().map(|tp| tp.partition).collect();
-        let new: Vec<u32> = wanted.difference(&self.owned).copied().collect();
-        if new.is_empty() {
-            return;
-        }
-        for table in &self.rt.tables {
-            if let Err(e) = table.recover(&new).await {
-                tracing::error!(table = table.name(), partitions = ?new, error = %e, "cannot recover table partitions");
+        let gone: Vec<u32> = self.owned.difference(&wanted).copied().collect();
+        if !gone.is_empty() {
+            for table in &self.rt.tables {
+                table.release(&gone);
             }
         }
-        self.owned.extend(new);
+        let new: Vec<u32> = wanted.difference(&self.owned).copied().collect();
+        for table in &self.rt.tables {
+            if !new.is_empty() {
+                if let Err(e) = table.recover(&new).await {
+                    tracing::error!(table = table.name(), partitions = ?new, error = %e, "cannot recover table partitions");
+                }
+            }
+            table.drop_parked();
+        }
+        self.owned = wanted;
         crate::web::publish(&self.rt, Some(&self.owned)).await;
     }
 
-    /// Drops table partitions no assigned partition needs any more (they were committed).
-    fn release_tables(&mut self) {
+    /// Sets aside the table partitions no assigned partition needs any more (just committed).
+    async fn park_tables(&mut self) {
         if self.rt.tables.is_empty() {
             return;
         }
@@ -519,9 +523,13 @@ impl Dispatcher {
             return;
         }
         for table in &self.rt.tables {
-            table.release(&gone);
+            if let Err(e) = table.park(&gone).await {
+                tracing::warn!(table = table.name(), error = %e, "cannot set revoked table partitions aside; they will be restored in full");
+                table.release(&gone);
+            }
         }
         self.owned = wanted;
+        crate::web::publish(&self.rt, Some(&self.owned)).await;
     }
 
     async fn dispatch(&mut self, batch: Vec<Message>) {

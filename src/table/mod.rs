@@ -19,6 +19,8 @@
 //! after a crash, so their table updates are applied again.
 
 pub(crate) mod store;
+pub mod window;
+pub use window::{Window, WindowRange, WindowSet, WindowedTable};
 
 use crate::app::AppCore;
 use crate::codec::{Codec, Json};
@@ -81,6 +83,9 @@ pub(crate) struct TableInner<K, V> {
     parts: Mutex<HashMap<u32, Part<K, V>>>,
     /// Partitions being restored: not served to lookups yet.
     recovering: Mutex<BTreeSet<u32>>,
+    /// Partitions revoked from this worker, with the changelog offset their data reaches: if
+    /// they come back, only the changelog written since is replayed.
+    parked: Mutex<HashMap<u32, (Part<K, V>, i64)>>,
     attached: RwLock<Option<Attached>>,
 }
 
@@ -164,6 +169,7 @@ impl<K: TableKey, V: TableValue> Table<K, V> {
                 value_codec: Arc::new(Json::<V>::new()),
                 parts: Mutex::new(HashMap::new()),
                 recovering: Mutex::new(BTreeSet::new()),
+                parked: Mutex::new(HashMap::new()),
                 attached: RwLock::new(None),
             }),
         }
@@ -405,6 +411,11 @@ pub(crate) trait TableRunner: Send + Sync {
     fn detach(&self);
     /// Restores `partitions` (from the store, then the changelog).
     fn recover<'a>(&'a self, partitions: &'a [u32]) -> BoxFuture<'a, Result<()>>;
+    /// Sets revoked partitions aside (after they were committed): they are no longer read,
+    /// and are restored cheaply if they come back.
+    fn park<'a>(&'a self, partitions: &'a [u32]) -> BoxFuture<'a, Result<()>>;
+    /// Drops partitions set aside by [`park`](TableRunner::park) that did not come back.
+    fn drop_parked(&self);
     /// Drops partitions this worker no longer owns (after they were committed).
     fn release(&self, partitions: &[u32]);
     /// Writes the changes since the last commit to the changelog.
@@ -469,10 +480,49 @@ impl<K: TableKey, V: TableValue> TableRunner for Table<K, V> {
             .write()
             .unwrap_or_else(|e| e.into_inner()) = None;
         self.with_parts(|parts| parts.clear());
+        self.drop_parked();
     }
 
     fn recover<'a>(&'a self, partitions: &'a [u32]) -> BoxFuture<'a, Result<()>> {
         async move { self.restore(partitions).await }.boxed()
+    }
+
+    fn park<'a>(&'a self, partitions: &'a [u32]) -> BoxFuture<'a, Result<()>> {
+        async move {
+            let a = self.inner.attached()?;
+            let taken: Vec<(u32, Part<K, V>)> = self.with_parts(|parts| {
+                partitions
+                    .iter()
+                    .filter_map(|p| parts.remove(p).map(|part| (*p, part)))
+                    .collect()
+            });
+            if taken.is_empty() {
+                return Ok(());
+            }
+            // The changes were flushed by the commit before this: the changelog's end is
+            // where this data stands.
+            let ends = a.rt.transport.end_offsets(&a.spec.name).await?;
+            let mut parked = self.inner.parked.lock().unwrap_or_else(|e| e.into_inner());
+            for (p, part) in taken {
+                if !part.dirty.is_empty() {
+                    // Not flushed (the commit failed): not a consistent copy.
+                    continue;
+                }
+                if let Some(end) = ends.get(p as usize) {
+                    parked.insert(p, (part, *end));
+                }
+            }
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn drop_parked(&self) {
+        self.inner
+            .parked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 
     fn release(&self, partitions: &[u32]) {
@@ -481,6 +531,10 @@ impl<K: TableKey, V: TableValue> TableRunner for Table<K, V> {
                 parts.remove(p);
             }
         });
+        let mut parked = self.inner.parked.lock().unwrap_or_else(|e| e.into_inner());
+        for p in partitions {
+            parked.remove(p);
+        }
     }
 
     fn flush(&self) -> BoxFuture<'_, Result<Vec<Flushed>>> {
@@ -626,6 +680,25 @@ impl<K: TableKey, V: TableValue> Table<K, V> {
         let mut total = 0i64;
         let mut loaded = 0usize;
         for &p in partitions {
+            let parked = self
+                .inner
+                .parked
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&p);
+            if let Some((part, position)) = parked {
+                // Set aside by a revocation: replay what was written since.
+                let end = ends.get(p as usize).copied().unwrap_or(0);
+                if position < end {
+                    starts.push((p, position));
+                    total += end - position;
+                }
+                loaded += part.data.len();
+                self.with_parts(|parts| {
+                    parts.insert(p, part);
+                });
+                continue;
+            }
             let (entries, checkpoint) = a.store.load(name, p)?;
             let mut part = Part::default();
             for (k, v) in entries {
