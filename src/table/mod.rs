@@ -65,6 +65,9 @@ impl<K, V> Default for Part<K, V> {
     }
 }
 
+/// A revoked partition set aside, with the changelog offset its data reaches.
+type Parked<K, V> = (Part<K, V>, i64);
+
 /// Where a running table writes.
 #[derive(Clone)]
 struct Attached {
@@ -85,7 +88,7 @@ pub(crate) struct TableInner<K, V> {
     recovering: Mutex<BTreeSet<u32>>,
     /// Partitions revoked from this worker, with the changelog offset their data reaches: if
     /// they come back, only the changelog written since is replayed.
-    parked: Mutex<HashMap<u32, (Part<K, V>, i64)>>,
+    parked: Mutex<HashMap<u32, Parked<K, V>>>,
     attached: RwLock<Option<Attached>>,
 }
 
