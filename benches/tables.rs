@@ -117,6 +117,74 @@ async fn restore_rate() -> (u64, Duration) {
     (records, times[ROUNDS / 2])
 }
 
+/// Two workers share a table of `RESTORE_KEYS` keys; the time from the first worker's stop to
+/// the second holding the whole table, with `standby` replicas or none.
+async fn failover(standby: u32, round: usize) -> Duration {
+    let id = format!("bench-failover-{standby}-{round}");
+    let build = || {
+        let app = App::new(id.clone());
+        let url = format!("memory://{id}");
+        app.configure(|s| {
+            s.broker = url;
+            s.topic_partitions = 4;
+            s.commit_interval = Duration::from_millis(100);
+            s.table_standby_replicas = Some(standby);
+        });
+        let table = app.table::<u64, u64>("squares");
+        let numbers = app.topic("numbers").key_type::<u64>().value_type::<u64>();
+        let t = table.clone();
+        app.agent(move |mut numbers: Stream<u64, u64>| {
+            let table = t.clone();
+            async move {
+                while let Some(n) = numbers.next().await {
+                    table.insert(n, n * n);
+                }
+            }
+        })
+        .named("square")
+        .channel(&numbers);
+        (app, table, numbers)
+    };
+    let (a, ta, numbers) = build();
+    let (b, tb, _) = build();
+    let wa = a.start().await.expect("start a");
+    let wb = b.start().await.expect("start b");
+    while ta.local_partitions().len() + tb.local_partitions().len() < 4
+        || ta.local_partitions().is_empty()
+    {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    for n in 0..RESTORE_KEYS {
+        numbers.send(n).key(n).await.expect("send");
+    }
+    while ((ta.len() + tb.len()) as u64) < RESTORE_KEYS {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    // Everything written to the changelog (and, with a standby, tailed by b).
+    let changelog = format!("{id}-squares-changelog");
+    loop {
+        let written: i64 = a
+            .end_offsets(&changelog)
+            .await
+            .expect("offsets")
+            .iter()
+            .sum();
+        let warm = standby == 0 || tb.standby_len() == ta.len();
+        if written as u64 >= RESTORE_KEYS && warm {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let start = Instant::now();
+    wa.shutdown().await.expect("stop a");
+    while (tb.len() as u64) < RESTORE_KEYS {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let d = start.elapsed();
+    wb.shutdown().await.expect("stop b");
+    d
+}
+
 fn per_sec(n: u64, d: Duration) -> f64 {
     n as f64 / d.as_secs_f64()
 }
@@ -161,6 +229,19 @@ fn main() {
         "changelog restore: {records} records in {:.3} s = {:.0} records/s (median of {ROUNDS})",
         d.as_secs_f64(),
         per_sec(records, d)
+    );
+    let (mut cold, mut warm) = (Vec::new(), Vec::new());
+    for round in 0..3 {
+        cold.push(rt.block_on(failover(0, round)));
+        warm.push(rt.block_on(failover(1, round)));
+    }
+    let (cold, warm) = (median(cold), median(warm));
+    println!(
+        "failover of a {RESTORE_KEYS}-key table shared by two workers (median of 3): without a \
+         standby {:.3} s, with one {:.3} s ({:.1}x faster)",
+        cold.as_secs_f64(),
+        warm.as_secs_f64(),
+        cold.as_secs_f64() / warm.as_secs_f64()
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -52,6 +52,12 @@ pub struct Settings {
     /// persistent store under `PATH/<app id>`: a restarted worker reads it and replays only
     /// the changelog written since). The `--store` option and `RILL_STORE` override it.
     pub store: String,
+    /// Standby replicas of table partitions (Faust's `table_standby_replicas`): with one or
+    /// more, every worker keeps a warm copy of the table partitions it does not own by tailing
+    /// the changelogs, so a worker taking a partition over (failover, rebalance) replays only
+    /// the few records its copy lacks. `None` (the default) means 1 on Kafka and 0 on the
+    /// embedded transport. See the tables section of the README for the placement.
+    pub table_standby_replicas: Option<u32>,
     /// Port of the worker's web server (table lookups): `None` (the default for workers
     /// started in code) serves nothing; the `worker` command serves on 6066, as Faust does,
     /// unless `--web-port` says otherwise. Port 0 picks a free port.
@@ -77,6 +83,7 @@ impl Default for Settings {
             map_max_inflight: 1024,
             processing_guarantee: ProcessingGuarantee::AtLeastOnce,
             store: "memory://".to_owned(),
+            table_standby_replicas: None,
             web_port: None,
             web_bind: "127.0.0.1".to_owned(),
             kafka: BTreeMap::new(),

@@ -407,3 +407,76 @@ async fn any_worker_answers_for_keys_another_worker_owns() {
     wa.shutdown().await.expect("stop a");
     wb.shutdown().await.expect("stop b");
 }
+
+/// Two workers of one app on a shared embedded broker, with `standby` replicas or not: fills a
+/// table of `keys` keys, stops the first worker and returns how many changelog records the
+/// second replayed to take its partitions over, after checking the table is complete.
+async fn takeover(id: &str, standby: u32, keys: u64) -> u64 {
+    let build = || {
+        let app = App::new(id);
+        let url = format!("memory://{id}");
+        app.configure(|s| {
+            s.broker = url;
+            s.topic_partitions = 4;
+            s.commit_interval = Duration::from_millis(50);
+            s.table_standby_replicas = Some(standby);
+        });
+        let table = app.table::<u64, u64>("squares");
+        let numbers = app.topic("numbers").key_type::<u64>().value_type::<u64>();
+        let t = table.clone();
+        app.agent(move |mut numbers: Stream<u64, u64>| {
+            let table = t.clone();
+            async move {
+                while let Some(n) = numbers.next().await {
+                    table.insert(n, n * n);
+                }
+            }
+        })
+        .named("square")
+        .channel(&numbers);
+        (app, table, numbers)
+    };
+    let (a, ta, numbers) = build();
+    let (b, tb, _) = build();
+    let wa = a.start().await.expect("start a");
+    let wb = b.start().await.expect("start b");
+    wait_until(WAIT, "both workers hold partitions", || {
+        ta.local_partitions().len() + tb.local_partitions().len() == 4
+            && !ta.local_partitions().is_empty()
+            && !tb.local_partitions().is_empty()
+    })
+    .await;
+    for n in 0..keys {
+        numbers.send(n).key(n).await.expect("send");
+    }
+    wait_until(WAIT, "every key in the table", || {
+        (ta.len() + tb.len()) as u64 == keys
+    })
+    .await;
+    if standby > 0 {
+        wait_until(WAIT, "b's standby copies of a's partitions", || {
+            tb.standby_len() == ta.len()
+        })
+        .await;
+    }
+    let before = wb.table_records_replayed("squares");
+    wa.shutdown().await.expect("stop a");
+    wait_until(WAIT, "b holds the whole table", || tb.len() as u64 == keys).await;
+    for n in (0..keys).step_by(97) {
+        assert_eq!(tb.get(&n), Some(n * n));
+    }
+    let replayed = wb.table_records_replayed("squares") - before;
+    wb.shutdown().await.expect("stop b");
+    replayed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_copy_makes_takeover_replay_only_what_it_lacks() {
+    let keys = 5_000;
+    let cold = takeover("takeover-cold", 0, keys).await;
+    let warm = takeover("takeover-warm", 1, keys).await;
+    // Without a standby, b replays all of a's partitions; with one, none (a committed before
+    // it stopped, and b's copy had caught up).
+    assert!(cold > 0, "a cold takeover replays a's partitions");
+    assert_eq!(warm, 0, "a warm takeover replays nothing");
+}

@@ -74,6 +74,8 @@ struct Attached {
     rt: Arc<Runtime>,
     store: Arc<dyn Store>,
     spec: TopicSpec,
+    /// Whether partitions this worker does not own are kept warm (standby replicas).
+    standby: bool,
 }
 
 pub(crate) struct TableInner<K, V> {
@@ -356,6 +358,18 @@ impl<K: TableKey, V: TableValue> Table<K, V> {
         })
     }
 
+    /// Number of keys in the standby copies this worker keeps of partitions it does not own
+    /// (see [`Settings::table_standby_replicas`](crate::Settings::table_standby_replicas)).
+    pub fn standby_len(&self) -> usize {
+        self.inner
+            .parked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(|(p, _)| p.data.len())
+            .sum()
+    }
+
     /// The table partitions this worker holds.
     pub fn local_partitions(&self) -> Vec<u32> {
         let mut v: Vec<u32> = self.with_parts(|parts| parts.keys().copied().collect());
@@ -465,6 +479,23 @@ impl<K: TableKey, V: TableValue> TableRunner for Table<K, V> {
 
     fn attach(&self, rt: &Arc<Runtime>, store: Arc<dyn Store>) {
         let spec = self.changelog_spec();
+        let replicas =
+            rt.settings
+                .table_standby_replicas
+                .unwrap_or(if rt.transport.kind() == "memory" {
+                    0
+                } else {
+                    1
+                });
+        let standby = replicas > 0;
+        if standby {
+            // Every partition starts as an empty standby copy; the tailer fills those this
+            // worker does not own.
+            let mut parked = self.inner.parked.lock().unwrap_or_else(|e| e.into_inner());
+            for p in 0..spec.partitions {
+                parked.insert(p, (Part::default(), 0));
+            }
+        }
         *self
             .inner
             .attached
@@ -473,7 +504,16 @@ impl<K: TableKey, V: TableValue> TableRunner for Table<K, V> {
             rt: rt.clone(),
             store,
             spec,
+            standby,
         });
+        if standby {
+            let table = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = table.tail().await {
+                    tracing::warn!(table = %table.inner.name, error = %e, "standby replicas stopped; partitions taken over will be restored in full");
+                }
+            });
+        }
     }
 
     fn detach(&self) {
@@ -521,6 +561,17 @@ impl<K: TableKey, V: TableValue> TableRunner for Table<K, V> {
     }
 
     fn drop_parked(&self) {
+        let standby = self
+            .inner
+            .attached
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_some_and(|a| a.standby);
+        if standby {
+            // Kept warm by the tailer.
+            return;
+        }
         self.inner
             .parked
             .lock()
@@ -689,6 +740,11 @@ impl<K: TableKey, V: TableValue> Table<K, V> {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&p);
+            let parked = match parked {
+                // An untouched standby copy: the local store may know more.
+                Some((part, 0)) if part.data.is_empty() && a.store.is_persistent() => None,
+                other => other,
+            };
             if let Some((part, position)) = parked {
                 // Set aside by a revocation: replay what was written since.
                 let end = ends.get(p as usize).copied().unwrap_or(0);
@@ -764,6 +820,74 @@ impl<K: TableKey, V: TableValue> Table<K, V> {
         Ok(())
     }
 
+    /// Keeps the standby copies (the set-aside partitions) up to date by reading every
+    /// changelog partition from the start, until the worker stops. Records of partitions this
+    /// worker owns, and records a copy already includes, are skipped.
+    async fn tail(&self) -> Result<()> {
+        let a = self.inner.attached()?;
+        let starts = (0..a.spec.partitions).map(|p| (p, 0)).collect();
+        let mut consumer =
+            a.rt.transport
+                .partitions_consumer(&a.spec.name, starts)
+                .await?;
+        loop {
+            let event = tokio::select! {
+                e = consumer.poll() => e,
+                _ = a.rt.stop.cancelled() => break,
+            };
+            let batch = match event {
+                Ok(ConsumerEvent::Messages(batch)) => batch,
+                Ok(_) => continue,
+                Err(e) => {
+                    tracing::debug!(table = %self.inner.name, error = %e, "standby tailer error; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
+            let mut parked = self.inner.parked.lock().unwrap_or_else(|e| e.into_inner());
+            for m in &batch {
+                let Some((part, position)) = parked.get_mut(&m.partition) else {
+                    continue;
+                };
+                if m.offset < *position {
+                    continue;
+                }
+                *position = m.offset + 1;
+                self.apply_record(part, m);
+            }
+        }
+        let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
+        Ok(())
+    }
+
+    /// Applies one changelog record to a partition.
+    fn apply_record(&self, part: &mut Part<K, V>, m: &crate::transport::Message) {
+        let name = &self.inner.name;
+        let Some(k) = m.key.as_deref() else {
+            return;
+        };
+        let key = match self.inner.key_codec.decode(k) {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::warn!(table = %name, topic = %m.topic, partition = m.partition, offset = m.offset, error = %e, "undecodable changelog key skipped");
+                return;
+            }
+        };
+        match m.value.as_deref() {
+            None | Some([]) => {
+                part.data.remove(&key);
+            }
+            Some(v) => match self.inner.value_codec.decode(v) {
+                Ok(v) => {
+                    part.data.insert(key, v);
+                }
+                Err(e) => {
+                    tracing::warn!(table = %name, topic = %m.topic, partition = m.partition, offset = m.offset, error = %e, "undecodable changelog value skipped");
+                }
+            },
+        }
+    }
+
     /// Applies changelog records from `starts` up to `ends`, reporting progress.
     async fn replay(
         &self,
@@ -807,29 +931,7 @@ impl<K: TableKey, V: TableValue> Table<K, V> {
                     let Some(part) = parts.get_mut(&m.partition) else {
                         continue;
                     };
-                    let Some(k) = m.key.as_deref() else {
-                        continue;
-                    };
-                    let key = match self.inner.key_codec.decode(k) {
-                        Ok(k) => k,
-                        Err(e) => {
-                            tracing::warn!(table = %name, topic, partition = m.partition, offset = m.offset, error = %e, "undecodable changelog key skipped");
-                            continue;
-                        }
-                    };
-                    match m.value.as_deref() {
-                        None | Some([]) => {
-                            part.data.remove(&key);
-                        }
-                        Some(v) => match self.inner.value_codec.decode(v) {
-                            Ok(v) => {
-                                part.data.insert(key, v);
-                            }
-                            Err(e) => {
-                                tracing::warn!(table = %name, topic, partition = m.partition, offset = m.offset, error = %e, "undecodable changelog value skipped");
-                            }
-                        },
-                    }
+                    self.apply_record(part, m);
                 }
             });
             if last_report.elapsed() >= PROGRESS_EVERY {
