@@ -272,6 +272,28 @@ impl App {
         Ok(())
     }
 
+    /// Declares a global table, Faust's `app.GlobalTable`: every worker keeps every partition
+    /// up to date from the changelog, and reads see the whole table. Use it for reference data
+    /// every worker needs (settings, lookups) rather than for large, write-heavy state.
+    ///
+    /// # Panics
+    ///
+    /// If a table named `name` was already declared.
+    pub fn global_table<K: TableKey, V: TableValue + Default>(
+        &self,
+        name: impl Into<String>,
+    ) -> Table<K, V> {
+        let name = name.into();
+        let mut tables = self.tables.lock().unwrap_or_else(|e| e.into_inner());
+        assert!(
+            tables.iter().all(|t| t.name() != name),
+            "table {name:?} is declared twice"
+        );
+        let table = Table::new(self.core.clone(), name, Arc::new(V::default)).global();
+        tables.push(Arc::new(table.clone()));
+        table
+    }
+
     /// Names of the declared tables.
     pub fn table_names(&self) -> Vec<String> {
         self.tables

@@ -64,7 +64,7 @@ pub use settings::{ProcessingGuarantee, Settings};
 #[doc(inline)]
 pub use stream::{Event, GroupBy, Stream};
 #[doc(inline)]
-pub use table::Table;
+pub use table::{SetTable, Table};
 #[doc(inline)]
 pub use topic::{Topic, TopicNames, TopicSend};
 #[doc(inline)]

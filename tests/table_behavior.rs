@@ -480,3 +480,102 @@ async fn a_standby_copy_makes_takeover_replay_only_what_it_lacks() {
     assert!(cold > 0, "a cold takeover replays a's partitions");
     assert_eq!(warm, 0, "a warm takeover replays nothing");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_worker_reads_the_whole_of_a_global_table() {
+    let build = || {
+        let app = App::new("global");
+        app.configure(|s| {
+            s.broker = "memory://global".into();
+            s.topic_partitions = 4;
+            s.commit_interval = Duration::from_millis(20);
+        });
+        let rates = app.global_table::<String, f64>("rates");
+        let updates = app
+            .topic("rate-updates")
+            .key_type::<String>()
+            .value_type::<f64>();
+        let t = rates.clone();
+        app.agent(move |updates: Stream<f64, String>| {
+            let rates = t.clone();
+            async move {
+                let mut items = updates.items();
+                while let Some((currency, rate)) = items.next().await {
+                    if let Some(currency) = currency {
+                        rates.insert(currency, rate);
+                    }
+                }
+            }
+        })
+        .named("set_rate")
+        .channel(&updates);
+        (app, rates, updates)
+    };
+    let (a, ra, updates) = build();
+    let (b, rb, _) = build();
+    let wa = a.start().await.expect("start a");
+    let wb = b.start().await.expect("start b");
+    assert!(ra.is_global());
+    let currencies = ["EUR", "USD", "GBP", "JPY", "CHF", "SEK", "NOK", "DKK"];
+    for (i, c) in currencies.iter().enumerate() {
+        updates
+            .send(i as f64)
+            .key(c.to_string())
+            .await
+            .expect("send");
+    }
+    for t in [&ra, &rb] {
+        wait_until(WAIT, "every rate on every worker", || {
+            currencies
+                .iter()
+                .enumerate()
+                .all(|(i, c)| t.get(&c.to_string()) == Some(i as f64))
+        })
+        .await;
+    }
+    assert_eq!(ra.len(), currencies.len());
+    assert_eq!(rb.len(), currencies.len());
+    wa.shutdown().await.expect("stop a");
+    wb.shutdown().await.expect("stop b");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_tables_add_and_discard_members() {
+    let app = App::new("sets");
+    app.configure(|s| s.topic_partitions = 1);
+    let tags: rill::SetTable<String, String> = app.table("tags");
+    let ops = app.topic("ops").value_type::<(String, String, bool)>();
+    let t = tags.clone();
+    app.agent(move |mut ops: Stream<(String, String, bool)>| {
+        let tags = t.clone();
+        async move {
+            while let Some((key, member, add)) = ops.next().await {
+                if add {
+                    tags.add(key, member);
+                } else {
+                    tags.discard(key, &member);
+                }
+            }
+        }
+    })
+    .named("tag")
+    .channel(&ops);
+    let worker = app.start().await.expect("start");
+    for (k, m, add) in [
+        ("post1", "rust", true),
+        ("post1", "kafka", true),
+        ("post2", "faust", true),
+        ("post1", "rust", false),
+        ("post1", "streams", true),
+    ] {
+        ops.send((k.into(), m.into(), add)).await.expect("send");
+    }
+    wait_until(WAIT, "the tag sets", || {
+        tags.get(&"post1".to_owned())
+            .is_some_and(|s| s.iter().map(String::as_str).eq(["kafka", "streams"]))
+    })
+    .await;
+    assert!(tags.contains(&"post2".to_owned(), &"faust".to_owned()));
+    assert!(!tags.contains(&"post1".to_owned(), &"rust".to_owned()));
+    worker.shutdown().await.expect("stop");
+}

@@ -83,6 +83,9 @@ pub(crate) struct TableInner<K, V> {
     name: String,
     partitions: Mutex<Option<u32>>,
     default: RwLock<Arc<dyn Fn() -> V + Send + Sync>>,
+    /// A global table: every worker holds every partition (reads see the copies of the
+    /// partitions other workers own).
+    global: std::sync::atomic::AtomicBool,
     key_codec: Arc<dyn Codec<K>>,
     value_codec: Arc<dyn Codec<V>>,
     parts: Mutex<HashMap<u32, Part<K, V>>>,
@@ -170,6 +173,7 @@ impl<K: TableKey, V: TableValue> Table<K, V> {
                 name,
                 partitions: Mutex::new(None),
                 default: RwLock::new(default),
+                global: std::sync::atomic::AtomicBool::new(false),
                 key_codec: Arc::new(Json::<K>::new()),
                 value_codec: Arc::new(Json::<V>::new()),
                 parts: Mutex::new(HashMap::new()),
@@ -226,6 +230,34 @@ impl<K: TableKey, V: TableValue> Table<K, V> {
         self.inner.partition_count()
     }
 
+    /// Makes the table global (Faust's `GlobalTable`): every worker keeps every partition up to
+    /// date from the changelog, and reads see all of them, not only the partitions this worker
+    /// owns. Writes still go to the partition of the event being processed. Declare it with
+    /// [`App::global_table`](crate::App::global_table).
+    pub(crate) fn global(self) -> Self {
+        self.inner
+            .global
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self
+    }
+
+    /// Whether every worker holds every partition of the table.
+    pub fn is_global(&self) -> bool {
+        self.inner.global.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Runs `f` over the copies of partitions owned elsewhere, for global tables.
+    fn with_copies<R>(&self, f: impl FnOnce(&HashMap<u32, Parked<K, V>>) -> R) -> Option<R> {
+        if !self.is_global() {
+            return None;
+        }
+        Some(f(&self
+            .inner
+            .parked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())))
+    }
+
     /// The partition a write goes to: the current event's, else the key's.
     fn write_partition(&self, key: &K) -> u32 {
         let n = self.partition_count();
@@ -269,15 +301,25 @@ impl<K: TableKey, V: TableValue> Table<K, V> {
     /// this worker holds.
     fn read<R>(&self, key: &K, f: impl FnOnce(&V) -> R) -> Option<R> {
         let first = self.current_partition();
-        self.with_parts(|parts| {
-            if let Some(v) = first
+        let mut f = Some(f);
+        let mut call = |v: &V| f.take().map(|f| f(v));
+        let found = self.with_parts(|parts| {
+            let v = first
                 .and_then(|p| parts.get(&p))
                 .and_then(|p| p.data.get(key))
-            {
-                return Some(f(v));
-            }
-            parts.values().find_map(|p| p.data.get(key)).map(f)
+                .or_else(|| parts.values().find_map(|p| p.data.get(key)));
+            v.and_then(&mut call)
+        });
+        if found.is_some() {
+            return found;
+        }
+        self.with_copies(|copies| {
+            copies
+                .values()
+                .find_map(|(p, _)| p.data.get(key))
+                .and_then(&mut call)
         })
+        .flatten()
     }
 
     /// The value of `key`, if the table has it (on this worker).
@@ -340,7 +382,10 @@ impl<K: TableKey, V: TableValue> Table<K, V> {
 
     /// Number of keys this worker holds.
     pub fn len(&self) -> usize {
-        self.with_parts(|parts| parts.values().map(|p| p.data.len()).sum())
+        self.with_parts(|parts| parts.values().map(|p| p.data.len()).sum::<usize>())
+            + self
+                .with_copies(|c| c.values().map(|(p, _)| p.data.len()).sum::<usize>())
+                .unwrap_or(0)
     }
 
     /// Whether this worker holds no keys.
@@ -350,12 +395,20 @@ impl<K: TableKey, V: TableValue> Table<K, V> {
 
     /// A copy of the entries this worker holds, in no particular order.
     pub fn items(&self) -> Vec<(K, V)> {
-        self.with_parts(|parts| {
+        let mut items: Vec<(K, V)> = self.with_parts(|parts| {
             parts
                 .values()
                 .flat_map(|p| p.data.iter().map(|(k, v)| (k.clone(), v.clone())))
                 .collect()
-        })
+        });
+        if let Some(more) = self.with_copies(|c| {
+            c.values()
+                .flat_map(|(p, _)| p.data.iter().map(|(k, v)| (k.clone(), v.clone())))
+                .collect::<Vec<_>>()
+        }) {
+            items.extend(more);
+        }
+        items
     }
 
     /// Number of keys in the standby copies this worker keeps of partitions it does not own
@@ -375,6 +428,30 @@ impl<K: TableKey, V: TableValue> Table<K, V> {
         let mut v: Vec<u32> = self.with_parts(|parts| parts.keys().copied().collect());
         v.sort_unstable();
         v
+    }
+}
+
+/// A table whose values are sets, Faust's `SetTable`: `add` and `discard` members of a key's
+/// set. (The changelog holds each key's whole set.)
+pub type SetTable<K, T> = Table<K, std::collections::BTreeSet<T>>;
+
+impl<K: TableKey, T> Table<K, std::collections::BTreeSet<T>>
+where
+    T: Ord + Clone + Serialize + DeserializeOwned + Send + Sync + 'static,
+{
+    /// Adds `member` to the set of `key`; returns whether it was new.
+    pub fn add(&self, key: K, member: T) -> bool {
+        self.update(key, |set| set.insert(member))
+    }
+
+    /// Removes `member` from the set of `key`; returns whether it was there.
+    pub fn discard(&self, key: K, member: &T) -> bool {
+        self.update(key, |set| set.remove(member))
+    }
+
+    /// Whether the set of `key` has `member`.
+    pub fn contains(&self, key: &K, member: &T) -> bool {
+        self.read(key, |set| set.contains(member)).unwrap_or(false)
     }
 }
 
@@ -487,7 +564,7 @@ impl<K: TableKey, V: TableValue> TableRunner for Table<K, V> {
                 } else {
                     1
                 });
-        let standby = replicas > 0;
+        let standby = replicas > 0 || self.is_global();
         if standby {
             // Every partition starts as an empty standby copy; the tailer fills those this
             // worker does not own.
