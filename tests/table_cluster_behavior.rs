@@ -1,0 +1,272 @@
+//! Tables on a real Kafka-protocol broker (tansu, a separate process) with several worker
+//! processes of `examples/word_count.rs`: counts stay exact when a worker is killed with
+//! SIGKILL and its partitions fail over, and when a worker joins and partitions move; every
+//! worker answers `GET /tables/word_counts/<word>` with the same count.
+
+mod common;
+
+use common::tansu::{scratch_dir, Tansu};
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+use rill::prelude::*;
+use std::collections::BTreeMap;
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+const APP: &str = "word_count";
+
+fn example_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    exe.parent()
+        .and_then(|deps| deps.parent())
+        .expect("target directory")
+        .join("examples")
+        .join("word_count")
+}
+
+/// A `word_count worker` process and the address its web server announced.
+struct WordCountWorker {
+    name: String,
+    child: Child,
+    web: SocketAddr,
+}
+
+impl WordCountWorker {
+    fn start(dir: &Path, broker: &str, name: &str) -> Self {
+        let log = std::fs::File::create(dir.join(format!("{name}.log"))).expect("log");
+        let mut child = Command::new(example_binary())
+            .args(["worker", "--broker", &format!("kafka://{broker}")])
+            .args(["--web-port", "0", "-l", "info"])
+            .env("RILL_KAFKA_SESSION_TIMEOUT_MS", "6000")
+            .env("RILL_KAFKA_HEARTBEAT_INTERVAL_MS", "500")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("start word_count worker");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if let Some(url) = line.split("http://").nth(1) {
+                    let _ = tx.send(url.trim().to_owned());
+                }
+            }
+        });
+        let web = rx
+            .recv_timeout(common::WAIT * 2)
+            .unwrap_or_else(|_| panic!("{name} did not print its web address"))
+            .parse()
+            .expect("a web address");
+        WordCountWorker {
+            name: name.to_owned(),
+            child,
+            web,
+        }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn held(&self) -> usize {
+        let (_, body) = common::http_get(self.web, "/tables");
+        serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v[0]["local_partitions"].as_array().map(Vec::len))
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for WordCountWorker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+const SENTENCES: [&str; 3] = [
+    "the quick brown fox jumps over the lazy dog",
+    "a dog barks at a cat",
+    "the cat sleeps",
+];
+
+fn add_counts(counts: &mut BTreeMap<String, i64>, rounds: usize) {
+    for _ in 0..rounds {
+        for s in SENTENCES {
+            for w in s.split_whitespace() {
+                *counts.entry(w.to_owned()).or_default() += 1;
+            }
+        }
+    }
+}
+
+fn send_sentences(
+    producer: &ThreadedProducer<rdkafka::producer::DefaultProducerContext>,
+    rounds: usize,
+) {
+    for _ in 0..rounds {
+        for s in SENTENCES {
+            let mut record = BaseRecord::<(), str>::to("sentences").payload(s);
+            loop {
+                match producer.send(record) {
+                    Ok(()) => break,
+                    Err((_, r)) => {
+                        record = r;
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                }
+            }
+        }
+    }
+    producer
+        .flush(Duration::from_secs(60))
+        .expect("flush sentences");
+}
+
+/// Waits until every worker answers every word with its expected count.
+async fn wait_for_counts(workers: &[&WordCountWorker], want: &BTreeMap<String, i64>) {
+    let addrs: Vec<(String, SocketAddr)> =
+        workers.iter().map(|w| (w.name.clone(), w.web)).collect();
+    common::wait_until_state(
+        Duration::from_secs(120),
+        "every worker answers every word's count",
+        || {
+            let mut wrong = Vec::new();
+            for (name, addr) in &addrs {
+                let w = Lookup(*addr);
+                for (word, n) in want {
+                    let got = w.count(word);
+                    if got != Some(*n) {
+                        wrong.push(format!("{name}: {word}={got:?} (want {n})"));
+                    }
+                }
+            }
+            wrong
+        },
+        Vec::is_empty,
+    )
+    .await;
+}
+
+struct Lookup(SocketAddr);
+
+impl Lookup {
+    fn count(&self, word: &str) -> Option<i64> {
+        let (status, body) = common::http_get(self.0, &format!("/tables/word_counts/{word}"));
+        (status == 200).then(|| body.trim().parse().ok()).flatten()
+    }
+}
+
+/// Waits until the app's group has committed everything in its input and internal topics, so
+/// that a worker killed now has no uncommitted work to redo (which at-least-once would count
+/// twice).
+async fn wait_for_commits(broker: &str) {
+    let app = App::new(APP);
+    app.configure(|s| s.broker = format!("kafka://{broker}"));
+    let topics = [
+        "sentences".to_owned(),
+        "words".to_owned(),
+        format!("{APP}-words-word-repartition"),
+    ];
+    let mut lag = Vec::new();
+    for _ in 0..600 {
+        lag.clear();
+        let committed: BTreeMap<(String, u32), i64> = app
+            .committed_offsets()
+            .await
+            .expect("committed offsets")
+            .into_iter()
+            .map(|(tp, o)| ((tp.topic.to_string(), tp.partition), o))
+            .collect();
+        for t in &topics {
+            for (p, end) in app
+                .end_offsets(t)
+                .await
+                .expect("end offsets")
+                .iter()
+                .enumerate()
+            {
+                let c = committed.get(&(t.clone(), p as u32)).copied().unwrap_or(0);
+                if c < *end {
+                    lag.push(format!("{t}[{p}] {c}/{end}"));
+                }
+            }
+        }
+        if lag.is_empty() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("the group did not commit its input within 120 s: {lag:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "FLAKY on tansu 0.6.0: after the SIGKILL, the surviving worker is sometimes given \
+            back only its own partitions while the dead member still holds the rest (the same \
+            rebalance problem as cluster_behavior's SIGKILL test, under investigation); run with \
+            `cargo test --test table_cluster_behavior -- --ignored`"]
+async fn word_counts_stay_exact_through_failover_and_rebalance() {
+    let dir = scratch_dir("table-cluster");
+    let tansu = Tansu::start(&dir, "memory://tansu/".into());
+    let broker = tansu.addr();
+    let producer: ThreadedProducer<_> = ClientConfig::new()
+        .set("bootstrap.servers", &broker)
+        .set("linger.ms", "5")
+        .create()
+        .expect("producer");
+
+    let mut w1 = WordCountWorker::start(&dir, &broker, "w1");
+    let w2 = WordCountWorker::start(&dir, &broker, "w2");
+    common::wait_until_state(
+        Duration::from_secs(120),
+        "both workers hold table partitions",
+        || (w1.held(), w2.held()),
+        |(a, b)| *a > 0 && *b > 0 && a + b == 8,
+    )
+    .await;
+
+    let mut want = BTreeMap::new();
+    send_sentences(&producer, 40);
+    add_counts(&mut want, 40);
+    wait_for_counts(&[&w1, &w2], &want).await;
+    wait_for_commits(&broker).await;
+
+    // w1 dies: w2 takes its partitions over, restoring them from the changelog.
+    w1.kill();
+    common::wait_until_state(
+        Duration::from_secs(120),
+        "w2 holds every table partition",
+        || w2.held(),
+        |n| *n == 8,
+    )
+    .await;
+    wait_for_counts(&[&w2], &want).await;
+    send_sentences(&producer, 20);
+    add_counts(&mut want, 20);
+    wait_for_counts(&[&w2], &want).await;
+    wait_for_commits(&broker).await;
+
+    // w3 joins: partitions move to it, with their counts.
+    let w3 = WordCountWorker::start(&dir, &broker, "w3");
+    common::wait_until_state(
+        Duration::from_secs(120),
+        "w2 and w3 share the table partitions",
+        || (w2.held(), w3.held()),
+        |(a, b)| *a > 0 && *b > 0 && a + b == 8,
+    )
+    .await;
+    send_sentences(&producer, 10);
+    add_counts(&mut want, 10);
+    wait_for_counts(&[&w2, &w3], &want).await;
+    println!(
+        "word counts exact through a SIGKILL failover and a join: {} words, 'the' = {}",
+        want.len(),
+        want["the"]
+    );
+}
