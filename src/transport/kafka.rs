@@ -27,17 +27,19 @@ use futures::FutureExt;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance, RebalanceProtocol,
+};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers as _, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::{ClientContext, Message as _};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 /// How long start-up waits for the brokers to answer.
@@ -53,11 +55,26 @@ fn err(e: impl fmt::Display) -> TransportError {
     TransportError::Other(e.to_string())
 }
 
+/// rill's own Kafka setting (not passed to librdkafka): how long, in milliseconds, a worker
+/// waits after a rebalance before reading partitions that another worker may still hold (0,
+/// the default, does not wait).
+///
+/// A Kafka coordinator completes a rebalance only once every member has rejoined, that is once
+/// every member has given its partitions up (and rill has committed what was processed of
+/// them). Brokers without that barrier (tansu 0.6.0 completes it as soon as the leader
+/// rejoins; the others hear of it on their next heartbeat) let a worker start on a partition
+/// while its previous owner still processes it, and events are processed twice. Waiting
+/// `heartbeat.interval.ms` plus the time a revocation takes avoids that.
+const HANDOFF_GRACE: &str = "rill.handoff.grace.ms";
+
 /// Settings common to every client: brokers, then the user's pass-through settings.
 #[derive(Clone)]
 pub(crate) struct KafkaConfig {
     brokers: String,
+    /// librdkafka settings.
     extra: BTreeMap<String, String>,
+    /// See [`HANDOFF_GRACE`].
+    handoff_grace: Duration,
 }
 
 impl fmt::Debug for KafkaConfig {
@@ -66,6 +83,7 @@ impl fmt::Debug for KafkaConfig {
         f.debug_struct("KafkaConfig")
             .field("brokers", &self.brokers)
             .field("settings", &self.extra.keys().collect::<Vec<_>>())
+            .field("handoff_grace", &self.handoff_grace)
             .finish()
     }
 }
@@ -98,9 +116,28 @@ impl KafkaConfig {
                 extra.insert(name.to_ascii_lowercase().replace('_', "."), v);
             }
         }
+        let mut handoff_grace = Duration::ZERO;
+        // Settings named `rill.*` are rill's own; librdkafka would reject them.
+        for (k, v) in std::mem::take(&mut extra) {
+            if k == HANDOFF_GRACE {
+                let ms: u64 = v.trim().parse().map_err(|_| {
+                    TransportError::Other(format!(
+                        "Kafka setting {HANDOFF_GRACE}: expected milliseconds, got {v:?}"
+                    ))
+                })?;
+                handoff_grace = Duration::from_millis(ms);
+            } else if k.starts_with("rill.") {
+                return Err(TransportError::Other(format!(
+                    "unknown Kafka setting {k:?}"
+                )));
+            } else {
+                extra.insert(k, v);
+            }
+        }
         Ok(Self {
             brokers: hosts.join(","),
             extra,
+            handoff_grace,
         })
     }
 
@@ -111,6 +148,11 @@ impl KafkaConfig {
             .set_log_level(RDKafkaLogLevel::Warning);
         for (k, v) in &self.extra {
             c.set(k, v);
+        }
+        // librdkafka's `debug` contexts log at debug level: let them through, as librdkafka
+        // itself does when `debug` is set.
+        if self.extra.contains_key("debug") {
+            c.set_log_level(RDKafkaLogLevel::Debug);
         }
         c
     }
@@ -544,7 +586,8 @@ impl Transport for KafkaTransport {
         for (k, v) in &self.inner.config.extra {
             c.set(k, v);
         }
-        KafkaConsumer::new(c, Some(group.to_owned())).map(|c| Box::new(c) as Box<dyn Consumer>)
+        KafkaConsumer::new(c, Some(group.to_owned()), self.inner.config.handoff_grace)
+            .map(|c| Box::new(c) as Box<dyn Consumer>)
     }
 
     fn topic_consumer(
@@ -562,7 +605,7 @@ impl Transport for KafkaTransport {
             for (k, v) in &self.inner.config.extra {
                 c.set(k, v);
             }
-            let consumer = KafkaConsumer::new(c, None)?;
+            let consumer = KafkaConsumer::new(c, None, Duration::ZERO)?;
             let t = topic.clone();
             let tpl = blocking(&self.inner, move |i| -> Result<_, TransportError> {
                 let n =
@@ -609,7 +652,7 @@ impl Transport for KafkaTransport {
             for (k, v) in &self.inner.config.extra {
                 c.set(k, v);
             }
-            let consumer = KafkaConsumer::new(c, None)?;
+            let consumer = KafkaConsumer::new(c, None, Duration::ZERO)?;
             let mut tpl = TopicPartitionList::new();
             for (p, offset) in starts {
                 tpl.add_partition_offset(&topic, p as i32, Offset::Offset(offset))
@@ -681,10 +724,86 @@ enum Polled {
     Error(TransportError),
 }
 
+/// What a group consumer remembers of its last assignment.
+#[derive(Default)]
+struct Membership {
+    /// Generation of the group when partitions were last assigned.
+    generation: Option<i32>,
+    /// Partitions of the last assignment.
+    assigned: BTreeSet<(String, i32)>,
+}
+
 /// Forwards rebalances from librdkafka's callbacks to the dispatcher.
 struct GroupCtx {
     events: mpsc::Sender<Polled>,
     revoke_timeout: Duration,
+    /// How long to wait before reading partitions another member may still hold (see
+    /// `HANDOFF_GRACE`); zero by default.
+    handoff_grace: Duration,
+    /// The topics the consumer is subscribed to (the poll thread subscribes again with them
+    /// when it rejoins the group).
+    topics: Mutex<Vec<String>>,
+    membership: Mutex<Membership>,
+    /// Set when the group must be rejoined as a new member (see `on_assign`).
+    rejoin: AtomicBool,
+    /// Assigned partitions kept paused until the handoff grace is over (see `on_assign`).
+    held_back: Mutex<Option<HeldBack>>,
+    /// Whether the consumer is a static member of its group (`group.instance.id`).
+    static_member: bool,
+    /// Records polled and not yet handed to the dispatcher.
+    unsent: Mutex<Vec<Message>>,
+}
+
+/// Assigned partitions that are not read yet: another member may still hold them.
+struct HeldBack {
+    until: Instant,
+    partitions: Vec<(String, i32)>,
+}
+
+fn partition_list(partitions: &[(String, i32)]) -> TopicPartitionList {
+    let mut tpl = TopicPartitionList::new();
+    for (topic, partition) in partitions {
+        tpl.add_partition(topic, *partition);
+    }
+    tpl
+}
+
+/// The generation of the consumer group `consumer` is a member of, as librdkafka knows it.
+fn group_generation(consumer: &BaseConsumer<GroupCtx>) -> Option<i32> {
+    use rdkafka::bindings as rd;
+    // librdkafka has no getter for the generation; its serialized group metadata starts with
+    // this magic and the generation (native byte order).
+    const MAGIC: &[u8] = b"CGMDv2:";
+    let rk = consumer.client().native_ptr();
+    // SAFETY: `rk` is a live consumer handle for the duration of the call (borrowed from
+    // `consumer`). The group metadata and its serialized copy are allocated by librdkafka,
+    // read only within their bounds here, and freed with librdkafka's own functions before
+    // returning; no pointer escapes.
+    unsafe {
+        let md = rd::rd_kafka_consumer_group_metadata(rk);
+        if md.is_null() {
+            return None;
+        }
+        let mut buf: *mut std::ffi::c_void = std::ptr::null_mut();
+        let mut size = 0usize;
+        let error = rd::rd_kafka_consumer_group_metadata_write(md, &mut buf, &mut size);
+        rd::rd_kafka_consumer_group_metadata_destroy(md);
+        if !error.is_null() {
+            rd::rd_kafka_error_destroy(error);
+            return None;
+        }
+        if buf.is_null() {
+            return None;
+        }
+        let bytes = std::slice::from_raw_parts(buf.cast::<u8>(), size);
+        let generation = bytes
+            .strip_prefix(MAGIC)
+            .and_then(|rest| rest.get(..4))
+            .and_then(|g| g.try_into().ok())
+            .map(i32::from_ne_bytes);
+        rd::rd_kafka_mem_free(rk, buf);
+        generation
+    }
 }
 
 impl ClientContext for GroupCtx {
@@ -704,32 +823,260 @@ fn tps(list: &TopicPartitionList) -> Vec<TopicPartition> {
         .collect()
 }
 
+impl GroupCtx {
+    fn membership(&self) -> std::sync::MutexGuard<'_, Membership> {
+        self.membership.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn held_back(&self) -> std::sync::MutexGuard<'_, Option<HeldBack>> {
+        self.held_back.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn unsent(&self) -> std::sync::MutexGuard<'_, Vec<Message>> {
+        self.unsent.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Hands the records polled so far to the dispatcher; false once it is gone.
+    fn send_unsent(&self) -> bool {
+        let batch = std::mem::take(&mut *self.unsent());
+        batch.is_empty()
+            || self
+                .events
+                .blocking_send(Polled::Event(ConsumerEvent::Messages(batch)))
+                .is_ok()
+    }
+
+    /// Runs when partitions were assigned (librdkafka is looking up their committed offsets).
+    ///
+    /// Asks for a rejoin as a new member when partitions are assigned again in the generation
+    /// of the previous assignment. With the eager protocol every assignment follows a
+    /// JoinGroup, and a Kafka coordinator answers each JoinGroup of a rebalance with a new
+    /// generation. tansu 0.6.0 does not: when a member's session expires (a worker killed with
+    /// SIGKILL), it drops the member without starting a new generation, tells only the member
+    /// whose heartbeat noticed to rejoin, and answers that rejoin with the same generation and
+    /// its old assignment. The other members are never told, and the dead member's partitions
+    /// stay unowned. Leaving the group and joining again as a new member starts a new
+    /// generation there, which every member is told about on its next heartbeat: the group
+    /// rebalances for real. On a broker that behaves, this never happens. (A static member,
+    /// with `group.instance.id`, may legitimately get its assignment back in the same
+    /// generation: it is not checked.)
+    ///
+    /// With a handoff grace, partitions this member did not hold in the generation before
+    /// (another member may still hold them) are paused and returned; the poll thread hands
+    /// them to the dispatcher and reads them from their committed offset once the grace is
+    /// over (`release_held_back`).
+    ///
+    /// Both apply to the eager protocol (`range`, `roundrobin`) only: with the cooperative
+    /// one, assignments and revocations are increments.
+    fn on_assign(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        list: &TopicPartitionList,
+    ) -> Vec<(String, i32)> {
+        if !matches!(consumer.rebalance_protocol(), RebalanceProtocol::Eager) {
+            return Vec::new();
+        }
+        let generation = group_generation(consumer);
+        let assigned: BTreeSet<(String, i32)> = list
+            .elements()
+            .iter()
+            .map(|e| (e.topic().to_owned(), e.partition()))
+            .collect();
+        let (stalled, taken_over) = {
+            let mut m = self.membership();
+            let stalled = !self.static_member
+                && generation.is_some_and(|g| g >= 0 && m.generation == Some(g));
+            let next = m.generation.and_then(|g| g.checked_add(1));
+            let kept = |tp: &(String, i32)| generation == next && m.assigned.contains(tp);
+            let taken_over: Vec<(String, i32)> =
+                assigned.iter().filter(|tp| !kept(tp)).cloned().collect();
+            m.generation = generation;
+            m.assigned = assigned;
+            (stalled, taken_over)
+        };
+        if stalled {
+            tracing::warn!(
+                target: "rill::kafka",
+                generation,
+                "the group coordinator assigned partitions again without a new generation \
+                 (a member's session expired without a rebalance); rejoining the group as a \
+                 new member so that the whole group rebalances"
+            );
+            self.rejoin.store(true, Ordering::SeqCst);
+        } else if !taken_over.is_empty() && !self.handoff_grace.is_zero() {
+            // Pausing discards whatever was fetched of them already.
+            match consumer.pause(&partition_list(&taken_over)) {
+                Ok(()) => {
+                    tracing::debug!(
+                        target: "rill::kafka",
+                        partitions = taken_over.len(),
+                        grace = ?self.handoff_grace,
+                        "holding back partitions other members may still hold"
+                    );
+                    *self.held_back() = Some(HeldBack {
+                        until: Instant::now() + self.handoff_grace,
+                        partitions: taken_over.clone(),
+                    });
+                    return taken_over;
+                }
+                Err(e) => {
+                    tracing::warn!(target: "rill::kafka", error = %e, "cannot pause partitions")
+                }
+            }
+        }
+        Vec::new()
+    }
+
+    /// Forgets held-back partitions that are no longer assigned, resuming them so that they do
+    /// not stay paused when they are assigned again.
+    fn drop_held_back(&self, consumer: &BaseConsumer<Self>) {
+        if let Some(h) = self.held_back().take() {
+            let _ = consumer.resume(&partition_list(&h.partitions));
+        }
+    }
+}
+
+/// Hands the held-back partitions to the dispatcher and reads them, from their committed
+/// offsets, once the grace is over.
+fn release_held_back(consumer: &BaseConsumer<GroupCtx>, tx: &mpsc::Sender<Polled>) {
+    let partitions = {
+        let mut held = consumer.context().held_back();
+        match &*held {
+            Some(h) if Instant::now() >= h.until => match held.take() {
+                Some(h) => h.partitions,
+                None => return,
+            },
+            _ => return,
+        }
+    };
+    let assigned = partitions
+        .iter()
+        .map(|(t, p)| TopicPartition::new(t.as_str(), *p as u32))
+        .collect();
+    if tx
+        .blocking_send(Polled::Event(ConsumerEvent::Assigned(assigned)))
+        .is_err()
+    {
+        return;
+    }
+    let tpl = partition_list(&partitions);
+    // The previous owners had the grace to commit: start where they did, not where the group
+    // was when the partitions were assigned.
+    match consumer.committed_offsets(tpl.clone(), REQUEST_TIMEOUT) {
+        Ok(committed) => {
+            let mut seek = TopicPartitionList::new();
+            for e in committed.elements() {
+                if let Offset::Offset(o) = e.offset() {
+                    let _ = seek.add_partition_offset(e.topic(), e.partition(), Offset::Offset(o));
+                }
+            }
+            if seek.count() > 0 {
+                tracing::debug!(
+                    target: "rill::kafka",
+                    offsets = %seek
+                        .elements()
+                        .iter()
+                        .map(|e| format!("{}[{}]={:?}", e.topic(), e.partition(), e.offset()))
+                        .collect::<Vec<_>>()
+                        .join(","),
+                    "reading held-back partitions from their committed offsets"
+                );
+                match consumer.seek_partitions(seek, REQUEST_TIMEOUT) {
+                    Ok(result) => {
+                        for e in result.elements() {
+                            if let Err(error) = e.error() {
+                                tracing::warn!(
+                                    target: "rill::kafka",
+                                    topic = e.topic(),
+                                    partition = e.partition(),
+                                    %error,
+                                    "cannot seek to the committed offset"
+                                );
+                            }
+                        }
+                    }
+                    Err(error) => tracing::warn!(
+                        target: "rill::kafka",
+                        %error,
+                        "cannot seek to the committed offsets"
+                    ),
+                }
+            }
+        }
+        Err(error) => tracing::warn!(
+            target: "rill::kafka",
+            %error,
+            "cannot read the committed offsets of held-back partitions"
+        ),
+    }
+    if let Err(error) = consumer.resume(&tpl) {
+        tracing::error!(target: "rill::kafka", %error, "cannot resume held-back partitions");
+    }
+}
+
+/// Leaves the consumer group and joins it again as a new member, with the same topics.
+fn rejoin(consumer: &BaseConsumer<GroupCtx>) {
+    let topics = consumer
+        .context()
+        .topics
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if topics.is_empty() {
+        return;
+    }
+    *consumer.context().membership() = Membership::default();
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    // Unsubscribing revokes the partitions (through the callback, which waits for their
+    // commit) and leaves the group; subscribing again joins with a new member id.
+    consumer.unsubscribe();
+    if let Err(e) = consumer.subscribe(&names) {
+        tracing::error!(target: "rill::kafka", error = %e, "cannot rejoin the consumer group");
+    }
+}
+
 impl ConsumerContext for GroupCtx {
     fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Revoke(list) = rebalance {
-            let revoked = tps(list);
-            if revoked.is_empty() {
-                return;
+        match rebalance {
+            Rebalance::Revoke(list) => {
+                // Records polled before the revocation are processed (and committed) before
+                // the partitions are handed over, not after.
+                self.send_unsent();
+                let revoked = tps(list);
+                if revoked.is_empty() {
+                    return;
+                }
+                let (tx, rx) = std::sync::mpsc::sync_channel(1);
+                if self
+                    .events
+                    .blocking_send(Polled::Revoking(revoked, tx))
+                    .is_ok()
+                    && rx.recv_timeout(self.revoke_timeout).is_err()
+                {
+                    tracing::warn!(
+                        "revoked partitions were not committed within {:?}",
+                        self.revoke_timeout
+                    );
+                }
             }
-            let (tx, rx) = std::sync::mpsc::sync_channel(1);
-            if self
-                .events
-                .blocking_send(Polled::Revoking(revoked, tx))
-                .is_ok()
-                && rx.recv_timeout(self.revoke_timeout).is_err()
-            {
-                tracing::warn!(
-                    "revoked partitions were not committed within {:?}",
-                    self.revoke_timeout
-                );
-            }
+            Rebalance::Assign(_) => {}
+            Rebalance::Error(_) => *self.membership() = Membership::default(),
         }
     }
 
-    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(list) => {
-                let assigned = tps(list);
+                let held = self.on_assign(consumer, list);
+                let assigned: Vec<TopicPartition> = list
+                    .elements()
+                    .iter()
+                    .filter(|e| {
+                        !held
+                            .iter()
+                            .any(|(t, p)| t == e.topic() && *p == e.partition())
+                    })
+                    .map(|e| TopicPartition::new(e.topic(), e.partition() as u32))
+                    .collect();
                 if !assigned.is_empty() {
                     let _ = self
                         .events
@@ -737,11 +1084,12 @@ impl ConsumerContext for GroupCtx {
                 }
             }
             Rebalance::Error(e) => {
+                self.drop_held_back(consumer);
                 let _ = self
                     .events
                     .blocking_send(Polled::Error(err(format!("rebalance failed: {e}"))));
             }
-            Rebalance::Revoke(_) => {}
+            Rebalance::Revoke(_) => self.drop_held_back(consumer),
         }
     }
 }
@@ -767,12 +1115,23 @@ impl fmt::Debug for KafkaConsumer {
 }
 
 impl KafkaConsumer {
-    fn new(config: ClientConfig, group: Option<String>) -> Result<Self, TransportError> {
+    fn new(
+        config: ClientConfig,
+        group: Option<String>,
+        handoff_grace: Duration,
+    ) -> Result<Self, TransportError> {
         let (tx, events) = mpsc::channel(8);
         let consumer: BaseConsumer<GroupCtx> = config
             .create_with_context(GroupCtx {
                 events: tx.clone(),
                 revoke_timeout: Duration::from_secs(30),
+                handoff_grace,
+                topics: Mutex::new(Vec::new()),
+                membership: Mutex::new(Membership::default()),
+                rejoin: AtomicBool::new(false),
+                held_back: Mutex::new(None),
+                static_member: config.get("group.instance.id").is_some(),
+                unsent: Mutex::new(Vec::new()),
             })
             .map_err(|e| err(format!("cannot create Kafka consumer: {e}")))?;
         Ok(Self {
@@ -844,14 +1203,16 @@ fn poll_loop(
     tx: mpsc::Sender<Polled>,
     stop: Arc<AtomicBool>,
 ) {
-    let mut batch = Vec::new();
+    let ctx = consumer.context();
     while !stop.load(Ordering::Relaxed) {
+        // Records wait in `ctx.unsent` (not locked across `poll`, whose rebalance callbacks
+        // send them first).
         match consumer.poll(Duration::from_millis(100)) {
             Some(Ok(m)) => {
-                batch.push(owned(&m));
-                while batch.len() < MAX_BATCH {
+                ctx.unsent().push(owned(&m));
+                while ctx.unsent().len() < MAX_BATCH {
                     match consumer.poll(Duration::ZERO) {
-                        Some(Ok(m)) => batch.push(owned(&m)),
+                        Some(Ok(m)) => ctx.unsent().push(owned(&m)),
                         Some(Err(e)) => {
                             tracing::warn!(target: "rill::kafka", error = %e, "consumer error");
                             break;
@@ -865,15 +1226,13 @@ fn poll_loop(
             }
             None => {}
         }
-        if !batch.is_empty() {
-            let msgs = std::mem::take(&mut batch);
-            if tx
-                .blocking_send(Polled::Event(ConsumerEvent::Messages(msgs)))
-                .is_err()
-            {
-                break;
-            }
+        if !ctx.send_unsent() {
+            break;
         }
+        if ctx.rejoin.swap(false, Ordering::SeqCst) {
+            rejoin(&consumer);
+        }
+        release_held_back(&consumer, &tx);
     }
     // Dropping the last handle here closes the consumer on this thread, where its
     // callbacks may block.
@@ -884,9 +1243,19 @@ fn poll_loop(
 impl Consumer for KafkaConsumer {
     fn subscribe(&mut self, topics: &[String]) -> Result<(), TransportError> {
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
-        self.consumer
-            .subscribe(&names)
-            .map_err(|e| err(format!("cannot subscribe to {topics:?}: {e}")))?;
+        {
+            // Held while subscribing, so a rejoin on the poll thread uses the latest topics.
+            let mut current = self
+                .consumer
+                .context()
+                .topics
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            self.consumer
+                .subscribe(&names)
+                .map_err(|e| err(format!("cannot subscribe to {topics:?}: {e}")))?;
+            *current = topics.to_vec();
+        }
         self.start()
     }
 
