@@ -226,13 +226,20 @@ impl App {
         &self,
         name: impl Into<String>,
     ) -> Table<K, V> {
-        let name = name.into();
+        self.declare_table(Table::new(
+            self.core.clone(),
+            name.into(),
+            Arc::new(V::default),
+        ))
+    }
+
+    fn declare_table<K: TableKey, V: TableValue>(&self, table: Table<K, V>) -> Table<K, V> {
         let mut tables = self.tables.lock().unwrap_or_else(|e| e.into_inner());
         assert!(
-            tables.iter().all(|t| t.name() != name),
-            "table {name:?} is declared twice"
+            tables.iter().all(|t| t.name() != table.name()),
+            "table {:?} is declared twice",
+            table.name()
         );
-        let table = Table::new(self.core.clone(), name, Arc::new(V::default));
         tables.push(Arc::new(table.clone()));
         table
     }
@@ -283,15 +290,9 @@ impl App {
         &self,
         name: impl Into<String>,
     ) -> Table<K, V> {
-        let name = name.into();
-        let mut tables = self.tables.lock().unwrap_or_else(|e| e.into_inner());
-        assert!(
-            tables.iter().all(|t| t.name() != name),
-            "table {name:?} is declared twice"
-        );
-        let table = Table::new(self.core.clone(), name, Arc::new(V::default)).global();
-        tables.push(Arc::new(table.clone()));
-        table
+        self.declare_table(
+            Table::new(self.core.clone(), name.into(), Arc::new(V::default)).global(),
+        )
     }
 
     /// Names of the declared tables.

@@ -339,6 +339,24 @@ async fn table_values_are_served_over_http() {
     worker.shutdown().await.expect("stop");
 }
 
+/// A lookup's answer, once it is not 503 (the membership topic has not yet told the worker
+/// where the key is).
+async fn answered(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    common::within(WAIT, "a lookup's answer", async {
+        loop {
+            let p = path.to_owned();
+            let r = tokio::task::spawn_blocking(move || common::http_get(addr, &p))
+                .await
+                .expect("get");
+            if r.0 != 503 {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn any_worker_answers_for_keys_another_worker_owns() {
     // Two workers of one app share the partitions (a consumer group on one embedded broker).
@@ -373,34 +391,8 @@ async fn any_worker_answers_for_keys_another_worker_owns() {
     let (addr_a, addr_b) = (wa.web_addr().expect("web a"), wb.web_addr().expect("web b"));
     for (word, count) in &want {
         let path = format!("/tables/word_counts/{word}");
-        let (pa, pb) = (path.clone(), path.clone());
-        let from_a = common::within(WAIT, "lookup on a", async {
-            loop {
-                let p = pa.clone();
-                let r = tokio::task::spawn_blocking(move || common::http_get(addr_a, &p))
-                    .await
-                    .expect("get");
-                // 503 while the membership topic has not told a where the key is yet.
-                if r.0 != 503 {
-                    return r;
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
-        .await;
-        let from_b = common::within(WAIT, "lookup on b", async {
-            loop {
-                let p = pb.clone();
-                let r = tokio::task::spawn_blocking(move || common::http_get(addr_b, &p))
-                    .await
-                    .expect("get");
-                if r.0 != 503 {
-                    return r;
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
-        .await;
+        let from_a = answered(addr_a, &path).await;
+        let from_b = answered(addr_b, &path).await;
         assert_eq!(from_a, (200, count.to_string()), "{word} on a");
         assert_eq!(from_b, (200, count.to_string()), "{word} on b");
     }

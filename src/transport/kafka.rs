@@ -409,6 +409,23 @@ impl KafkaTransport {
         }
     }
 
+    /// A consumer outside any group, for partitions assigned by hand; `settings` add to the
+    /// common ones.
+    fn reader(&self, settings: &[(&str, &str)]) -> Result<KafkaConsumer, TransportError> {
+        let mut c = self.inner.config.client();
+        c.set("group.id", format!("rill-reader-{}", std::process::id()))
+            .set("enable.auto.commit", "false")
+            .set("fetch.wait.max.ms", "20")
+            .set("isolation.level", "read_committed");
+        for (k, v) in settings {
+            c.set(*k, *v);
+        }
+        for (k, v) in &self.inner.config.extra {
+            c.set(k, v);
+        }
+        KafkaConsumer::new(c, None, Duration::ZERO)
+    }
+
     /// Queues a record, waiting while librdkafka's queue is full.
     async fn produce(
         &self,
@@ -597,15 +614,7 @@ impl Transport for KafkaTransport {
     ) -> BoxFuture<'_, Result<Box<dyn Consumer>, TransportError>> {
         let topic = topic.to_owned();
         async move {
-            let mut c = self.inner.config.client();
-            c.set("group.id", format!("rill-reader-{}", std::process::id()))
-                .set("enable.auto.commit", "false")
-                .set("fetch.wait.max.ms", "20")
-                .set("isolation.level", "read_committed");
-            for (k, v) in &self.inner.config.extra {
-                c.set(k, v);
-            }
-            let consumer = KafkaConsumer::new(c, None, Duration::ZERO)?;
+            let consumer = self.reader(&[])?;
             let t = topic.clone();
             let tpl = blocking(&self.inner, move |i| -> Result<_, TransportError> {
                 let n =
@@ -643,16 +652,7 @@ impl Transport for KafkaTransport {
     ) -> BoxFuture<'_, Result<Box<dyn Consumer>, TransportError>> {
         let topic = topic.to_owned();
         async move {
-            let mut c = self.inner.config.client();
-            c.set("group.id", format!("rill-reader-{}", std::process::id()))
-                .set("enable.auto.commit", "false")
-                .set("auto.offset.reset", "earliest")
-                .set("fetch.wait.max.ms", "20")
-                .set("isolation.level", "read_committed");
-            for (k, v) in &self.inner.config.extra {
-                c.set(k, v);
-            }
-            let consumer = KafkaConsumer::new(c, None, Duration::ZERO)?;
+            let consumer = self.reader(&[("auto.offset.reset", "earliest")])?;
             let mut tpl = TopicPartitionList::new();
             for (p, offset) in starts {
                 tpl.add_partition_offset(&topic, p as i32, Offset::Offset(offset))
