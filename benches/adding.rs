@@ -3,6 +3,7 @@
 //!
 //! ```console
 //! $ cargo bench --bench adding
+//! $ RILL_BENCH_METRICS=1 cargo bench --bench adding   # the agent's worker serves /metrics
 //! ```
 //!
 //! Each measurement runs several rounds; the medians are printed, with the ratio of rill to
@@ -97,6 +98,10 @@ async fn rill_agent(data: &[(Bytes, Bytes)], round: usize) -> Duration {
     w.shutdown().await.expect("stop producer");
 
     let app = App::with_settings("bench-agent-example", settings);
+    if metrics_on() {
+        // A worker serving the web records metrics (Prometheus recorder), as in production.
+        app.configure(|s| s.web_port = Some(0));
+    }
     let topic = app
         .topic("adding")
         .value_type::<Add>()
@@ -173,7 +178,13 @@ fn percentile(samples: &mut [Duration], p: f64) -> Duration {
     samples[i]
 }
 
+/// Whether the agent's worker records metrics (`RILL_BENCH_METRICS=1`).
+fn metrics_on() -> bool {
+    std::env::var_os("RILL_BENCH_METRICS").is_some_and(|v| v != "0")
+}
+
 fn main() {
+    println!("metrics: {}", if metrics_on() { "on" } else { "off" });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -13,13 +13,13 @@ use rdkafka::Message;
 use rill::prelude::*;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 const EVENTS: u64 = 200_000;
 const PARTITIONS: u32 = 4;
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 5;
 const ASKS: usize = 300;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -126,8 +126,28 @@ async fn fill(addr: &str, topic: &str, outputs: &[&str]) {
     eprintln!("filled {topic}");
 }
 
+/// How long one loop took: from its start (before joining the group) until its first record,
+/// until its last output was queued, and its stop (flush, or a rill worker's whole shutdown).
+struct Timing {
+    first: Duration,
+    last: Duration,
+    stop: Duration,
+}
+
+impl Timing {
+    /// Events per second from start until the last output was queued.
+    fn rate(&self) -> f64 {
+        EVENTS as f64 / self.last.as_secs_f64()
+    }
+
+    /// Events per second from the first record read until the last output was queued.
+    fn processing_rate(&self) -> f64 {
+        EVENTS as f64 / (self.last - self.first).as_secs_f64()
+    }
+}
+
 /// consume → decode → a + b → produce, with rdkafka alone.
-fn bare_loop(addr: &str, input: &str, output: &str, group: &str) -> Duration {
+fn bare_loop(addr: &str, input: &str, output: &str, group: &str) -> Timing {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", addr)
         .set("group.id", group)
@@ -142,6 +162,7 @@ fn bare_loop(addr: &str, input: &str, output: &str, group: &str) -> Duration {
     consumer.subscribe(&[input]).expect("subscribe");
     let p = producer(addr);
     let start = Instant::now();
+    let mut first = None;
     let mut n = 0u64;
     while n < EVENTS {
         let Some(m) = consumer.poll(Duration::from_millis(100)) else {
@@ -155,6 +176,7 @@ fn bare_loop(addr: &str, input: &str, output: &str, group: &str) -> Duration {
             Ok(m) => m,
             Err(e) => panic!("bare consumer: {e}"),
         };
+        first.get_or_insert_with(|| start.elapsed());
         let add: Add = serde_json::from_slice(m.payload().unwrap_or_default()).expect("decode");
         let sum = (add.a + add.b).to_string();
         let mut record = BaseRecord::<(), _>::to(output).payload(&sum);
@@ -169,38 +191,51 @@ fn bare_loop(addr: &str, input: &str, output: &str, group: &str) -> Duration {
         }
         n += 1;
     }
+    let last = start.elapsed();
     p.flush(Duration::from_secs(60)).expect("flush");
-    start.elapsed()
+    Timing {
+        first: first.unwrap_or(last),
+        last,
+        stop: start.elapsed() - last,
+    }
 }
 
 /// The seed's adding agent with a topic sink, counted by a function sink.
-async fn rill_agent(addr: &str, input: &str, output: &str, group: &str) -> Duration {
+async fn rill_agent(addr: &str, input: &str, output: &str, group: &str) -> Timing {
     let app = App::new(group);
     app.configure(|s| s.broker = format!("kafka://{addr}"));
     let topic = app.topic(input).value_type::<Add>().partitions(PARTITIONS);
     let out = app.topic(output).value_type::<i64>().partitions(PARTITIONS);
     let done = Arc::new(Notify::new());
     let count = Arc::new(AtomicU64::new(0));
-    let (c, d) = (count.clone(), done.clone());
+    let first = Arc::new(OnceLock::new());
+    let start = Instant::now();
+    let (c, d, f) = (count.clone(), done.clone(), first.clone());
+    // Sinks run in order: this one sees a value after the topic sink has queued it.
     let _adding = app
         .agent(adding)
         .channel(&topic)
         .sink(&out)
         .sink(move |_: i64| {
+            f.get_or_init(|| start.elapsed());
             if c.fetch_add(1, Ordering::Relaxed) + 1 == EVENTS {
                 d.notify_one();
             }
         });
-    let start = Instant::now();
     let worker = app.start().await.expect("start");
     tokio::time::timeout(Duration::from_secs(300), done.notified())
         .await
         .expect("all events processed");
+    let last = start.elapsed();
     worker
         .shutdown()
         .await
         .expect("shutdown (flushes the output)");
-    start.elapsed()
+    Timing {
+        first: first.get().copied().unwrap_or(last),
+        last,
+        stop: start.elapsed() - last,
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -217,8 +252,7 @@ fn main() {
         .expect("runtime");
     rt.block_on(async {
         let run = std::process::id();
-        let mut bare = Vec::new();
-        let mut rill = Vec::new();
+        let (mut bare, mut rill) = (Vec::new(), Vec::new());
         for round in 0..ROUNDS {
             let input = format!("bench-in-{run}-{round}");
             let bare_out = format!("bench-bare-out-{run}-{round}");
@@ -229,25 +263,31 @@ fn main() {
             let b = tokio::task::spawn_blocking(move || bare_loop(&a, &i, &o, &g))
                 .await
                 .expect("bare loop");
-            let r = rill_agent(
-                &addr,
-                &input,
-                &rill_out,
-                &format!("bench-rill-{run}-{round}"),
-            )
-            .await;
-            bare.push(EVENTS as f64 / b.as_secs_f64());
-            rill.push(EVENTS as f64 / r.as_secs_f64());
+            let r = rill_agent(&addr, &input, &rill_out, &format!("bench-rill-{run}-{round}")).await;
             println!(
-                "round {round}: bare {:>10.0} events/s   rill {:>10.0} events/s",
-                bare[round], rill[round]
+                "round {round}: bare {:>9.0} events/s (first record {:>4} ms, flush {:>4} ms)   rill {:>9.0} events/s (first record {:>4} ms, shutdown {:>4} ms)",
+                b.rate(), b.first.as_millis(), b.stop.as_millis(),
+                r.rate(), r.first.as_millis(), r.stop.as_millis(),
             );
+            bare.push(b);
+            rill.push(r);
         }
-        let (b, r) = (median(bare), median(rill));
+        let med = |v: &[Timing], f: &dyn Fn(&Timing) -> f64| median(v.iter().map(f).collect());
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let (b, r) = (med(&bare, &Timing::rate), med(&rill, &Timing::rate));
+        let (bp, rp) = (med(&bare, &Timing::processing_rate), med(&rill, &Timing::processing_rate));
         println!("adding on Kafka ({addr}), {EVENTS} keyed JSON events, {PARTITIONS} partitions, median of {ROUNDS}:");
-        println!("  bare rdkafka consume → decode → a + b → produce: {b:>10.0} events/s");
-        println!("  rill adding agent + topic sink:                  {r:>10.0} events/s");
-        println!("  ratio rill / bare: {:.2}", r / b);
+        println!("  start (joining the group) until the last output is queued:");
+        println!("    bare rdkafka consume → decode → a + b → produce: {b:>10.0} events/s");
+        println!("    rill adding agent + topic sink:                  {r:>10.0} events/s");
+        println!("    ratio rill / bare: {:.2}", r / b);
+        println!("  first record until the last output is queued:");
+        println!("    bare {bp:>10.0} events/s   rill {rp:>10.0} events/s   ratio {:.2}", rp / bp);
+        println!(
+            "  start until the first record: bare {:.0} ms, rill {:.0} ms; bare flush {:.0} ms; rill shutdown (drain, flush, commit, leave the group) {:.0} ms",
+            med(&bare, &|t| ms(t.first)), med(&rill, &|t| ms(t.first)),
+            med(&bare, &|t| ms(t.stop)), med(&rill, &|t| ms(t.stop)),
+        );
 
         // ask round trips.
         let app = App::new(format!("bench-ask-{run}"));
@@ -316,7 +356,8 @@ fn bare_round_trips(addr: &str, run: u32) -> Vec<Duration> {
         )
         .map_err(|(e, _)| e)
         .expect("send");
-        p.flush(Duration::from_secs(10)).expect("flush");
+        // No flush: ThreadedProducer's flush waits in 100 ms steps. The producer sends after
+        // its linger (5 ms, as rill's), and the sample ends when the record is read back.
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             assert!(

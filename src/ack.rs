@@ -80,6 +80,15 @@ impl PartitionTracker {
         }
     }
 
+    /// Keeps `offset` pending for good: this tracker commits nothing from it on, so the event
+    /// is read again by the next owner of the partition (or after a restart).
+    fn hold(&self, offset: i64) {
+        let mut s = self.state();
+        if let Ok(i) = s.pending.binary_search_by_key(&offset, |e| e.0) {
+            s.pending[i].1 = u32::MAX;
+        }
+    }
+
     /// Ignores every later ack: what is committable stays what it is now.
     pub(crate) fn freeze(&self) {
         self.state().frozen = true;
@@ -131,8 +140,20 @@ impl fmt::Debug for AckGuard {
 pub(crate) enum Acks {
     #[default]
     None,
-    One(#[allow(dead_code)] AckGuard),
-    Many(#[allow(dead_code)] Vec<Acks>),
+    One(AckGuard),
+    Many(Vec<Acks>),
+}
+
+impl Acks {
+    /// Gives the events up unprocessed: their offsets are never committed by this worker, so
+    /// they are read again after a restart or a rebalance.
+    pub(crate) fn abandon(self) {
+        match self {
+            Acks::None => {}
+            Acks::One(guard) => guard.tracker.hold(guard.offset),
+            Acks::Many(all) => all.into_iter().for_each(Acks::abandon),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -178,5 +199,18 @@ mod tests {
         assert_eq!(t.committable(), Some(1));
         t.register(1, 0);
         assert_eq!(t.committable(), Some(2));
+    }
+
+    #[test]
+    fn abandoned_events_are_never_committed() {
+        let t = tracker();
+        for o in 0..3 {
+            t.register(o, 1);
+        }
+        t.ack(0);
+        Acks::One(AckGuard::new(t.clone(), 1)).abandon();
+        t.ack(2);
+        assert_eq!(t.committable(), Some(1));
+        assert!(!t.is_idle());
     }
 }

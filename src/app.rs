@@ -47,6 +47,12 @@ impl AppCore {
         }
     }
 
+    /// The names of the declared topics.
+    pub(crate) fn declared_topics(&self) -> Vec<String> {
+        let d = self.declared.lock().unwrap_or_else(|e| e.into_inner());
+        d.keys().cloned().collect()
+    }
+
     /// The spec a topic is created with: its own partition count, else the declared one, else
     /// the app's default.
     pub(crate) fn topic_spec(&self, name: &str, partitions: Option<u32>) -> TopicSpec {
@@ -121,6 +127,7 @@ pub struct App {
     pub(crate) commands: Arc<Mutex<Vec<Arc<dyn CommandSpec>>>>,
     tables: Arc<Mutex<Vec<Arc<dyn TableRunner>>>>,
     channels: Arc<AtomicUsize>,
+    pub(crate) timers: Arc<crate::timer::Timers>,
 }
 
 impl fmt::Debug for App {
@@ -152,6 +159,7 @@ impl App {
             commands: Arc::new(Mutex::new(Vec::new())),
             tables: Arc::new(Mutex::new(Vec::new())),
             channels: Arc::new(AtomicUsize::new(0)),
+            timers: Arc::default(),
         }
     }
 
@@ -332,6 +340,22 @@ impl App {
             .collect()
     }
 
+    /// The declared agents (for the `agents` and `send` commands).
+    pub(crate) fn agent_runners(&self) -> Vec<Arc<dyn AgentRunner>> {
+        self.agents
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The declared tables (for the `tables` command).
+    pub(crate) fn table_runners(&self) -> Vec<Arc<dyn TableRunner>> {
+        self.tables
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// The app's own embedded broker (what `memory://` connects to), for inspection in tests
     /// and tools.
     pub fn memory_broker(&self) -> Arc<MemoryBroker> {
@@ -393,6 +417,11 @@ impl App {
                     .into(),
             ));
         }
+        let timers = if run_agents {
+            self.timers.plan()?
+        } else {
+            crate::timer::Plan::empty()
+        };
         let transport = self.connect(&settings.broker).await?;
         let (control_tx, control_rx) = tokio::sync::mpsc::channel(64);
         let tables: Vec<Arc<dyn TableRunner>> = if run_agents {
@@ -408,6 +437,10 @@ impl App {
         } else {
             Some(crate::table::store::open(&settings.store, &self.core.id)?)
         };
+        if run_agents && settings.web_port.is_some() {
+            // Before any metric handle is made: handles made earlier count nothing.
+            crate::metrics::install();
+        }
         let rt = Arc::new(Runtime::new(
             self.core.id.clone(),
             settings.clone(),
@@ -437,40 +470,49 @@ impl App {
             specs.insert(name.clone(), self.core.topic_spec(&name, None));
         }
         let mut agent_topics = Vec::with_capacity(agents.len());
+        let mut dead_letters = Vec::new();
         for agent in &agents {
             let topics = agent.topics()?;
             for spec in &topics {
                 specs.insert(spec.name.clone(), spec.clone());
             }
             agent_topics.push(topics);
+            dead_letters.extend(agent.dead_letter(&settings)?);
         }
         for table in &tables {
             let spec = table.changelog_spec();
             specs.insert(spec.name.clone(), spec);
         }
         for spec in specs.values() {
-            rt.ensure_topic(spec).await?;
+            if let Err(e) = rt.ensure_topic(spec).await {
+                let read = agent_topics.iter().flatten().any(|t| t.name == spec.name);
+                // A topic an agent reads that does not exist (and cannot be created) stops
+                // only that agent's part of the work: the subscription picks it up once it
+                // exists.
+                if !read || !matches!(transport.partition_count(&spec.name).await, Ok(None)) {
+                    return Err(e);
+                }
+                tracing::error!(
+                    topic = %spec.name,
+                    error = %e,
+                    "an agent reads a topic that does not exist and cannot be created; its \
+                     events are read once the topic exists, the other topics meanwhile"
+                );
+            }
+        }
+        for spec in &dead_letters {
+            rt.ensure_internal_topic(&spec.name).await?;
         }
         if let Some(store) = &store {
             for table in &tables {
                 table.attach(&rt, store.clone());
             }
         }
-        let reply_spec = TopicSpec {
-            name: rt.reply_topic.clone(),
-            partitions: 1,
-            replication_factor: settings.topic_replication_factor,
-            compacted: false,
-        };
-        match rt.ensure_topic(&reply_spec).await {
-            // The reply topic is this worker's own: any partition count serves (brokers that
-            // only auto-create topics give them their default count).
-            Err(Error::Transport(TransportError::PartitionMismatch { actual, .. })) => {
-                rt.accept_topic(&reply_spec.name, actual)
-            }
-            other => {
-                other?;
-            }
+        rt.ensure_internal_topic(&rt.reply_topic).await?;
+        if timers.needs_leader() {
+            let topic = crate::timer::leader_topic(&self.core.id);
+            rt.ensure_internal_topic(&topic).await?;
+            rt.leadership.elect_by(topic);
         }
         let reply_consumer = transport
             .topic_consumer(&rt.reply_topic, StartAt::Latest)
@@ -487,9 +529,12 @@ impl App {
             }
             let (route, rx) = queue(agent.concurrency(), capacity);
             let names = topics.iter().map(|t| t.name.clone()).collect();
-            routes.push((names, route));
+            routes.push((agent.name(), names, route));
             queues.push(Some(rx));
         }
+        rt.ops
+            .set_agents(agents.iter().filter_map(|a| a.info().ok()).collect());
+        let steady = transport.kind() == "memory" || routes.is_empty();
         let dispatcher = if run_agents {
             let consumer = transport.group_consumer(&self.core.id)?;
             Some(Dispatcher::new(
@@ -528,6 +573,8 @@ impl App {
         };
         let replies = tokio::spawn(run_replies(rt.clone(), reply_consumer, closed.clone()));
         let dispatcher = dispatcher.map(|d| tokio::spawn(d.run()));
+        timers.start(&rt);
+        rt.ops.started(steady);
         tracing::info!(app = %self.core.id, transport = transport.kind(), agents = agents.len(), "worker started");
         Ok(Worker {
             core: self.core.clone(),

@@ -1,5 +1,7 @@
 //! The command line every app gets: `worker`, the app's own commands, and global options.
 
+mod ops;
+
 use crate::app::App;
 use crate::error::{BoxError, Error, Result};
 use crate::worker::Signals;
@@ -117,6 +119,14 @@ impl App {
                             .help("Address the web server listens on"),
                     )
                     .arg(
+                        Arg::new("bad_input")
+                            .long("bad-input")
+                            .env("RILL_BAD_INPUT")
+                            .value_name("ACTION")
+                            .value_parser(["skip", "dead-letter"])
+                            .help("What to do with messages an agent cannot read [default: skip]"),
+                    )
+                    .arg(
                         Arg::new("without_web")
                             .long("without-web")
                             .action(clap::ArgAction::SetTrue)
@@ -141,7 +151,7 @@ impl App {
         {
             cmd = cmd.subcommand(c.clap());
         }
-        cmd
+        ops::add_commands(cmd)
     }
 
     /// Runs the command line and exits the process: `worker` runs the agents; the app's
@@ -202,14 +212,21 @@ impl App {
                 .get_one::<String>("web_bind")
                 .cloned()
                 .unwrap_or_else(|| "127.0.0.1".to_owned());
+            let bad_input = sub
+                .get_one::<String>("bad_input")
+                .and_then(|b| b.parse().ok());
             self.configure(|s| {
                 s.web_port = port;
                 s.web_bind = bind;
+                s.bad_input = bad_input.unwrap_or(s.bad_input);
             });
             return runtime.block_on(self.run_worker(level));
         }
         if name == "reset" {
             return self.reset(sub.get_flag("yes"));
+        }
+        if let Some(result) = self.run_tool(name, sub, &runtime) {
+            return result;
         }
         let command = self
             .commands
@@ -248,8 +265,8 @@ impl App {
         let tables = self.table_names();
         if !tables.is_empty() {
             println!("│ tables     {}", tables.join(", "));
-            println!("│ store      {}", s.store);
         }
+        println!("│ store      {}", s.store);
         if let Some(addr) = worker.web_addr() {
             println!("│ web        http://{addr}");
         }

@@ -42,7 +42,8 @@ pub trait Codec<T>: Send + Sync + 'static {
     fn decode(&self, bytes: &[u8]) -> Result<T, CodecError>;
 }
 
-/// JSON through `serde_json`: the default codec for keys and values.
+/// JSON through `serde_json`: the default codec for keys and values. An empty payload or a
+/// tombstone decodes as `null` (`None` for an `Option`, an error for other types).
 pub struct Json<T>(PhantomData<fn() -> T>);
 
 impl<T> Json<T> {
@@ -86,7 +87,10 @@ where
 
     fn decode(&self, bytes: &[u8]) -> Result<T, CodecError> {
         if bytes.is_empty() {
-            return Err(CodecError::new("json", "empty payload"));
+            // An empty payload or a tombstone is JSON's `null`: `Option<T>` reads it as `None`;
+            // a type that cannot be null rejects it.
+            return serde_json::from_value(serde_json::Value::Null)
+                .map_err(|e| CodecError::new("json", format!("empty payload: {e}")));
         }
         serde_json::from_slice(bytes).map_err(|e| CodecError::new("json", e))
     }
@@ -141,6 +145,7 @@ mod tests {
         assert_eq!(&b[..], b"[1,2]");
         assert_eq!(c.decode(&b).unwrap(), vec![1, 2]);
         assert!(c.decode(b"").unwrap_err().message.contains("empty"));
+        assert_eq!(Json::<Option<u8>>::new().decode(b"").unwrap(), None);
         assert!(c.decode(b"{\"a\":1}").is_err());
     }
 

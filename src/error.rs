@@ -89,6 +89,14 @@ pub enum Error {
         /// What the command returned.
         source: BoxError,
     },
+    /// A crontab's expression or time zone is invalid (reported when the worker starts).
+    #[error("invalid crontab {expression:?}: {message}")]
+    Crontab {
+        /// The cron expression.
+        expression: String,
+        /// What is wrong with it, and the crontab's name.
+        message: String,
+    },
 }
 
 /// An error reported by a transport.

@@ -34,15 +34,18 @@
 mod ack;
 mod agent;
 mod app;
+mod bad_input;
 mod channel;
 mod cli;
 pub mod codec;
 mod error;
+mod metrics;
 mod partitioner;
 mod reply;
 mod settings;
 mod stream;
 pub mod table;
+mod timer;
 mod topic;
 pub mod transport;
 mod web;
@@ -60,11 +63,13 @@ pub use channel::{Channel, SendError};
 #[doc(inline)]
 pub use error::{BoxError, Error, Result, TransportError};
 #[doc(inline)]
-pub use settings::{ProcessingGuarantee, Settings};
+pub use settings::{BadInput, ProcessingGuarantee, Settings};
 #[doc(inline)]
 pub use stream::{Event, GroupBy, Stream};
 #[doc(inline)]
 pub use table::{SetTable, Table};
+#[doc(inline)]
+pub use timer::{Crontab, Task, TaskOutput, Timer};
 #[doc(inline)]
 pub use topic::{Topic, TopicNames, TopicSend};
 #[doc(inline)]

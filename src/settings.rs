@@ -23,6 +23,45 @@ impl std::fmt::Display for ProcessingGuarantee {
     }
 }
 
+/// What a worker does with a message an agent cannot read: one whose key or value its codec
+/// cannot decode (bad JSON, wrong types, missing fields, invalid UTF-8, an empty payload or a
+/// tombstone for a type that cannot be null) or that is larger than
+/// [`Settings::max_payload_bytes`]. Either way the message is logged once (topic, partition,
+/// offset, codec and error), counted ([`Worker::decode_errors`](crate::Worker::decode_errors)),
+/// and the agent goes on with the next one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BadInput {
+    /// Skip the message: its offset is committed as if it had been processed (the default).
+    #[default]
+    Skip,
+    /// Copy the message to the agent's dead-letter topic `<app id>-<agent>-dead-letter` (its
+    /// key, value and headers as they were, plus `rill.error`, `rill.topic`,
+    /// `rill.partition`, `rill.offset`, `rill.codec` and `rill.agent` headers), and commit
+    /// its offset only once the copy is durable.
+    DeadLetter,
+}
+
+impl std::fmt::Display for BadInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BadInput::Skip => "skip",
+            BadInput::DeadLetter => "dead-letter",
+        })
+    }
+}
+
+impl std::str::FromStr for BadInput {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "skip" => Ok(BadInput::Skip),
+            "dead-letter" | "dead_letter" => Ok(BadInput::DeadLetter),
+            other => Err(format!("expected skip or dead-letter, got {other:?}")),
+        }
+    }
+}
+
 /// Settings of an [`App`](crate::App). Every field has a default that suits development on the
 /// embedded transport; see each field.
 #[derive(Debug, Clone)]
@@ -47,6 +86,13 @@ pub struct Settings {
     pub map_max_inflight: usize,
     /// The processing guarantee.
     pub processing_guarantee: ProcessingGuarantee,
+    /// What to do with a message an agent cannot read (default: skip it). Agents can override
+    /// it with [`Agent::dead_letter`](crate::Agent::dead_letter); the `worker` command's
+    /// `--bad-input` option and `RILL_BAD_INPUT` set it.
+    pub bad_input: BadInput,
+    /// Largest message (key and value together, in bytes) an agent accepts; a larger one is
+    /// bad input (see [`BadInput`]). Default: 1 MiB, about Kafka's default largest message.
+    pub max_payload_bytes: usize,
     /// Where tables keep a local copy of their partitions: `memory://` (the default: nothing
     /// is kept, a worker rebuilds its partitions from the changelogs) or `fjall://PATH` (a
     /// persistent store under `PATH/<app id>`: a restarted worker reads it and replays only
@@ -68,6 +114,11 @@ pub struct Settings {
     /// e.g. `("security.protocol", "SASL_SSL")`. `RILL_KAFKA_*` environment variables add to
     /// them (`RILL_KAFKA_SASL_PASSWORD` sets `sasl.password`). Values are never logged.
     pub kafka: BTreeMap<String, String>,
+    /// The wall-clock time at the moment the worker starts, for crontabs on virtual time:
+    /// with `Some(t)`, crontabs take "now" to be `t` plus the tokio time elapsed since the
+    /// worker started, so under a paused tokio clock (`#[tokio::test(start_paused = true)]`)
+    /// they fire as virtual time advances. `None` (the default) reads the system clock.
+    pub clock_start: Option<std::time::SystemTime>,
 }
 
 impl Default for Settings {
@@ -82,11 +133,14 @@ impl Default for Settings {
             shutdown_timeout: Duration::from_secs(30),
             map_max_inflight: 1024,
             processing_guarantee: ProcessingGuarantee::AtLeastOnce,
+            bad_input: BadInput::Skip,
+            max_payload_bytes: 1024 * 1024,
             store: "memory://".to_owned(),
             table_standby_replicas: None,
             web_port: None,
             web_bind: "127.0.0.1".to_owned(),
             kafka: BTreeMap::new(),
+            clock_start: None,
         }
     }
 }

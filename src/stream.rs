@@ -1,11 +1,13 @@
 //! Streams: what an agent iterates over, and the operators that reshape it.
 
 use crate::ack::{AckGuard, Acks};
+use crate::bad_input::{self, Rejected};
 use crate::codec::{Codec, Json};
 use crate::topic::Topic;
 use crate::transport::{Message, TopicSpec};
 use crate::worker::Runtime;
 use bytes::Bytes;
+use futures::future::{BoxFuture, Either, FutureExt, Ready};
 use futures::stream::BoxStream;
 use futures::StreamExt;
 use serde::de::DeserializeOwned;
@@ -157,6 +159,8 @@ pub(crate) struct ActorCtx {
     /// The actor's buffers, which outlive this body.
     pub(crate) buffers: Arc<Buffers>,
     pub(crate) current: Mutex<Option<Arc<Message>>>,
+    /// The agent's dead-letter topic, if it sends bad input there.
+    pub(crate) dead_letter: Option<TopicSpec>,
 }
 
 impl ActorCtx {
@@ -172,33 +176,43 @@ impl ActorCtx {
     }
 }
 
-/// Decodes a delivery's value; an undecodable one is logged, counted and acked.
+/// What decoding a delivery gives: the item, or at once a future that handles the message as
+/// bad input (so the valid path costs no allocation).
+pub(crate) type Decoded<T> = Either<Ready<Option<Item<T>>>, BoxFuture<'static, Option<Item<T>>>>;
+
+/// The item, or the rejection of a message the agent cannot read (see [`bad_input::reject`]).
+fn accept<T: 'static>(ctx: &Arc<ActorCtx>, item: Result<Item<T>, Rejected>) -> Decoded<T> {
+    match item {
+        Ok(item) => Either::Left(futures::future::ready(Some(item))),
+        Err(r) => Either::Right(bad_input::reject(ctx.clone(), r).map(|()| None).boxed()),
+    }
+}
+
+/// Decodes a delivery's value. A message larger than `max_payload_bytes` or that the codec
+/// cannot decode is bad input: logged, counted, skipped or dead-lettered, then acked.
 pub(crate) fn decode_delivery<T: 'static>(
-    ctx: &ActorCtx,
+    ctx: &Arc<ActorCtx>,
     codec: &dyn Codec<T>,
     d: Delivery,
-) -> Option<Item<T>> {
-    let bytes = d.msg.value.as_deref().unwrap_or(&[]);
-    match codec.decode(bytes) {
-        Ok(value) => Some(Item {
-            value,
-            meta: d.msg,
+) -> Decoded<T> {
+    let decoded = match bad_input::oversize(&d.msg, ctx.runtime.settings.max_payload_bytes) {
+        Some(error) => Err(Rejected {
+            message: d.msg,
             acks: Acks::One(d.ack),
+            part: "message",
+            codec: codec.name(),
+            error,
         }),
-        Err(e) => {
-            ctx.runtime.stats.decode_error(&d.msg.topic);
-            tracing::error!(
-                agent = %ctx.agent,
-                topic = %d.msg.topic,
-                partition = d.msg.partition,
-                offset = d.msg.offset,
-                codec = e.codec,
-                error = %e.message,
-                "cannot decode value; event skipped"
-            );
-            None
-        }
-    }
+        None => match codec.decode(d.msg.value.as_deref().unwrap_or(&[])) {
+            Ok(value) => Ok(Item {
+                value,
+                meta: d.msg,
+                acks: Acks::One(d.ack),
+            }),
+            Err(e) => Err(Rejected::undecodable(d.msg, Acks::One(d.ack), "value", e)),
+        },
+    };
+    accept(ctx, decoded)
 }
 
 /// An event: a value with the metadata of the message it came from.
@@ -396,7 +410,8 @@ impl<T: Send + 'static, K: 'static> Stream<T, K> {
     }
 
     /// `(key, value)` pairs, the key decoded with the source topic's key codec (`None` when the
-    /// message has no key). A key that cannot be decoded is logged and its event skipped.
+    /// message has no key). A key that cannot be decoded is bad input, as an undecodable value
+    /// is (see [`BadInput`](crate::BadInput)).
     pub fn items(self) -> Stream<(Option<K>, T), K>
     where
         K: Send + Sync,
@@ -410,26 +425,20 @@ impl<T: Send + 'static, K: 'static> Stream<T, K> {
                     (Some(bytes), Some(codec)) => match codec.decode(bytes) {
                         Ok(k) => Some(k),
                         Err(e) => {
-                            ctx.runtime.stats.decode_error(&item.meta.topic);
-                            tracing::error!(
-                                agent = %ctx.agent,
-                                topic = %item.meta.topic,
-                                partition = item.meta.partition,
-                                offset = item.meta.offset,
-                                codec = e.codec,
-                                error = %e.message,
-                                "cannot decode key; event skipped"
-                            );
-                            return std::future::ready(None);
+                            let r = Rejected::undecodable(item.meta, item.acks, "key", e);
+                            return accept(&ctx, Err(r));
                         }
                     },
                     _ => None,
                 };
-                std::future::ready(Some(Item {
-                    value: (key, item.value),
-                    meta: item.meta,
-                    acks: item.acks,
-                }))
+                accept(
+                    &ctx,
+                    Ok(Item {
+                        value: (key, item.value),
+                        meta: item.meta,
+                        acks: item.acks,
+                    }),
+                )
             })
             .boxed();
         let key_codec = self.key_codec;
@@ -652,7 +661,7 @@ where
             tokio::select! {
                 biased;
                 d = reader.next(), if !relayed_done => match d {
-                    Some(d) => if let Some(item) = decode_delivery(&ctx, &*value_codec, d) {
+                    Some(d) => if let Some(item) = decode_delivery(&ctx, &*value_codec, d).await {
                         yield item;
                     },
                     None => relayed_done = true,

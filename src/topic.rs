@@ -202,8 +202,15 @@ impl<K: 'static, V: 'static> Topic<K, V> {
     pub(crate) async fn enqueue_value(&self, value: V) -> Result<()> {
         let rt = self.core.runtime()?;
         let value = self.encode_value(&value)?;
-        rt.enqueue(&self.spec(), None, None, Some(value), Vec::new())
-            .await
+        rt.enqueue_to(
+            self.name(),
+            || self.spec(),
+            None,
+            None,
+            Some(value),
+            Vec::new(),
+        )
+        .await
     }
 
     pub(crate) fn encode_key(&self, key: &K) -> Result<Bytes> {

@@ -1,6 +1,9 @@
 //! The worker's web server: table lookups, and the membership that lets any worker answer
 //! for a key another worker owns.
 //!
+//! - `GET /`: the status page (app, agents, assigned partitions with lag, tables); `GET
+//!   /health`: `{"status": "running", ...}` with 200, or 503 while starting, rebalancing or
+//!   stopping; `GET /metrics`: the metrics in Prometheus's text format (see `status`).
 //! - `GET /tables`: the app's tables (name, changelog topic, partitions, what this worker
 //!   holds).
 //! - `GET /tables/{table}/{key}`: 200 with the value as JSON, 404 when the key is missing,
@@ -12,6 +15,8 @@
 //! and the table partitions it holds to the compacted topic `<app id>-workers` (keyed by its
 //! instance id, removed with a tombstone when it stops), and reads that topic to learn where
 //! the other partitions are.
+
+mod status;
 
 use crate::error::{Error, Result};
 use crate::table::Lookup;
@@ -135,14 +140,18 @@ pub(crate) async fn start(
     let membership = tokio::spawn(read_members(rt.clone(), consumer, closed.clone()));
 
     let app = Router::new()
+        .route("/", get(status::page))
+        .route("/health", get(status::health))
+        .route("/metrics", get(status::metrics))
         .route("/tables", get(list_tables))
         .route("/tables/{table}/{key}", get(get_key))
         .with_state(rt.clone());
     let stop = closed.clone();
+    let gauges = crate::metrics::run(rt.clone(), closed.clone());
     let server = tokio::spawn(async move {
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await;
+        let serve = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { stop.cancelled().await });
+        let (served, ()) = tokio::join!(async move { serve.await }, gauges);
         if let Err(e) = served {
             tracing::error!(error = %e, "web server failed");
         }

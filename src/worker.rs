@@ -67,6 +67,7 @@ impl Stats {
 
 pub(crate) enum Control {
     Subscribe {
+        agent: String,
         topic: String,
         route: Route,
         done: oneshot::Sender<Result<(), TransportError>>,
@@ -81,6 +82,8 @@ pub(crate) struct Runtime {
     pub(crate) replies: Replies,
     pub(crate) reply_topic: String,
     pub(crate) stats: Stats,
+    /// Health, assignment, lag and throughput, for `/health`, `/metrics` and the status page.
+    pub(crate) ops: crate::metrics::Ops,
     /// Cancelled when the worker starts to stop: no more events are read.
     pub(crate) stop: CancellationToken,
     topics: RwLock<HashMap<String, Arc<TopicMeta>>>,
@@ -95,6 +98,10 @@ pub(crate) struct Runtime {
     pub(crate) members: crate::web::Members,
     /// `http://host:port` of this worker's web server, once it listens.
     web: Mutex<Option<String>>,
+    /// The timers, crontabs and tasks this worker runs.
+    pub(crate) timers: crate::timer::Running,
+    /// Whether this worker is the app's leader (it runs the `on_leader` timers).
+    pub(crate) leadership: crate::timer::Leadership,
 }
 
 impl fmt::Debug for Runtime {
@@ -118,6 +125,7 @@ impl Runtime {
         Self {
             reply_topic: format!("{app_id}-reply-{instance:016x}"),
             replies: Replies::new(format!("{instance:016x}")),
+            ops: crate::metrics::Ops::new(app_id.clone()),
             app_id,
             settings,
             transport,
@@ -131,6 +139,8 @@ impl Runtime {
             instance: format!("{instance:016x}"),
             members: Default::default(),
             web: Mutex::new(None),
+            timers: Default::default(),
+            leadership: Default::default(),
         }
     }
 
@@ -168,9 +178,23 @@ impl Runtime {
         }
     }
 
-    /// Uses an existing topic with whatever partition count it has.
-    pub(crate) fn accept_topic(&self, name: &str, partitions: u32) {
-        self.remember(name, partitions);
+    /// Creates an internal topic of the app (a worker's reply topic, the leader topic, a
+    /// dead-letter topic) with one partition if it is missing. Any partition count serves
+    /// (brokers that only auto-create topics give them their default count).
+    pub(crate) async fn ensure_internal_topic(&self, name: &str) -> Result<u32> {
+        let spec = TopicSpec {
+            name: name.to_owned(),
+            partitions: 1,
+            replication_factor: self.settings.topic_replication_factor,
+            compacted: false,
+        };
+        match self.ensure_topic(&spec).await {
+            Err(Error::Transport(TransportError::PartitionMismatch { actual, .. })) => {
+                self.remember(name, actual);
+                Ok(actual)
+            }
+            other => other,
+        }
     }
 
     fn remember(&self, name: &str, partitions: u32) -> Arc<TopicMeta> {
@@ -187,20 +211,34 @@ impl Runtime {
             .clone()
     }
 
-    async fn topic_meta(&self, spec: &TopicSpec) -> Result<Arc<TopicMeta>> {
+    /// The partition count and round-robin cursor of a topic; `spec` (built only when the
+    /// topic is not known yet) creates it when missing.
+    async fn topic_meta(
+        &self,
+        name: &str,
+        spec: impl FnOnce() -> TopicSpec,
+    ) -> Result<Arc<TopicMeta>> {
         if let Some(m) = self
             .topics
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .get(&spec.name)
+            .get(name)
         {
             return Ok(m.clone());
         }
-        let partitions = match self.transport.partition_count(&spec.name).await? {
+        let partitions = match self.transport.partition_count(name).await? {
             Some(n) => n,
-            None => self.transport.ensure_topic(spec.clone()).await?,
+            None => self.transport.ensure_topic(spec()).await?,
         };
-        Ok(self.remember(&spec.name, partitions))
+        Ok(self.remember(name, partitions))
+    }
+
+    /// The partition count of `spec`'s topic, which is created when missing.
+    pub(crate) async fn partitions(&self, spec: &TopicSpec) -> Result<u32> {
+        Ok(self
+            .topic_meta(&spec.name, || spec.clone())
+            .await?
+            .partitions)
     }
 
     /// A spec for a topic the app did not declare (a reply-to address, say).
@@ -217,17 +255,18 @@ impl Runtime {
     /// Kafka's Java client picks for the key (murmur2), else the next one round-robin.
     async fn record(
         &self,
-        spec: &TopicSpec,
+        name: &str,
+        spec: impl FnOnce() -> TopicSpec,
         partition: Option<u32>,
         key: Option<Bytes>,
         value: Option<Bytes>,
         headers: Headers,
     ) -> Result<OutgoingRecord> {
-        let meta = self.topic_meta(spec).await?;
+        let meta = self.topic_meta(name, spec).await?;
         let partition = match (partition, &key) {
             (Some(p), _) if p >= meta.partitions => {
                 return Err(TransportError::UnknownPartition {
-                    topic: spec.name.clone(),
+                    topic: name.to_owned(),
                     partition: p,
                     partitions: meta.partitions,
                 }
@@ -256,7 +295,9 @@ impl Runtime {
         value: Option<Bytes>,
         headers: Headers,
     ) -> Result<RecordPosition> {
-        let record = self.record(spec, partition, key, value, headers).await?;
+        let record = self
+            .record(&spec.name, || spec.clone(), partition, key, value, headers)
+            .await?;
         Ok(self.transport.send(record).await?)
     }
 
@@ -269,7 +310,24 @@ impl Runtime {
         value: Option<Bytes>,
         headers: Headers,
     ) -> Result<()> {
-        let record = self.record(spec, partition, key, value, headers).await?;
+        self.enqueue_to(&spec.name, || spec.clone(), partition, key, value, headers)
+            .await
+    }
+
+    /// As [`Runtime::enqueue`], building the topic's spec only if the topic is not known yet
+    /// (the hot path of sinks).
+    pub(crate) async fn enqueue_to(
+        &self,
+        name: &str,
+        spec: impl FnOnce() -> TopicSpec,
+        partition: Option<u32>,
+        key: Option<Bytes>,
+        value: Option<Bytes>,
+        headers: Headers,
+    ) -> Result<()> {
+        let record = self
+            .record(name, spec, partition, key, value, headers)
+            .await?;
         Ok(self.transport.enqueue(record).await?)
     }
 
@@ -294,6 +352,7 @@ impl Runtime {
         };
         self.control
             .send(Control::Subscribe {
+                agent: agent.to_owned(),
                 topic: spec.name.clone(),
                 route,
                 done: done_tx,
@@ -327,6 +386,8 @@ pub(crate) struct Dispatcher {
     routes: Vec<Route>,
     /// Indices into `routes` of the agents reading each topic.
     topics: HashMap<Arc<str>, Vec<usize>>,
+    /// The counters of records handed out, per topic (in the order of `topics`).
+    events_in: HashMap<Arc<str>, Vec<crate::metrics::EventsIn>>,
     trackers: HashMap<TopicPartition, Arc<PartitionTracker>>,
     committed: HashMap<TopicPartition, i64>,
     /// Partitions the group gave this worker.
@@ -341,7 +402,7 @@ impl Dispatcher {
     pub(crate) fn new(
         rt: Arc<Runtime>,
         consumer: Box<dyn Consumer>,
-        routes: Vec<(Vec<String>, Route)>,
+        routes: Vec<(String, Vec<String>, Route)>,
         control: mpsc::Receiver<Control>,
         actors: TaskTracker,
     ) -> Result<Self> {
@@ -350,6 +411,7 @@ impl Dispatcher {
             consumer,
             routes: Vec::new(),
             topics: HashMap::new(),
+            events_in: HashMap::new(),
             trackers: HashMap::new(),
             committed: HashMap::new(),
             assigned: HashSet::new(),
@@ -357,29 +419,55 @@ impl Dispatcher {
             control,
             actors,
         };
-        for (topics, route) in routes {
-            d.add_route(topics, route);
+        for (agent, topics, route) in routes {
+            d.add_route(&agent, topics, route);
         }
         d.resubscribe()?;
         Ok(d)
     }
 
-    fn add_route(&mut self, topics: Vec<String>, route: Route) {
+    fn add_route(&mut self, agent: &str, topics: Vec<String>, route: Route) {
         let index = self.routes.len();
         self.routes.push(route);
         for t in topics {
-            self.topics
-                .entry(Arc::from(t.as_str()))
+            let topic: Arc<str> = Arc::from(t.as_str());
+            self.events_in
+                .entry(topic.clone())
                 .or_default()
-                .push(index);
+                .push(self.rt.ops.events_in(agent, &t));
+            self.topics.entry(topic).or_default().push(index);
+        }
+    }
+
+    /// Counts the records of `batch` handed to each agent: once per run of records of one
+    /// topic, not per record.
+    fn count_in(&self, batch: &[Message]) {
+        self.rt.ops.read(batch.len() as u64);
+        let mut rest = batch;
+        while let Some(first) = rest.first() {
+            let n = rest
+                .iter()
+                .position(|m| m.topic != first.topic)
+                .unwrap_or(rest.len());
+            for c in self
+                .events_in
+                .get(&first.topic)
+                .map(Vec::as_slice)
+                .unwrap_or(&[])
+            {
+                c.add(n as u64);
+            }
+            rest = &rest[n..];
         }
     }
 
     fn resubscribe(&mut self) -> Result<(), TransportError> {
-        if self.topics.is_empty() {
+        let mut topics: Vec<String> = self.topics.keys().map(|t| t.to_string()).collect();
+        self.rt.ops.set_topics(&topics);
+        topics.extend(self.rt.leadership.topic().map(str::to_owned));
+        if topics.is_empty() {
             return Ok(());
         }
-        let mut topics: Vec<String> = self.topics.keys().map(|t| t.to_string()).collect();
         topics.sort();
         self.consumer.subscribe(&topics)
     }
@@ -443,13 +531,19 @@ impl Dispatcher {
         // Closing a Kafka consumer blocks while it leaves the group: do it off the async
         // threads.
         let consumer = self.consumer;
+        self.rt.leadership.resign();
         let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
     }
 
     fn on_control(&mut self, control: Control) {
         match control {
-            Control::Subscribe { topic, route, done } => {
-                self.add_route(vec![topic], route);
+            Control::Subscribe {
+                agent,
+                topic,
+                route,
+                done,
+            } => {
+                self.add_route(&agent, vec![topic], route);
                 let _ = done.send(self.resubscribe());
             }
         }
@@ -458,8 +552,13 @@ impl Dispatcher {
     async fn on_event(&mut self, event: ConsumerEvent) {
         match event {
             ConsumerEvent::Messages(batch) => self.dispatch(batch).await,
-            ConsumerEvent::Assigned(tps) => {
+            ConsumerEvent::Assigned(mut tps) => {
+                self.rt.leadership.take_from(&mut tps, true);
+                if tps.is_empty() {
+                    return;
+                }
                 tracing::info!(partitions = %list(&tps), "partitions assigned");
+                self.rt.ops.assigned(&tps);
                 for tp in &tps {
                     self.trackers
                         .insert(tp.clone(), PartitionTracker::new(tp.clone()));
@@ -467,8 +566,13 @@ impl Dispatcher {
                 }
                 self.sync_tables().await;
             }
-            ConsumerEvent::Revoked(tps) => {
+            ConsumerEvent::Revoked(mut tps) => {
+                self.rt.leadership.take_from(&mut tps, false);
+                if tps.is_empty() {
+                    return;
+                }
                 tracing::info!(partitions = %list(&tps), "partitions revoked");
+                self.rt.ops.revoked(&tps);
                 let trackers = tps
                     .iter()
                     .filter_map(|tp| self.trackers.get(tp).cloned())
@@ -533,6 +637,7 @@ impl Dispatcher {
     }
 
     async fn dispatch(&mut self, batch: Vec<Message>) {
+        self.count_in(&batch);
         let mut pending: Vec<Chunk> = self.routes.iter().map(|_| Vec::new()).collect();
         let mut last: Option<Arc<PartitionTracker>> = None;
         for msg in batch {
@@ -581,6 +686,7 @@ impl Dispatcher {
     async fn commit(&mut self) {
         // What is processed now is what this commit covers: its outputs and table changes
         // were made before its events were acked, so the flushes below include them.
+        let started = std::time::Instant::now();
         let mut offsets = Vec::new();
         for (tp, tracker) in &self.trackers {
             if let Some(offset) = tracker.committable() {
@@ -617,6 +723,7 @@ impl Dispatcher {
             Ok(()) => {
                 tracing::debug!(offsets = %offsets.iter().map(|(tp, o)| format!("{tp}={o}")).collect::<Vec<_>>().join(","), "committed");
                 self.committed.extend(offsets);
+                self.rt.ops.committed(started.elapsed());
             }
             Err(e) => tracing::warn!(error = %e, "commit failed; will retry"),
         }
@@ -706,7 +813,8 @@ impl Worker {
         self.rt.transport.kind()
     }
 
-    /// How many messages of `topic` could not be decoded and were skipped.
+    /// How many messages of `topic` agents could not read (bad input: undecodable, or larger
+    /// than `max_payload_bytes`), skipped or sent to a dead-letter topic.
     pub fn decode_errors(&self, topic: &str) -> u64 {
         self.rt
             .stats
@@ -734,6 +842,13 @@ impl Worker {
     /// [`Settings::web_port`](crate::Settings::web_port)).
     pub fn web_addr(&self) -> Option<std::net::SocketAddr> {
         self.web.as_ref().map(|w| w.addr)
+    }
+
+    /// Whether this worker is the app's leader, the one that runs its `on_leader` timers
+    /// ([`Timer::on_leader`](crate::Timer::on_leader)). Workers elect a leader only when the
+    /// app declares such a timer; otherwise this is `false`.
+    pub fn is_leader(&self) -> bool {
+        self.rt.leadership.is_leader()
     }
 
     /// How many changelog records this worker replayed to restore partitions of `table`.
@@ -764,6 +879,7 @@ impl Worker {
     pub async fn shutdown(mut self) -> Result<()> {
         tracing::info!(app = %self.rt.app_id, "worker stopping");
         self.rt.stop.cancel();
+        self.rt.timers.stop(self.rt.settings.shutdown_timeout).await;
         if let Some(dispatcher) = self.dispatcher.take() {
             let _ = dispatcher.await;
         }

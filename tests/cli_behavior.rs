@@ -1,12 +1,14 @@
-//! The command line of `examples/agent.rs`, run as a user runs it: the seed's `send_value`
-//! command, usage errors, and a `worker` stopped by a signal.
+//! The command line of the examples, run as a user runs it: the seed's `send_value` command,
+//! the tools every app has (`send`, `agents`, `tables`, `reset`, `--version`), usage errors,
+//! and a `worker` stopped by a signal.
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
-use std::sync::OnceLock;
+use std::sync::Mutex;
 use std::time::Duration;
 use tokio::process::Command;
 
@@ -30,31 +32,35 @@ fn command(program: impl AsRef<std::ffi::OsStr>) -> Command {
     c
 }
 
-/// Builds the example once per test binary and returns the path cargo reports for it.
-fn example_binary() -> &'static Path {
-    static BINARY: OnceLock<PathBuf> = OnceLock::new();
-    BINARY.get_or_init(|| {
-        let out = std::process::Command::new(env!("CARGO"))
-            .current_dir(manifest_dir())
-            .args([
-                "build",
-                "--quiet",
-                "--example",
-                "agent",
-                "--message-format=json",
-            ])
-            .stdin(Stdio::null())
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("cargo runs");
-        assert!(out.status.success(), "cargo build --example agent failed");
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-            .filter(|msg| msg["reason"] == "compiler-artifact" && msg["target"]["name"] == "agent")
-            .find_map(|msg| msg["executable"].as_str().map(PathBuf::from))
-            .expect("cargo reports the example's executable")
-    })
+/// Builds the example `name` once per test binary and returns the path cargo reports for it.
+fn example_binary(name: &str) -> PathBuf {
+    static BINARIES: Mutex<BTreeMap<String, PathBuf>> = Mutex::new(BTreeMap::new());
+    let mut built = BINARIES.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(path) = built.get(name) {
+        return path.clone();
+    }
+    let out = std::process::Command::new(env!("CARGO"))
+        .current_dir(manifest_dir())
+        .args([
+            "build",
+            "--quiet",
+            "--message-format=json",
+            "--example",
+            name,
+        ])
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("cargo runs");
+    assert!(out.status.success(), "cargo build --example {name} failed");
+    let path = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|msg| msg["reason"] == "compiler-artifact" && msg["target"]["name"] == name)
+        .find_map(|msg| msg["executable"].as_str().map(PathBuf::from))
+        .expect("cargo reports the example's executable");
+    built.insert(name.to_owned(), path.clone());
+    path
 }
 
 async fn run(mut cmd: Command, limit: Duration, what: &str) -> Output {
@@ -69,12 +75,18 @@ async fn run(mut cmd: Command, limit: Duration, what: &str) -> Output {
 }
 
 async fn run_example(args: &[&str]) -> Output {
-    let binary = tokio::task::spawn_blocking(example_binary)
+    run_named("agent", args).await
+}
+
+/// Runs the example `example` with `args`.
+async fn run_named(example: &str, args: &[&str]) -> Output {
+    let name = example.to_owned();
+    let binary = tokio::task::spawn_blocking(move || example_binary(&name))
         .await
         .expect("build");
     let mut cmd = command(binary);
     cmd.args(args);
-    run(cmd, RUN, &format!("agent {}", args.join(" "))).await
+    run(cmd, RUN, &format!("{example} {}", args.join(" "))).await
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -175,7 +187,7 @@ struct ReadyWorker {
 
 /// Starts `agent worker` and waits (bounded) for the banner line that says it is ready.
 async fn start_worker() -> ReadyWorker {
-    let binary = tokio::task::spawn_blocking(example_binary)
+    let binary = tokio::task::spawn_blocking(|| example_binary("agent"))
         .await
         .expect("build");
     let mut child = Running(
@@ -245,6 +257,9 @@ async fn worker_prints_a_ready_banner_naming_the_app_its_transport_and_agents() 
     assert!(banner.contains("agent-example"), "the app id: {banner}");
     assert!(banner.contains("memory://"), "the transport: {banner}");
     assert!(banner.contains("adding"), "the agent: {banner}");
+    for line in ["store", "web", "loglevel", "guarantee"] {
+        assert!(banner.contains(line), "the {line}: {banner}");
+    }
     assert!(
         worker.banner.last().is_some_and(|l| l.contains("ready")),
         "ready comes last: {banner}"
@@ -280,4 +295,216 @@ async fn worker_prints_ready_and_exits_0_on_sigterm() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_exits_0_on_sigint_as_on_ctrl_c() {
     worker_stops_cleanly_on("-INT").await;
+}
+
+/// Stdout's lines, each split into its columns (separated by two spaces or more).
+fn columns(out: &Output) -> Vec<Vec<String>> {
+    text(&out.stdout)
+        .lines()
+        .map(|line| {
+            line.split("  ")
+                .map(str::trim)
+                .filter(|c| !c.is_empty())
+                .map(str::to_owned)
+                .collect()
+        })
+        .collect()
+}
+
+/// The JSON lines of stdout (where `send` says the record went).
+fn json_lines(out: &Output) -> Vec<serde_json::Value> {
+    text(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_delivers_a_json_value_to_an_agent_which_processes_it_before_the_command_exits() {
+    let out = run_named(
+        "faustexample",
+        &["send", "@myagent", r#"{"id": 7, "text": "hi"}"#],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains(r#"myagent received: {"id":7,"text":"hi"}"#),
+        "the agent processed the value: {stdout}"
+    );
+    let sent = json_lines(&out);
+    assert_eq!(sent.len(), 1, "{stdout}");
+    assert_eq!(sent[0]["topic"], "faustexample.myagent", "{stdout}");
+
+    // By topic name, with a key and a partition.
+    let out = run_named(
+        "faustexample",
+        &[
+            "send",
+            "faustexample.myagent",
+            r#""by topic""#,
+            "--key",
+            "k1",
+            "--partition",
+            "2",
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains(r#"myagent received: "by topic""#),
+        "{}",
+        text(&out.stdout)
+    );
+    assert_eq!(json_lines(&out)[0]["partition"], 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_checks_the_value_against_the_type_the_agent_reads() {
+    let out = run_example(&["send", "adding", r#"{"a": 4, "b": 8}"#]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(json_lines(&out)[0]["topic"], "adding");
+
+    let out = run_example(&["send", "@adding", r#"{"a": 4}"#]).await;
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "", "nothing is sent");
+    assert!(
+        text(&out.stderr).contains("missing field `b`"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_and_tables_list_what_the_app_declares() {
+    let out = run_named("word_count", &["agents"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(
+        columns(&out),
+        vec![
+            vec!["agent", "source", "concurrency", "sinks"],
+            vec![
+                "word_count.split_sentences",
+                "sentences",
+                "1",
+                "topic words"
+            ],
+            vec!["count_words", "words", "1", "-"],
+        ]
+    );
+    let out = run_named("word_count", &["tables"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(
+        columns(&out),
+        vec![
+            vec!["table", "changelog", "partitions"],
+            vec!["word_counts", "word_count-word_counts-changelog", "8"],
+        ]
+    );
+    let out = run_named("news", &["agents"]).await;
+    assert_eq!(
+        columns(&out)[1],
+        vec!["news.imports_news", "news", "10", "-"],
+        "the concurrency"
+    );
+    let out = run_example(&["tables"]).await;
+    assert_eq!(
+        columns(&out),
+        vec![vec!["table", "changelog", "partitions"]]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_arguments_to_the_tools_are_usage_errors_with_exit_code_2() {
+    let valid = r#"{"a": 1, "b": 2}"#;
+    for (args, says) in [
+        (&["send"][..], "<TOPIC_OR_AGENT>"),
+        (&["send", "@adding"], "<JSON>"),
+        (&["send", "@adding", "not json"], "not JSON"),
+        (
+            &["send", "nowhere", "1"],
+            "no topic or agent named \"nowhere\"",
+        ),
+        (
+            &["send", "@adding", valid, "--partition", "x"],
+            "invalid value 'x'",
+        ),
+        (&["agents", "extra"], "extra"),
+        (&["tables", "--bogus"], "--bogus"),
+    ] {
+        let out = run_example(args).await;
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+        assert_eq!(text(&out.stdout), "", "{args:?}");
+        assert!(
+            text(&out.stderr).contains(says),
+            "{args:?} says {says:?}: {}",
+            text(&out.stderr)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn version_prints_the_app_and_rills_version() {
+    let out = run_example(&["--version"]).await;
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        text(&out.stdout),
+        format!("agent-example {}\n", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+/// The count `word_count send WORD --print` prints for `word`.
+fn count_of(out: &Output, word: &str) -> i64 {
+    columns(out)
+        .iter()
+        .find(|c| c.first().map(String::as_str) == Some(word))
+        .and_then(|c| c.get(1)?.parse().ok())
+        .unwrap_or_else(|| panic!("no count of {word:?}: {}", text(&out.stdout)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_refuses_without_yes_and_with_it_removes_the_local_table_state() {
+    let dir = std::env::temp_dir().join(format!("rill-cli-reset-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let store = format!("fjall://{}", dir.display());
+    let word_count = |args: &[&str]| {
+        let args: Vec<String> = ["--store", &store]
+            .iter()
+            .chain(args)
+            .map(|a| a.to_string())
+            .collect();
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            run_named("word_count", &args).await
+        }
+    };
+    let out = word_count(&["send", "a b a", "--print"]).await;
+    assert_eq!(count_of(&out, "a"), 2, "{}", text(&out.stderr));
+    // The store keeps the counts from one run to the next.
+    let out = word_count(&["send", "a", "--print"]).await;
+    assert!(count_of(&out, "a") >= 2, "{}", text(&out.stdout));
+
+    let out = word_count(&["reset"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("--yes"), "{}", text(&out.stderr));
+    let out = word_count(&["reset", "--yes"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("word_counts"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    let out = word_count(&["send", "a", "--print"]).await;
+    assert_eq!(
+        count_of(&out, "a"),
+        1,
+        "counting starts again after the reset"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -2,7 +2,9 @@
 
 use super::{source_specs, AgentInner, Sink, Source};
 use crate::error::{BoxError, Result};
+use crate::metrics::AgentInfo;
 use crate::reply::{CORRELATION_ID, REPLY_TO};
+use crate::settings::Settings;
 use crate::stream::{decode_delivery, ActorCtx, Buffers, Item, Queue, QueueReader, Stream};
 use crate::transport::TopicSpec;
 use crate::worker::Runtime;
@@ -23,8 +25,15 @@ pub(crate) trait AgentRunner: Send + Sync {
     fn concurrency(&self) -> usize;
     /// The topics the agent reads (none for a channel).
     fn topics(&self) -> Result<Vec<TopicSpec>>;
+    /// The agent's dead-letter topic, if it sends bad input there.
+    fn dead_letter(&self, settings: &Settings) -> Result<Option<TopicSpec>>;
     /// Starts the agent's actors. `queue` carries the records of its topics.
     fn start(&self, rt: &Arc<Runtime>, actors: &TaskTracker, queue: Option<Queue>) -> Result<()>;
+    /// What the agent reads and where its values go (the `agents` command, the status page).
+    fn info(&self) -> Result<AgentInfo>;
+    /// Encodes a JSON value as a value of the agent's topic (the `send` command): an error if
+    /// it is not a value the agent reads, or the agent reads a channel.
+    fn encode_json(&self, value: &serde_json::Value) -> Result<Bytes, String>;
 }
 
 impl<T, R, K> AgentRunner for super::Agent<T, R, K>
@@ -45,7 +54,12 @@ where
         Ok(source_specs(&self.source()?))
     }
 
+    fn dead_letter(&self, settings: &Settings) -> Result<Option<TopicSpec>> {
+        self.dead_letter_spec(settings)
+    }
+
     fn start(&self, rt: &Arc<Runtime>, actors: &TaskTracker, queue: Option<Queue>) -> Result<()> {
+        let dead_letter = self.dead_letter_spec(&rt.settings)?;
         let source = self.source()?;
         let _ = self.inner.resolved.set(source.clone());
         let (name, concurrency, sinks) = {
@@ -60,6 +74,7 @@ where
             Source::Channel(c) => (c.name().to_owned(), rt.settings.topic_partitions),
         };
         let name: Arc<str> = Arc::from(name);
+        let events_out = crate::metrics::events_out(&rt.app_id, &name, &source_name);
         tracing::info!(agent = %name, source = %source_name, concurrency, sinks = sinks.len(), "starting agent");
         for index in 0..concurrency {
             let actor = Actor {
@@ -74,11 +89,41 @@ where
                 buffers: Arc::new(Buffers::default()),
                 sinks: sinks.clone(),
                 index,
+                dead_letter: dead_letter.clone(),
+                events_out: events_out.clone(),
             };
             let handle = actors.spawn(actor.run());
             rt.track_actor(handle.abort_handle());
         }
         Ok(())
+    }
+
+    fn info(&self) -> Result<AgentInfo> {
+        let source = self.source()?;
+        let c = self.inner.config();
+        Ok(AgentInfo {
+            name: c.name.clone(),
+            topics: source_specs(&source).into_iter().map(|s| s.name).collect(),
+            channel: match &source {
+                Source::Channel(ch) => Some(ch.name().to_owned()),
+                Source::Topic(_) => None,
+            },
+            concurrency: c.concurrency,
+            sinks: c.sinks.iter().map(|s| s.describe()).collect(),
+        })
+    }
+
+    fn encode_json(&self, value: &serde_json::Value) -> Result<Bytes, String> {
+        let name = self.name();
+        let Ok(Source::Topic(topic)) = self.source() else {
+            return Err(format!("agent {name:?} does not read a topic"));
+        };
+        let value = T::deserialize(value)
+            .map_err(|e| format!("{value} is not a value agent {name:?} reads: {e}"))?;
+        topic
+            .value_codec
+            .encode(&value)
+            .map_err(|e| format!("cannot encode the value for agent {name:?}: {e}"))
     }
 }
 
@@ -94,6 +139,9 @@ struct Actor<T, R, K> {
     buffers: Arc<Buffers>,
     sinks: Arc<Vec<Arc<dyn Sink<R>>>>,
     index: usize,
+    dead_letter: Option<TopicSpec>,
+    /// Counts the values the agent yields.
+    events_out: metrics::Counter,
 }
 
 enum Outcome {
@@ -119,6 +167,7 @@ where
                 concurrency: self.concurrency,
                 buffers: self.buffers.clone(),
                 current: Mutex::new(None),
+                dead_letter: self.dead_letter.clone(),
             });
             let stream = self.stream(&ctx);
             let mut out = (self.agent.fun)(stream);
@@ -159,6 +208,12 @@ where
 
     fn report(&self, ctx: &ActorCtx, error: &str, what: &str) {
         let count = self.rt.stats.agent_error(&self.name);
+        let topic = ctx.current().map(|m| m.topic.clone());
+        crate::metrics::agent_error(
+            &self.rt.app_id,
+            &self.name,
+            topic.as_deref().unwrap_or(&self.source_name),
+        );
         match ctx.current() {
             Some(m) => tracing::error!(
                 agent = %self.name,
@@ -166,16 +221,23 @@ where
                 topic = %m.topic,
                 partition = m.partition,
                 offset = m.offset,
-                error,
+                error = %error,
                 failures = count,
-                "agent {what} while processing an event; the event is acked and the agent restarted"
+                "agent {} {what} while processing the event at {}[{}]@{} ({count} failures of \
+                 this agent so far); the event is acked, not retried, and the agent restarted",
+                self.name,
+                m.topic,
+                m.partition,
+                m.offset
             ),
             None => tracing::error!(
                 agent = %self.name,
                 actor = self.index,
-                error,
+                error = %error,
                 failures = count,
-                "agent {what} before reading an event; restarting it"
+                "agent {} {what} before reading an event ({count} failures of this agent so \
+                 far); restarting it",
+                self.name
             ),
         }
     }
@@ -195,11 +257,12 @@ where
                 let codec = topic.value_codec.clone();
                 let decode_ctx = ctx.clone();
                 let inner: BoxStream<'static, Item<T>> = match &self.queue {
-                    Some(q) => QueueReader::new(q.clone(), self.buffers.get(""))
-                        .filter_map(move |d| {
-                            std::future::ready(decode_delivery(&decode_ctx, &*codec, d))
-                        })
-                        .boxed(),
+                    Some(q) => crate::metrics::Timed::new(
+                        QueueReader::new(q.clone(), self.buffers.get("")),
+                        crate::metrics::process_seconds(&self.rt.app_id, &self.name),
+                    )
+                    .filter_map(move |d| decode_delivery(&decode_ctx, &*codec, d))
+                    .boxed(),
                     None => futures::stream::empty().boxed(),
                 };
                 Stream::new(inner, ctx.clone(), Some(topic.key_codec.clone()))
@@ -235,7 +298,9 @@ where
         ctx: &ActorCtx,
     ) -> Result<(), BoxError> {
         while let Some(result) = out.next().await {
-            self.deliver(ctx, result?).await;
+            let value = result?;
+            self.events_out.increment(1);
+            self.deliver(ctx, value).await;
         }
         Ok(())
     }
@@ -290,7 +355,7 @@ where
     }
 }
 
-fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
+pub(crate) fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
     if let Some(s) = panic.downcast_ref::<&str>() {
         (*s).to_owned()
     } else if let Some(s) = panic.downcast_ref::<String>() {

@@ -11,6 +11,7 @@ use crate::app::AppCore;
 use crate::channel::Channel;
 use crate::codec::{Codec, Raw};
 use crate::error::{BoxError, Error, Result};
+use crate::settings::Settings;
 use crate::stream::Stream;
 use crate::topic::Topic;
 use crate::transport::TopicSpec;
@@ -24,7 +25,7 @@ use std::fmt;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 
-pub(crate) use actor::AgentRunner;
+pub(crate) use actor::{panic_message, AgentRunner};
 
 /// What an agent reads: a topic description or a channel.
 pub enum Source<T, K = Bytes> {
@@ -177,6 +178,9 @@ pub(crate) struct Config<T, R, K> {
     pub(crate) source: Option<Source<T, K>>,
     pub(crate) concurrency: usize,
     pub(crate) sinks: Vec<Arc<dyn Sink<R>>>,
+    /// Overrides the app's [`BadInput`](crate::BadInput) setting: whether bad input goes to
+    /// the dead-letter topic.
+    pub(crate) dead_letter: Option<bool>,
 }
 
 pub(crate) struct AgentInner<T, R, K> {
@@ -242,6 +246,7 @@ where
                     source: None,
                     concurrency,
                     sinks: Vec::new(),
+                    dead_letter: None,
                 }),
                 resolved: std::sync::OnceLock::new(),
             }),
@@ -278,6 +283,29 @@ where
     pub fn sink<M>(self, sink: impl IntoSink<R, M>) -> Self {
         self.inner.config().sinks.push(sink.into_sink());
         self
+    }
+
+    /// Whether messages this agent cannot read (bad input) go to its dead-letter topic
+    /// `<app id>-<agent>-dead-letter` (`true`) or are skipped (`false`), whatever the app's
+    /// [`bad_input`](crate::Settings::bad_input) setting says. See [`BadInput`](crate::BadInput).
+    pub fn dead_letter(self, enabled: bool) -> Self {
+        self.inner.config().dead_letter = Some(enabled);
+        self
+    }
+
+    /// The agent's dead-letter topic, if it sends bad input there (agents reading a channel
+    /// have none: their values are never decoded).
+    pub(crate) fn dead_letter_spec(&self, settings: &Settings) -> Result<Option<TopicSpec>> {
+        if let Source::Channel(_) = self.source()? {
+            return Ok(None);
+        }
+        let c = self.inner.config();
+        Ok(crate::bad_input::dead_letter_spec(
+            &self.inner.core.id,
+            &c.name,
+            c.dead_letter,
+            settings,
+        ))
     }
 
     /// The agent's source, resolving the default topic named after the agent.

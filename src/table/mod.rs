@@ -522,6 +522,8 @@ pub(crate) trait TableRunner: Send + Sync {
     fn size(&self) -> usize;
     /// Partitions held.
     fn held_partitions(&self) -> Vec<u32>;
+    /// Partitions being restored.
+    fn recovering(&self) -> Vec<u32>;
 }
 
 /// The answer to a lookup by key.
@@ -716,6 +718,14 @@ impl<K: TableKey, V: TableValue> TableRunner for Table<K, V> {
 
     fn held_partitions(&self) -> Vec<u32> {
         self.local_partitions()
+    }
+
+    fn recovering(&self) -> Vec<u32> {
+        let r = self.inner.recovering.lock();
+        r.unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .copied()
+            .collect()
     }
 }
 
@@ -993,6 +1003,7 @@ impl<K: TableKey, V: TableValue> Table<K, V> {
             let ConsumerEvent::Messages(batch) = event else {
                 continue;
             };
+            let before = done;
             self.with_parts(|parts| {
                 for m in &batch {
                     let Some(end) = remaining.get(&m.partition).copied() else {
@@ -1011,6 +1022,8 @@ impl<K: TableKey, V: TableValue> Table<K, V> {
                     self.apply_record(part, m);
                 }
             });
+            let (replayed, left) = ((done - before) as u64, (total - done).max(0) as u64);
+            crate::metrics::recovery_progress(&a.rt.app_id, name, replayed, left);
             if last_report.elapsed() >= PROGRESS_EVERY {
                 last_report = Instant::now();
                 let rate = done as f64 / started.elapsed().as_secs_f64().max(1e-6);

@@ -34,8 +34,10 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers as _, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::util::IntoOpaque;
 use rdkafka::{ClientContext, Message as _};
 use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::c_void;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -50,6 +52,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const CREATE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Most records the poll thread hands over at once.
 const MAX_BATCH: usize = 500;
+/// How long a flush waits for the producer's queue to drain.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn err(e: impl fmt::Display) -> TransportError {
     TransportError::Other(e.to_string())
@@ -192,6 +196,29 @@ impl ClientContext for Ctx {
 
 type DeliveryTx = oneshot::Sender<Result<RecordPosition, TransportError>>;
 
+/// Where a record's delivery report goes: to a sender waiting for it, or nowhere (records
+/// queued with `enqueue`, the hot path), which needs no allocation: its pointer is null.
+struct Delivery(Option<Box<DeliveryTx>>);
+
+impl IntoOpaque for Delivery {
+    fn into_ptr(self) -> *mut c_void {
+        match self.0 {
+            Some(tx) => Box::into_raw(tx).cast(),
+            None => std::ptr::null_mut(),
+        }
+    }
+
+    unsafe fn from_ptr(ptr: *mut c_void) -> Self {
+        if ptr.is_null() {
+            Delivery(None)
+        } else {
+            // SAFETY: a non-null pointer came from `into_ptr` above, which leaked a
+            // `Box<DeliveryTx>`; librdkafka hands each opaque back exactly once.
+            Delivery(Some(unsafe { Box::from_raw(ptr.cast()) }))
+        }
+    }
+}
+
 /// Reports deliveries: to the sender that waits for one, and failures to the log.
 struct ProducerCtx {
     failures: Arc<AtomicU64>,
@@ -209,7 +236,7 @@ impl ClientContext for ProducerCtx {
 }
 
 impl ProducerContext for ProducerCtx {
-    type DeliveryOpaque = Box<Option<DeliveryTx>>;
+    type DeliveryOpaque = Delivery;
 
     fn delivery(&self, result: &DeliveryResult<'_>, opaque: Self::DeliveryOpaque) {
         let outcome = match result {
@@ -223,13 +250,18 @@ impl ProducerContext for ProducerCtx {
                     m.topic(),
                     m.partition()
                 );
-                tracing::error!(target: "rill::kafka", "{text}");
-                self.failures.fetch_add(1, Ordering::Relaxed);
-                *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(text.clone());
+                // A `send` hands its failure to its caller; an enqueued record's failure is
+                // reported by the next flush.
+                if opaque.0.is_none() {
+                    tracing::error!(target: "rill::kafka", "{text}");
+                    self.failures.fetch_add(1, Ordering::Relaxed);
+                    *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some(text.clone());
+                }
                 Err(TransportError::Other(text))
             }
         };
-        if let Some(tx) = *opaque {
+        if let Some(tx) = opaque.0 {
             let _ = tx.send(outcome);
         }
     }
@@ -362,8 +394,8 @@ impl KafkaTransport {
 
     fn record<'a>(
         record: &'a OutgoingRecord,
-        opaque: Box<Option<DeliveryTx>>,
-    ) -> BaseRecord<'a, [u8], [u8], Box<Option<DeliveryTx>>> {
+        opaque: Delivery,
+    ) -> BaseRecord<'a, [u8], [u8], Delivery> {
         let mut r =
             BaseRecord::with_opaque_to(&record.topic, opaque).partition(record.partition as i32);
         if let Some(k) = &record.key {
@@ -432,7 +464,7 @@ impl KafkaTransport {
         record: OutgoingRecord,
         tx: Option<DeliveryTx>,
     ) -> Result<(), TransportError> {
-        let mut opaque = Box::new(tx);
+        let mut opaque = Delivery(tx.map(Box::new));
         loop {
             match self.inner.producer.send(Self::record(&record, opaque)) {
                 Ok(()) => return Ok(()),
@@ -542,9 +574,21 @@ impl Transport for KafkaTransport {
 
     fn flush(&self) -> BoxFuture<'_, Result<(), TransportError>> {
         async move {
-            blocking(&self.inner, |i| i.producer.flush(Duration::from_secs(60)))
-                .await?
-                .map_err(|e| err(format!("cannot flush the producer: {e}")))?;
+            // librdkafka's flush waits in steps of 100 ms when another thread (the threaded
+            // producer's) serves the delivery reports, and every commit waits for a flush:
+            // ask librdkafka to send what lingers, then watch the queue drain.
+            let producer = &self.inner.producer;
+            let _ = producer.flush(Duration::ZERO);
+            let deadline = Instant::now() + FLUSH_TIMEOUT;
+            while producer.in_flight_count() > 0 {
+                if Instant::now() >= deadline {
+                    return Err(err(format!(
+                        "cannot flush the producer: {} record(s) still undelivered after {FLUSH_TIMEOUT:?}",
+                        producer.in_flight_count()
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
             let failures = self.inner.failures.load(Ordering::Relaxed);
             let reported = self
                 .inner
@@ -599,7 +643,9 @@ impl Transport for KafkaTransport {
             // Brokers answer a fetch as soon as data arrives; the cap bounds latency on
             // brokers that hold fetches for the whole wait (the mock cluster does).
             .set("fetch.wait.max.ms", "20")
-            .set("isolation.level", "read_committed");
+            .set("isolation.level", "read_committed")
+            // The consumer lag metric comes from librdkafka's statistics (`GroupCtx::stats`).
+            .set("statistics.interval.ms", "5000");
         for (k, v) in &self.inner.config.extra {
             c.set(k, v);
         }
@@ -752,6 +798,8 @@ struct GroupCtx {
     static_member: bool,
     /// Records polled and not yet handed to the dispatcher.
     unsent: Mutex<Vec<Message>>,
+    /// The consumer group (the app id), for the lag metric; `None` for readers.
+    group: Option<String>,
 }
 
 /// Assigned partitions that are not read yet: another member may still hold them.
@@ -813,6 +861,22 @@ impl ClientContext for GroupCtx {
 
     fn error(&self, error: KafkaError, reason: &str) {
         Ctx.error(error, reason)
+    }
+
+    /// librdkafka's statistics (every `statistics.interval.ms`): the lag of each partition.
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let Some(group) = &self.group else {
+            return;
+        };
+        for (topic, t) in &statistics.topics {
+            for (&p, partition) in &t.partitions {
+                // Partition -1 is librdkafka's own; a lag of -1 is not known yet.
+                if p >= 0 && partition.consumer_lag >= 0 {
+                    let tp = TopicPartition::new(topic.as_str(), p as u32);
+                    crate::metrics::kafka_lag(group, tp, partition.consumer_lag);
+                }
+            }
+        }
     }
 }
 
@@ -1132,6 +1196,7 @@ impl KafkaConsumer {
                 held_back: Mutex::new(None),
                 static_member: config.get("group.instance.id").is_some(),
                 unsent: Mutex::new(Vec::new()),
+                group: group.clone(),
             })
             .map_err(|e| err(format!("cannot create Kafka consumer: {e}")))?;
         Ok(Self {
@@ -1173,7 +1238,9 @@ impl KafkaConsumer {
     }
 }
 
-fn owned(m: &rdkafka::message::BorrowedMessage<'_>) -> Message {
+/// Copies a polled record out of librdkafka's buffers. `topic` keeps the last topic name seen,
+/// so records of one topic share one allocation of its name.
+fn owned(m: &rdkafka::message::BorrowedMessage<'_>, topic: &mut Option<Arc<str>>) -> Message {
     let headers = m
         .headers()
         .map(|h| {
@@ -1187,8 +1254,12 @@ fn owned(m: &rdkafka::message::BorrowedMessage<'_>) -> Message {
                 .collect()
         })
         .unwrap_or_default();
+    let name = match topic {
+        Some(t) if &**t == m.topic() => t.clone(),
+        _ => topic.insert(Arc::from(m.topic())).clone(),
+    };
     Message {
-        topic: Arc::from(m.topic()),
+        topic: name,
         partition: m.partition() as u32,
         offset: m.offset(),
         timestamp: m.timestamp().to_millis().unwrap_or(0),
@@ -1204,27 +1275,26 @@ fn poll_loop(
     stop: Arc<AtomicBool>,
 ) {
     let ctx = consumer.context();
+    let mut topic = None;
     while !stop.load(Ordering::Relaxed) {
         // Records wait in `ctx.unsent` (not locked across `poll`, whose rebalance callbacks
         // send them first).
-        match consumer.poll(Duration::from_millis(100)) {
-            Some(Ok(m)) => {
-                ctx.unsent().push(owned(&m));
-                while ctx.unsent().len() < MAX_BATCH {
-                    match consumer.poll(Duration::ZERO) {
-                        Some(Ok(m)) => ctx.unsent().push(owned(&m)),
-                        Some(Err(e)) => {
-                            tracing::warn!(target: "rill::kafka", error = %e, "consumer error");
-                            break;
-                        }
-                        None => break,
+        let mut next = consumer.poll(Duration::from_millis(100));
+        while let Some(polled) = next.take() {
+            match polled {
+                Ok(m) => {
+                    let mut unsent = ctx.unsent();
+                    unsent.push(owned(&m, &mut topic));
+                    if unsent.len() >= MAX_BATCH {
+                        break;
                     }
                 }
+                Err(e) => {
+                    tracing::warn!(target: "rill::kafka", error = %e, "consumer error");
+                    break;
+                }
             }
-            Some(Err(e)) => {
-                tracing::warn!(target: "rill::kafka", error = %e, "consumer error");
-            }
-            None => {}
+            next = consumer.poll(Duration::ZERO);
         }
         if !ctx.send_unsent() {
             break;

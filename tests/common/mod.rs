@@ -194,6 +194,24 @@ pub(crate) fn assert_committed_to_end(app: &App, topic: &str) {
     }
 }
 
+/// Asserts, through the app's public API (so on either transport), that its group committed
+/// every partition of `topic` up to the partition's end: everything was processed (or
+/// skipped), nothing is left to redo. Returns the topic's partition count.
+pub(crate) async fn assert_group_committed_to_end(app: &App, topic: &str) -> anyhow::Result<usize> {
+    let ends = app.end_offsets(topic).await?;
+    let committed: BTreeMap<TopicPartition, i64> =
+        app.committed_offsets().await?.into_iter().collect();
+    for (p, &end) in ends.iter().enumerate() {
+        let tp = TopicPartition::new(topic, p as u32);
+        let got = committed.get(&tp).copied().unwrap_or(0);
+        assert_eq!(
+            got, end,
+            "committed offset of {tp} is {got}, but the partition ends at {end}"
+        );
+    }
+    Ok(ends.len())
+}
+
 /// Every record of every partition of `topic`, partition by partition.
 pub(crate) fn read_all(app: &App, topic: &str) -> Vec<rill::transport::Message> {
     let broker = broker_of(app);
@@ -245,4 +263,29 @@ pub(crate) fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) 
         .and_then(|s| s.parse().ok())
         .expect("a status code");
     (status, body.to_owned())
+}
+
+/// The path of `program` (from the environment variable `env`, else from PATH), checked to
+/// run with `--version`. Fails the test, saying how to install it, when it is missing: a test
+/// that needs a tool does not pass without it.
+pub(crate) fn require_program(program: &str, env: &str, install: &str) -> std::path::PathBuf {
+    let hint = format!("{program} is needed: {install} (scripts/test does), or set {env}");
+    let path = std::env::var_os(env)
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            let dirs = std::env::var_os("PATH").unwrap_or_default();
+            std::env::split_paths(&dirs)
+                .map(|d| d.join(program))
+                .find(|p| p.is_file())
+        })
+        .unwrap_or_else(|| panic!("{program} not found. {hint}"));
+    match std::process::Command::new(&path).arg("--version").output() {
+        Ok(out) if out.status.success() => path,
+        Ok(out) => panic!(
+            "{} --version failed ({}). {hint}",
+            path.display(),
+            out.status
+        ),
+        Err(e) => panic!("cannot run {} ({e}). {hint}", path.display()),
+    }
 }

@@ -10,7 +10,6 @@
 use crate::common::{kafka_partition, wait_until, wait_until_state, within, Recorder, WAIT};
 use futures::StreamExt;
 use rill::prelude::*;
-use rill::transport::TopicPartition;
 use rill::{Error, Worker};
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::IntoFuture;
@@ -86,23 +85,11 @@ async fn stop(worker: Worker) -> anyhow::Result<()> {
 /// Asserts, through the app's public API, that its group committed every partition of `topic`
 /// up to the partition's end: everything was processed (or skipped), nothing is left to redo.
 async fn assert_committed_to_end(app: &App, topic: &str) -> anyhow::Result<()> {
-    let ends = app.end_offsets(topic).await?;
+    let partitions = crate::common::assert_group_committed_to_end(app, topic).await?;
     assert_eq!(
-        ends.len(),
-        PARTITIONS as usize,
-        "topic {topic} has {} partitions",
-        ends.len()
+        partitions, PARTITIONS as usize,
+        "topic {topic} has {partitions} partitions"
     );
-    let committed: BTreeMap<TopicPartition, i64> =
-        app.committed_offsets().await?.into_iter().collect();
-    for (p, end) in ends.into_iter().enumerate() {
-        let tp = TopicPartition::new(topic, p as u32);
-        let got = committed.get(&tp).copied().unwrap_or(0);
-        assert_eq!(
-            got, end,
-            "committed offset of {tp} is {got}, but the partition ends at {end}"
-        );
-    }
     Ok(())
 }
 
