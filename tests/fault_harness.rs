@@ -18,6 +18,11 @@
 //! - `exactly_once_on_the_mock_cluster_survives_ten_sigkills`: nothing lost, nothing
 //!   duplicated, every count exact. librdkafka's mock cluster is the broker because tansu has
 //!   no transactions; it is hosted in a process of its own (`tests/support/mock_cluster.rs`).
+//!   Caveat, checked and printed by the test itself (`probe_mock_transactions`): librdkafka
+//!   2.12's mock brokers accept the transaction requests but implement none of their effects
+//!   (records of aborted transactions stay visible to `read_committed` readers, and offsets
+//!   sent to a transaction are dropped), so a correct exactly-once worker still fails here;
+//!   the scenario needs a broker with transactions (e.g. Apache Kafka) to pass.
 //! - `nothing_is_lost_when_tansu_restarts_after_20_seconds`: the broker (SQLite storage) is
 //!   stopped for 20 s while events flow.
 //!
@@ -131,28 +136,31 @@ impl Setup {
 /// needs: `cargo test` builds examples, but `cargo test --test fault_harness` alone does not.
 fn example_binary(name: &str) -> PathBuf {
     static BUILT: std::sync::Once = std::sync::Once::new();
+    let exe = std::env::current_exe().expect("test binary path");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target directory");
     BUILT.call_once(|| {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let status = Command::new(cargo)
-            .args([
-                "build",
-                "--example",
-                "fault_worker",
-                "--example",
-                "mock_cluster",
-            ])
+        let mut build = Command::new(cargo);
+        build.args([
+            "build",
+            "--example",
+            "fault_worker",
+            "--example",
+            "mock_cluster",
+        ]);
+        if profile_dir.ends_with("release") {
+            build.arg("--release");
+        }
+        let status = build
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .status()
             .expect("run cargo build for the harness's examples");
         assert!(status.success(), "cargo build of the examples failed");
     });
-    let exe = std::env::current_exe().expect("test binary path");
-    let binary = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target directory")
-        .join("examples")
-        .join(name);
+    let binary = profile_dir.join("examples").join(name);
     assert!(
         binary.is_file(),
         "{} is missing: build it with `cargo build --example {name}`",
@@ -1025,7 +1033,7 @@ fn exactly_once_on_the_mock_cluster_survives_ten_sigkills() {
         )
     };
     println!("scenario={} {caveat}", setup.name);
-    let interval = Duration::from_secs(6);
+    let interval = Duration::from_secs(4);
     let s = run(
         &setup,
         interval * KILL_ROUNDS as u32,

@@ -110,22 +110,42 @@ async fn scrape(addr: SocketAddr) -> (String, Samples) {
 
 /// Waits until the app has committed every record of `topic`.
 async fn wait_committed(app: &App, topic: &str) {
-    let mut done = false;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !done {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{topic} was not committed to its end within {WAIT:?}"
-        );
+    eventually(format!("{topic} is committed to its end"), || async {
         let ends = app.end_offsets(topic).await.expect("end offsets");
         let committed = app.committed_offsets().await.expect("committed offsets");
-        done = ends.iter().enumerate().all(|(p, end)| {
-            committed
-                .iter()
-                .any(|(tp, c)| &*tp.topic == topic && tp.partition == p as u32 && c >= end)
-                || *end == 0
-        });
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        let behind: Vec<usize> = (0..ends.len())
+            .filter(|&p| {
+                ends[p] > 0
+                    && !committed.iter().any(|(tp, c)| {
+                        &*tp.topic == topic && tp.partition == p as u32 && *c >= ends[p]
+                    })
+            })
+            .collect();
+        if behind.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("partitions behind: {behind:?}"))
+        }
+    })
+    .await
+}
+
+/// Runs `probe` every few milliseconds until it returns `Ok`; fails the test with `what` and
+/// the last `Err` after [`WAIT`].
+async fn eventually<T, S, F>(what: impl std::fmt::Display, mut probe: impl FnMut() -> F) -> T
+where
+    S: std::fmt::Display,
+    F: std::future::Future<Output = Result<T, S>>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match probe().await {
+            Ok(v) => return v,
+            Err(last) if tokio::time::Instant::now() >= deadline => {
+                panic!("timed out after {WAIT:?} waiting until {what}; last: {last}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
     }
 }
 
@@ -303,17 +323,15 @@ async fn health_is_200_running_once_started_and_503_stopping_while_draining() {
     let health: serde_json::Value = serde_json::from_str(&body).expect("JSON");
     assert_eq!(health["partitions"], 1, "the assigned partition: {body}");
     let stopping = tokio::spawn(worker.shutdown());
-    let mut last = (0, String::new());
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while last.0 != 503 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "GET /health did not turn 503 while the worker drained; last: {last:?}"
-        );
-        last = get(addr, "/health").await;
-    }
-    let health: serde_json::Value = serde_json::from_str(&last.1).expect("JSON");
-    assert_eq!(health["status"], "stopping", "{}", last.1);
+    let body = eventually("GET /health is 503 while the worker drains", || async {
+        match get(addr, "/health").await {
+            (503, body) => Ok(body),
+            (status, body) => Err(format!("{status} {body}")),
+        }
+    })
+    .await;
+    let health: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(health["status"], "stopping", "{body}");
 
     release.notify_one();
     within(WAIT, "the worker to stop", stopping)
@@ -515,27 +533,23 @@ async fn on_kafka_the_lag_of_each_partition_comes_from_librdkafkas_statistics() 
     for n in 1..=10 {
         jobs.send(Reading { n }).await.expect("send");
     }
-    let lag_is = |want: f64| async move {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let (body, m) = scrape(addr).await;
-            let lag = m.values(
-                "rill_consumer_lag",
-                &[
+    let lag_is = |want: f64| {
+        eventually(
+            format!("the lag of ops-jobs[0] is {want}"),
+            move || async move {
+                let (body, m) = scrape(addr).await;
+                let labels = [
                     ("app", "ops-kafka-lag"),
                     ("topic", "ops-jobs"),
                     ("partition", "0"),
-                ],
-            );
-            if lag == [want] {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the lag of ops-jobs[0] did not become {want}:\n{body}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+                ];
+                if m.values("rill_consumer_lag", &labels) == [want] {
+                    Ok(())
+                } else {
+                    Err(body)
+                }
+            },
+        )
     };
     // The rebalance of the mock's coordinator takes a session timeout.
     wait_until(Duration::from_secs(60), "the agent holds offset 5", || {

@@ -870,8 +870,9 @@ impl ClientContext for GroupCtx {
         };
         for (topic, t) in &statistics.topics {
             for (&p, partition) in &t.partitions {
-                // Partition -1 is librdkafka's own; a lag of -1 is not known yet.
-                if p >= 0 && partition.consumer_lag >= 0 {
+                // Partition -1 is librdkafka's own; a lag of -1 is not known yet; partitions
+                // not assigned here are not desired.
+                if p >= 0 && partition.desired && partition.consumer_lag >= 0 {
                     let tp = TopicPartition::new(topic.as_str(), p as u32);
                     crate::metrics::kafka_lag(group, tp, partition.consumer_lag);
                 }
