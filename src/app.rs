@@ -379,7 +379,7 @@ impl App {
     async fn transport(&self) -> Result<Arc<dyn Transport>> {
         match self.core.runtime() {
             Ok(rt) => Ok(rt.transport.clone()),
-            Err(_) => self.connect(&self.core.settings().broker).await,
+            Err(_) => self.connect(&self.core.settings().broker, None).await,
         }
     }
 
@@ -411,18 +411,22 @@ impl App {
             )));
         }
         let settings = self.core.settings();
-        if settings.processing_guarantee == ProcessingGuarantee::ExactlyOnce {
-            return Err(Error::Config(
-                "processing_guarantee = exactly_once is not supported yet; use at_least_once"
-                    .into(),
-            ));
-        }
         let timers = if run_agents {
             self.timers.plan()?
         } else {
             crate::timer::Plan::empty()
         };
-        let transport = self.connect(&settings.broker).await?;
+        // Only a worker running agents commits transactions; clients send as usual.
+        let transactional_id = (run_agents
+            && settings.processing_guarantee == ProcessingGuarantee::ExactlyOnce)
+            .then(|| {
+                let worker = settings
+                    .worker_id
+                    .clone()
+                    .unwrap_or_else(|| format!("{:016x}", crate::worker::random_id()));
+                format!("{}-{worker}", self.core.id)
+            });
+        let transport = self.connect(&settings.broker, transactional_id).await?;
         let (control_tx, control_rx) = tokio::sync::mpsc::channel(64);
         let tables: Vec<Arc<dyn TableRunner>> = if run_agents {
             self.tables
@@ -586,7 +590,13 @@ impl App {
         })
     }
 
-    async fn connect(&self, url: &str) -> Result<Arc<dyn Transport>> {
+    /// Connects to the broker at `url`; on Kafka, with a transactional producer when
+    /// `transactional_id` is given (exactly-once processing).
+    async fn connect(
+        &self,
+        url: &str,
+        transactional_id: Option<String>,
+    ) -> Result<Arc<dyn Transport>> {
         if let Some(rest) = url.strip_prefix("memory:") {
             let name = rest.trim_start_matches("//").trim_end_matches('/');
             let broker = if name.is_empty() {
@@ -599,9 +609,14 @@ impl App {
         #[cfg(feature = "kafka")]
         if url.starts_with("kafka://") {
             use crate::transport::kafka::{KafkaConfig, KafkaTransport};
-            let config = KafkaConfig::from_url(url, &self.core.settings().kafka)?;
+            let mut config = KafkaConfig::from_url(url, &self.core.settings().kafka)?;
+            if let Some(id) = transactional_id {
+                config = config.transactional(id);
+            }
             return Ok(Arc::new(KafkaTransport::connect(config).await?));
         }
+        #[cfg(not(feature = "kafka"))]
+        let _ = transactional_id;
         Err(TransportError::UnsupportedUrl(url.to_owned()).into())
     }
 }

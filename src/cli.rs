@@ -127,6 +127,21 @@ impl App {
                             .help("What to do with messages an agent cannot read [default: skip]"),
                     )
                     .arg(
+                        Arg::new("processing_guarantee")
+                            .long("processing-guarantee")
+                            .env("RILL_PROCESSING_GUARANTEE")
+                            .value_name("GUARANTEE")
+                            .value_parser(["at_least_once", "exactly_once"])
+                            .help("at_least_once (the default) or exactly_once (Kafka transactions)"),
+                    )
+                    .arg(
+                        Arg::new("worker_id")
+                            .long("worker-id")
+                            .env("RILL_WORKER_ID")
+                            .value_name("NAME")
+                            .help("Names this worker across restarts (its transactional id with exactly_once)"),
+                    )
+                    .arg(
                         Arg::new("without_web")
                             .long("without-web")
                             .action(clap::ArgAction::SetTrue)
@@ -215,9 +230,15 @@ impl App {
             let bad_input = sub
                 .get_one::<String>("bad_input")
                 .and_then(|b| b.parse().ok());
+            let guarantee = sub
+                .get_one::<String>("processing_guarantee")
+                .and_then(|g| g.parse().ok());
+            let worker_id = sub.get_one::<String>("worker_id").cloned();
             self.configure(|s| {
                 s.web_port = port;
                 s.web_bind = bind;
+                s.processing_guarantee = guarantee.unwrap_or(s.processing_guarantee);
+                s.worker_id = worker_id.or(s.worker_id.take());
                 s.bad_input = bad_input.unwrap_or(s.bad_input);
             });
             return runtime.block_on(self.run_worker(level));

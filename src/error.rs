@@ -129,6 +129,10 @@ pub enum TransportError {
     /// The broker URL is not understood.
     #[error("unsupported broker URL {0:?}: use memory:// (embedded) or kafka://host:port")]
     UnsupportedUrl(String),
+    /// A transaction could not be committed and was aborted: nothing it wrote is visible
+    /// and its input offsets are not committed (exactly-once processing).
+    #[error("transaction aborted: {0}")]
+    TransactionAborted(String),
     /// Any other transport failure.
     #[error("{0}")]
     Other(String),

@@ -14,6 +14,21 @@ pub enum ProcessingGuarantee {
     ExactlyOnce,
 }
 
+impl std::str::FromStr for ProcessingGuarantee {
+    type Err = String;
+
+    /// `at_least_once` or `exactly_once` (dashes work too, as in Kafka Streams' values).
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().replace('-', "_").as_str() {
+            "at_least_once" => Ok(Self::AtLeastOnce),
+            "exactly_once" | "exactly_once_v2" => Ok(Self::ExactlyOnce),
+            other => Err(format!(
+                "unknown processing guarantee {other:?}: use at_least_once or exactly_once"
+            )),
+        }
+    }
+}
+
 impl std::fmt::Display for ProcessingGuarantee {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
@@ -84,8 +99,21 @@ pub struct Settings {
     pub shutdown_timeout: Duration,
     /// Largest number of requests `map`/`join` keep in flight at once.
     pub map_max_inflight: usize,
-    /// The processing guarantee.
+    /// The processing guarantee (default at-least-once). With
+    /// [`ExactlyOnce`](ProcessingGuarantee::ExactlyOnce) on Kafka, each commit is a Kafka
+    /// transaction holding everything produced since the last one (agent outputs, sinks,
+    /// changelog, repartition and reply records) and the input offsets; commits then happen at
+    /// least every 100 ms, since outputs become visible to read-committed consumers only when
+    /// committed. The `worker` command's `--processing-guarantee` and
+    /// `RILL_PROCESSING_GUARANTEE` set it.
     pub processing_guarantee: ProcessingGuarantee,
+    /// Names this worker across restarts (default: none, a new name per process). With
+    /// exactly-once on Kafka its transactional id is `<app id>-<worker_id>`: a restarted worker
+    /// then aborts the transaction its crashed predecessor left open at once, instead of
+    /// read-committed consumers of its partitions waiting for the broker to time it out
+    /// (`transaction.timeout.ms`, 10 s). Two live workers must not share a name. The
+    /// `--worker-id` option and `RILL_WORKER_ID` set it.
+    pub worker_id: Option<String>,
     /// What to do with a message an agent cannot read (default: skip it). Agents can override
     /// it with [`Agent::dead_letter`](crate::Agent::dead_letter); the `worker` command's
     /// `--bad-input` option and `RILL_BAD_INPUT` set it.
@@ -133,6 +161,7 @@ impl Default for Settings {
             shutdown_timeout: Duration::from_secs(30),
             map_max_inflight: 1024,
             processing_guarantee: ProcessingGuarantee::AtLeastOnce,
+            worker_id: None,
             bad_input: BadInput::Skip,
             max_payload_bytes: 1024 * 1024,
             store: "memory://".to_owned(),

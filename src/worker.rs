@@ -365,7 +365,7 @@ impl Runtime {
     }
 }
 
-fn random_id() -> u64 {
+pub(crate) fn random_id() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(
@@ -396,7 +396,15 @@ pub(crate) struct Dispatcher {
     owned: BTreeSet<u32>,
     control: mpsc::Receiver<Control>,
     actors: TaskTracker,
+    /// Set when a commit failed in a way that must not be retried (an aborted transaction,
+    /// records that could not be delivered): nothing is committed, and the table partitions
+    /// are dropped, until the group has assigned partitions again from the last commit.
+    rolling_back: bool,
 }
+
+/// The longest commit interval with exactly-once processing, as Kafka Streams': outputs are
+/// visible to read-committed consumers only once committed.
+const EXACTLY_ONCE_COMMIT_INTERVAL: Duration = Duration::from_millis(100);
 
 impl Dispatcher {
     pub(crate) fn new(
@@ -418,6 +426,7 @@ impl Dispatcher {
             owned: BTreeSet::new(),
             control,
             actors,
+            rolling_back: false,
         };
         for (agent, topics, route) in routes {
             d.add_route(&agent, topics, route);
@@ -473,7 +482,11 @@ impl Dispatcher {
     }
 
     pub(crate) async fn run(mut self) {
-        let mut ticker = tokio::time::interval(self.rt.settings.commit_interval);
+        let mut interval = self.rt.settings.commit_interval;
+        if self.exactly_once() {
+            interval = interval.min(EXACTLY_ONCE_COMMIT_INTERVAL);
+        }
+        let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut failures = 0u32;
         loop {
@@ -558,6 +571,9 @@ impl Dispatcher {
                     return;
                 }
                 tracing::info!(partitions = %list(&tps), "partitions assigned");
+                if std::mem::take(&mut self.rolling_back) {
+                    tracing::info!("rolled back to the last commit; processing resumes");
+                }
                 self.rt.ops.assigned(&tps);
                 for tp in &tps {
                     self.trackers
@@ -584,8 +600,15 @@ impl Dispatcher {
                     self.committed.remove(tp);
                     self.assigned.remove(tp);
                 }
-                self.park_tables().await;
+                if self.rolling_back {
+                    // Their state holds changes that were never committed: restore it from
+                    // the changelog when the partitions come back.
+                    self.drop_tables();
+                } else {
+                    self.park_tables().await;
+                }
             }
+            ConsumerEvent::Ended(_) => {}
         }
     }
 
@@ -614,6 +637,41 @@ impl Dispatcher {
         }
         self.owned = wanted;
         crate::web::publish(&self.rt, Some(&self.owned)).await;
+    }
+
+    /// Drops the table partitions no assigned partition needs any more, and any set aside.
+    fn drop_tables(&mut self) {
+        let wanted: BTreeSet<u32> = self.assigned.iter().map(|tp| tp.partition).collect();
+        let gone: Vec<u32> = self.owned.difference(&wanted).copied().collect();
+        for table in &self.rt.tables {
+            table.release(&gone);
+            table.drop_parked();
+        }
+        self.owned = wanted;
+    }
+
+    fn exactly_once(&self) -> bool {
+        self.rt.settings.processing_guarantee == crate::settings::ProcessingGuarantee::ExactlyOnce
+    }
+
+    /// Gives up everything since the last commit: the group is rejoined, so every partition
+    /// is revoked (nothing more committed, table state dropped) and assigned again from the
+    /// committed offsets, and its events are processed again.
+    async fn roll_back(&mut self, why: &str) {
+        if self.rolling_back {
+            return;
+        }
+        if !self.consumer.rejoin() {
+            tracing::error!(reason = why, "cannot roll back to the last commit on this transport; stopping the worker");
+            self.rt.stop.cancel();
+            return;
+        }
+        tracing::error!(reason = why, "rolling back to the last commit: partitions are revoked and assigned again, and their events since that commit processed again");
+        self.rolling_back = true;
+        if let Err(e) = self.consumer.abort().await {
+            tracing::error!(error = %e, "stopping the worker");
+            self.rt.stop.cancel();
+        }
     }
 
     /// Sets aside the table partitions no assigned partition needs any more (just committed).
@@ -684,6 +742,15 @@ impl Dispatcher {
     }
 
     async fn commit(&mut self) {
+        if self.rolling_back {
+            // Nothing since the last commit counts: what was produced meanwhile is discarded
+            // where the transport can (an exactly-once transaction is aborted).
+            if let Err(e) = self.consumer.abort().await {
+                tracing::error!(error = %e, "stopping the worker");
+                self.rt.stop.cancel();
+            }
+            return;
+        }
         // What is processed now is what this commit covers: its outputs and table changes
         // were made before its events were acked, so the flushes below include them.
         let started = std::time::Instant::now();
@@ -705,27 +772,53 @@ impl Dispatcher {
                 }
             }
         }
-        // Outputs of processed events must be durable before their inputs are committed.
-        if let Err(e) = self.rt.transport.flush().await {
-            tracing::error!(error = %e, "cannot flush produced records; not committing");
-            return;
-        }
-        for (table, f) in self.rt.tables.iter().zip(flushed) {
-            if let Err(e) = table.persist(f) {
-                tracing::error!(table = table.name(), error = %e, "cannot store table changes locally; the changelog has them");
+        let exactly_once = self.exactly_once();
+        if !exactly_once {
+            // Outputs of processed events must be durable before their inputs are committed.
+            // (A transaction's commit flushes them itself.) Records that could not be
+            // delivered are lost outputs: their events must be processed again.
+            if let Err(e) = self.rt.transport.flush().await {
+                self.roll_back(&format!("cannot deliver produced records: {e}"))
+                    .await;
+                return;
             }
-        }
-        if offsets.is_empty() {
-            return;
+            // The changelog has the table changes: the local stores may have them too.
+            self.persist(std::mem::take(&mut flushed));
+            if offsets.is_empty() {
+                return;
+            }
         }
         offsets.sort();
         match self.consumer.commit(offsets.clone()).await {
             Ok(()) => {
-                tracing::debug!(offsets = %offsets.iter().map(|(tp, o)| format!("{tp}={o}")).collect::<Vec<_>>().join(","), "committed");
-                self.committed.extend(offsets);
-                self.rt.ops.committed(started.elapsed());
+                if exactly_once {
+                    // Only now are the table changes committed in the changelog.
+                    self.persist(flushed);
+                }
+                if !offsets.is_empty() {
+                    tracing::debug!(offsets = %offsets.iter().map(|(tp, o)| format!("{tp}={o}")).collect::<Vec<_>>().join(","), "committed");
+                    self.committed.extend(offsets);
+                    self.rt.ops.committed(started.elapsed());
+                }
+            }
+            Err(TransportError::TransactionAborted(e)) => {
+                self.roll_back(&format!("the transaction was aborted: {e}"))
+                    .await;
+            }
+            Err(e) if exactly_once => {
+                tracing::error!(error = %e, "cannot commit; stopping the worker");
+                self.rt.stop.cancel();
             }
             Err(e) => tracing::warn!(error = %e, "commit failed; will retry"),
+        }
+    }
+
+    /// Stores in the tables' local stores what the changelog has now.
+    fn persist(&self, flushed: Vec<Vec<crate::table::Flushed>>) {
+        for (table, f) in self.rt.tables.iter().zip(flushed) {
+            if let Err(e) = table.persist(f) {
+                tracing::error!(table = table.name(), error = %e, "cannot store table changes locally; the changelog has them");
+            }
         }
     }
 }

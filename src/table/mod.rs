@@ -1000,8 +1000,20 @@ impl<K: TableKey, V: TableValue> Table<K, V> {
                     return Err(Error::ShuttingDown { app: self.inner.core.id.to_string() })
                 }
             };
-            let ConsumerEvent::Messages(batch) = event else {
-                continue;
+            let batch = match event {
+                ConsumerEvent::Messages(batch) => batch,
+                // The end of what is committed: with transactions, the changelog's last
+                // offsets may be commit markers (never read) or records of a transaction
+                // still open (not ours to restore).
+                ConsumerEvent::Ended(tps) => {
+                    for tp in tps {
+                        if *tp.topic == *topic {
+                            remaining.remove(&tp.partition);
+                        }
+                    }
+                    continue;
+                }
+                _ => continue,
             };
             let before = done;
             self.with_parts(|parts| {

@@ -52,6 +52,9 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const CREATE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Most records the poll thread hands over at once.
 const MAX_BATCH: usize = 500;
+/// How long the poll thread waits for records before it looks at its other duties (the stop
+/// flag among them: a consumer's drop waits up to this long for the thread).
+const POLL_WAIT: Duration = Duration::from_millis(20);
 /// How long a flush waits for the producer's queue to drain.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -79,6 +82,8 @@ pub(crate) struct KafkaConfig {
     extra: BTreeMap<String, String>,
     /// See [`HANDOFF_GRACE`].
     handoff_grace: Duration,
+    /// With exactly-once processing: the producer's transactional id.
+    transactional_id: Option<String>,
 }
 
 impl fmt::Debug for KafkaConfig {
@@ -88,6 +93,7 @@ impl fmt::Debug for KafkaConfig {
             .field("brokers", &self.brokers)
             .field("settings", &self.extra.keys().collect::<Vec<_>>())
             .field("handoff_grace", &self.handoff_grace)
+            .field("transactional_id", &self.transactional_id)
             .finish()
     }
 }
@@ -142,7 +148,15 @@ impl KafkaConfig {
             brokers: hosts.join(","),
             extra,
             handoff_grace,
+            transactional_id: None,
         })
+    }
+
+    /// Makes the producer transactional (exactly-once processing): what it sends between two
+    /// commits is one Kafka transaction, with the consumed offsets in it.
+    pub(crate) fn transactional(mut self, id: String) -> Self {
+        self.transactional_id = Some(id);
+        self
     }
 
     fn client(&self) -> ClientConfig {
@@ -278,6 +292,61 @@ struct Inner {
     /// Set when the brokers do not answer CreateTopics (librdkafka's mock cluster, some
     /// proxies): topics are then created by a metadata request, with the broker's defaults.
     no_create_topics: AtomicBool,
+    /// With exactly-once processing, the gate of the open transaction: records are produced
+    /// under its read side, and a transaction ends under its write side, since librdkafka
+    /// refuses records while a transaction commits or aborts.
+    txn: Option<Arc<tokio::sync::RwLock<()>>>,
+}
+
+/// How long a transaction's end (offsets, commit, abort) may take.
+const TXN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Ends the open transaction, with `offsets` consumed by `consumer` in it (none: only what
+/// was produced), and begins the next. A transaction that cannot be committed is aborted.
+fn commit_transaction(
+    producer: &ThreadedProducer<ProducerCtx>,
+    consumer: &BaseConsumer<GroupCtx>,
+    offsets: &TopicPartitionList,
+) -> Result<(), TransportError> {
+    let committed = (|| {
+        if offsets.count() > 0 {
+            let group = consumer
+                .group_metadata()
+                .ok_or("the consumer has no group metadata")?;
+            producer
+                .send_offsets_to_transaction(offsets, &group, TXN_TIMEOUT)
+                .map_err(|e| e.to_string())?;
+        }
+        producer
+            .commit_transaction(TXN_TIMEOUT)
+            .map_err(|e| e.to_string())
+    })();
+    match committed {
+        Ok(()) => begin_transaction(producer),
+        Err(e) => {
+            tracing::error!(target: "rill::kafka", error = %e, "cannot commit the transaction; aborting it");
+            abort_transaction(producer)?;
+            Err(TransportError::TransactionAborted(e))
+        }
+    }
+}
+
+/// Aborts the open transaction and begins the next.
+fn abort_transaction(producer: &ThreadedProducer<ProducerCtx>) -> Result<(), TransportError> {
+    producer.abort_transaction(TXN_TIMEOUT).map_err(|e| {
+        err(format!(
+            "cannot abort the transaction ({e}); the producer cannot go on: restart the worker"
+        ))
+    })?;
+    begin_transaction(producer)
+}
+
+fn begin_transaction(producer: &ThreadedProducer<ProducerCtx>) -> Result<(), TransportError> {
+    producer.begin_transaction().map_err(|e| {
+        err(format!(
+            "cannot begin a transaction ({e}); the producer cannot go on: restart the worker"
+        ))
+    })
 }
 
 /// The Kafka transport: one producer and an admin client, and consumers on demand.
@@ -354,6 +423,13 @@ impl KafkaTransport {
             .set("enable.idempotence", "false")
             .set("linger.ms", "5")
             .set("max.in.flight.requests.per.connection", "1");
+        if let Some(id) = &config.transactional_id {
+            // As Kafka Streams: a crashed worker's open transaction blocks read-committed
+            // consumers of its partitions until the broker aborts it after this long.
+            pc.set("transactional.id", id)
+                .set("enable.idempotence", "true")
+                .set("transaction.timeout.ms", "10000");
+        }
         for (k, v) in &config.extra {
             pc.set(k, v);
         }
@@ -368,6 +444,10 @@ impl KafkaTransport {
             .create()
             .map_err(|e| err(format!("cannot create Kafka admin client: {e}")))?;
         let brokers = config.brokers.clone();
+        let txn = config
+            .transactional_id
+            .is_some()
+            .then(|| Arc::new(tokio::sync::RwLock::new(())));
         let inner = Arc::new(Inner {
             config,
             producer,
@@ -376,6 +456,7 @@ impl KafkaTransport {
             last_failure,
             reported_failures: AtomicU64::new(0),
             no_create_topics: AtomicBool::new(false),
+            txn,
         });
         let reached = blocking(&inner, |i| {
             i.producer
@@ -384,12 +465,23 @@ impl KafkaTransport {
                 .map(|m| m.brokers().len())
         })
         .await?;
-        match reached {
-            Ok(_) => Ok(Self { inner }),
-            Err(e) => Err(err(format!(
+        if let Err(e) = reached {
+            return Err(err(format!(
                 "cannot reach Kafka at {brokers} within {CONNECT_TIMEOUT:?}: {e}"
-            ))),
+            )));
         }
+        if inner.txn.is_some() {
+            // Fences an earlier producer with the same transactional id (aborting what it
+            // left open), then opens the first transaction.
+            blocking(&inner, |i| {
+                i.producer
+                    .init_transactions(TXN_TIMEOUT)
+                    .map_err(|e| err(format!("cannot start Kafka transactions: {e}")))?;
+                begin_transaction(&i.producer)
+            })
+            .await??;
+        }
+        Ok(Self { inner })
     }
 
     fn record<'a>(
@@ -447,6 +539,8 @@ impl KafkaTransport {
         let mut c = self.inner.config.client();
         c.set("group.id", format!("rill-reader-{}", std::process::id()))
             .set("enable.auto.commit", "false")
+            // Table recovery ends at the end of each partition (see `ConsumerEvent::Ended`).
+            .set("enable.partition.eof", "true")
             .set("fetch.wait.max.ms", "20")
             .set("isolation.level", "read_committed");
         for (k, v) in settings {
@@ -464,6 +558,11 @@ impl KafkaTransport {
         record: OutgoingRecord,
         tx: Option<DeliveryTx>,
     ) -> Result<(), TransportError> {
+        // Records join the open transaction; none are sent while one ends.
+        let _txn = match &self.inner.txn {
+            Some(gate) => Some(gate.read().await),
+            None => None,
+        };
         let mut opaque = Delivery(tx.map(Box::new));
         loop {
             match self.inner.producer.send(Self::record(&record, opaque)) {
@@ -649,8 +748,12 @@ impl Transport for KafkaTransport {
         for (k, v) in &self.inner.config.extra {
             c.set(k, v);
         }
-        KafkaConsumer::new(c, Some(group.to_owned()), self.inner.config.handoff_grace)
-            .map(|c| Box::new(c) as Box<dyn Consumer>)
+        let mut consumer =
+            KafkaConsumer::new(c, Some(group.to_owned()), self.inner.config.handoff_grace)?;
+        if self.inner.txn.is_some() {
+            consumer.txn = Some(self.inner.clone());
+        }
+        Ok(Box::new(consumer))
     }
 
     fn topic_consumer(
@@ -1169,6 +1272,9 @@ struct KafkaConsumer {
     thread: Option<std::thread::JoinHandle<()>>,
     /// Releases the revocation callback once the revoked partitions are committed.
     revoking: Option<std::sync::mpsc::SyncSender<()>>,
+    /// With exactly-once processing (group consumers only), the transport whose producer's
+    /// transactions commit this consumer's offsets.
+    txn: Option<Arc<Inner>>,
 }
 
 impl fmt::Debug for KafkaConsumer {
@@ -1208,6 +1314,7 @@ impl KafkaConsumer {
             stop: Arc::new(AtomicBool::new(false)),
             thread: None,
             revoking: None,
+            txn: None,
         })
     }
 
@@ -1230,6 +1337,23 @@ impl KafkaConsumer {
             .map_err(|e| err(format!("cannot start the Kafka poll thread: {e}")))?;
         self.thread = Some(thread);
         Ok(())
+    }
+
+    /// Ends the open transaction with `end`, while no record is being produced.
+    async fn end_transaction(
+        &self,
+        end: impl FnOnce(&Inner) -> Result<(), TransportError> + Send + 'static,
+    ) -> Result<(), TransportError> {
+        let Some(inner) = self.txn.clone() else {
+            return Ok(());
+        };
+        let Some(gate) = inner.txn.clone() else {
+            return Ok(());
+        };
+        let _closed = gate.write_owned().await;
+        tokio::task::spawn_blocking(move || end(&inner))
+            .await
+            .map_err(|e| err(format!("transaction task failed: {e}")))?
     }
 
     fn release_revocation(&mut self) {
@@ -1280,7 +1404,7 @@ fn poll_loop(
     while !stop.load(Ordering::Relaxed) {
         // Records wait in `ctx.unsent` (not locked across `poll`, whose rebalance callbacks
         // send them first).
-        let mut next = consumer.poll(Duration::from_millis(100));
+        let mut next = consumer.poll(POLL_WAIT);
         while let Some(polled) = next.take() {
             match polled {
                 Ok(m) => {
@@ -1288,6 +1412,22 @@ fn poll_loop(
                     unsent.push(owned(&m, &mut topic));
                     if unsent.len() >= MAX_BATCH {
                         break;
+                    }
+                }
+                Err(KafkaError::PartitionEOF(p)) => {
+                    // A reader (one topic) reached the end of a partition: after the records
+                    // before it, say so.
+                    let topic = consumer.assignment().ok().and_then(|a| {
+                        a.elements()
+                            .iter()
+                            .find(|e| e.partition() == p)
+                            .map(|e| e.topic().to_owned())
+                    });
+                    if let Some(topic) = topic {
+                        let ended = ConsumerEvent::Ended(vec![TopicPartition::new(topic, p as u32)]);
+                        if !ctx.send_unsent() || tx.blocking_send(Polled::Event(ended)).is_err() {
+                            return;
+                        }
                     }
                 }
                 Err(e) => {
@@ -1360,15 +1500,39 @@ impl Consumer for KafkaConsumer {
                     .map_err(err)?;
             }
             let consumer = self.consumer.clone();
-            let result =
-                tokio::task::spawn_blocking(move || consumer.commit(&tpl, CommitMode::Sync))
+            let result = match self.txn.clone() {
+                Some(_) => {
+                    self.end_transaction(move |i| commit_transaction(&i.producer, &consumer, &tpl))
+                        .await
+                }
+                None if offsets.is_empty() => Ok(()),
+                None => tokio::task::spawn_blocking(move || consumer.commit(&tpl, CommitMode::Sync))
                     .await
                     .map_err(|e| err(format!("commit task failed: {e}")))?
-                    .map_err(|e| err(format!("commit failed: {e}")));
+                    .map_err(|e| err(format!("commit failed: {e}"))),
+            };
             self.release_revocation();
             result
         }
         .boxed()
+    }
+
+    fn abort(&mut self) -> BoxFuture<'_, Result<(), TransportError>> {
+        async move {
+            if self.txn.is_none() {
+                return Ok(());
+            }
+            self.end_transaction(|i| abort_transaction(&i.producer)).await
+        }
+        .boxed()
+    }
+
+    fn rejoin(&mut self) -> bool {
+        if self.group.is_none() {
+            return false;
+        }
+        self.consumer.context().rejoin.store(true, Ordering::SeqCst);
+        true
     }
 }
 
@@ -1379,7 +1543,7 @@ impl Drop for KafkaConsumer {
         // Unblock a callback waiting to hand an event over.
         self.events.close();
         if let Some(t) = self.thread.take() {
-            // The poll thread notices `stop` within one poll interval.
+            // The poll thread notices `stop` within `POLL_WAIT`.
             let _ = t.join();
         }
     }

@@ -598,7 +598,7 @@ impl MemoryConsumer {
                     !gone
                 });
             }
-            ConsumerEvent::Messages(_) => {}
+            ConsumerEvent::Messages(_) | ConsumerEvent::Ended(_) => {}
         }
     }
 

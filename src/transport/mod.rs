@@ -110,6 +110,9 @@ pub enum ConsumerEvent {
     Assigned(Vec<TopicPartition>),
     /// The group took these partitions away; commit what was processed of them.
     Revoked(Vec<TopicPartition>),
+    /// A reader reached the end of these partitions (for read-committed readers of
+    /// transactional topics: their last committed record). Only readers report it.
+    Ended(Vec<TopicPartition>),
 }
 
 /// Where a manually assigned consumer starts reading.
@@ -199,9 +202,25 @@ pub trait Consumer: Send + fmt::Debug {
     /// call returns it.
     fn poll(&mut self) -> BoxFuture<'_, Result<ConsumerEvent, TransportError>>;
 
-    /// Commits, for each partition, the next offset to read.
+    /// Commits, for each partition, the next offset to read. With exactly-once on Kafka this
+    /// commits the producer's transaction with the offsets in it (with no offsets, only what
+    /// was produced); a failed one is aborted and reported as
+    /// [`TransportError::TransactionAborted`].
     fn commit(
         &mut self,
         offsets: Vec<(TopicPartition, i64)>,
     ) -> BoxFuture<'_, Result<(), TransportError>>;
+
+    /// Discards what was produced since the last commit, where the transport can (an
+    /// exactly-once Kafka worker aborts its transaction); elsewhere nothing happens.
+    fn abort(&mut self) -> BoxFuture<'_, Result<(), TransportError>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    /// Leaves the group and joins it again, so every partition is revoked and assigned anew
+    /// from the committed offsets: how a worker rolls back to its last commit. A consumer that
+    /// cannot (the embedded transport's, where nothing needs it) returns `false`.
+    fn rejoin(&mut self) -> bool {
+        false
+    }
 }
