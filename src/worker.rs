@@ -662,7 +662,10 @@ impl Dispatcher {
             return;
         }
         if !self.consumer.rejoin() {
-            tracing::error!(reason = why, "cannot roll back to the last commit on this transport; stopping the worker");
+            tracing::error!(
+                reason = why,
+                "cannot roll back to the last commit on this transport; stopping the worker"
+            );
             self.rt.stop.cancel();
             return;
         }

@@ -377,13 +377,16 @@ where
     seen
 }
 
+/// What an agent reading `items()` saw: every `(key, value)`, in order.
+type SeenItems<K, T> = Recorder<(Option<K>, T)>;
+
 /// Declares the agent `name` that reads `topic` with `items()` and records every `(key,
 /// value)` it sees.
 fn record_items<K, T>(
     app: &App,
     topic: &Topic<K, T>,
     name: &str,
-) -> (Agent<T, (), K>, Recorder<(Option<K>, T)>)
+) -> (Agent<T, (), K>, SeenItems<K, T>)
 where
     K: Clone + Send + Sync + 'static,
     T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,

@@ -1424,7 +1424,8 @@ fn poll_loop(
                             .map(|e| e.topic().to_owned())
                     });
                     if let Some(topic) = topic {
-                        let ended = ConsumerEvent::Ended(vec![TopicPartition::new(topic, p as u32)]);
+                        let ended =
+                            ConsumerEvent::Ended(vec![TopicPartition::new(topic, p as u32)]);
                         if !ctx.send_unsent() || tx.blocking_send(Polled::Event(ended)).is_err() {
                             return;
                         }
@@ -1506,10 +1507,12 @@ impl Consumer for KafkaConsumer {
                         .await
                 }
                 None if offsets.is_empty() => Ok(()),
-                None => tokio::task::spawn_blocking(move || consumer.commit(&tpl, CommitMode::Sync))
-                    .await
-                    .map_err(|e| err(format!("commit task failed: {e}")))?
-                    .map_err(|e| err(format!("commit failed: {e}"))),
+                None => {
+                    tokio::task::spawn_blocking(move || consumer.commit(&tpl, CommitMode::Sync))
+                        .await
+                        .map_err(|e| err(format!("commit task failed: {e}")))?
+                        .map_err(|e| err(format!("commit failed: {e}")))
+                }
             };
             self.release_revocation();
             result
@@ -1522,7 +1525,8 @@ impl Consumer for KafkaConsumer {
             if self.txn.is_none() {
                 return Ok(());
             }
-            self.end_transaction(|i| abort_transaction(&i.producer)).await
+            self.end_transaction(|i| abort_transaction(&i.producer))
+                .await
         }
         .boxed()
     }
