@@ -4,6 +4,7 @@
 //! ```console
 //! $ cargo bench --bench kafka                       # starts tansu (on PATH) on a free port
 //! $ RILL_BENCH_BROKER=127.0.0.1:9092 cargo bench --bench kafka   # or use a running broker
+//! $ RILL_BENCH_ONLY=guarantees cargo bench --bench kafka   # only each guarantee, on the mock cluster
 //! ```
 
 use rdkafka::config::ClientConfig;
@@ -11,6 +12,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use rdkafka::Message;
 use rill::prelude::*;
+use rill::ProcessingGuarantee;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -201,9 +203,18 @@ fn bare_loop(addr: &str, input: &str, output: &str, group: &str) -> Timing {
 }
 
 /// The seed's adding agent with a topic sink, counted by a function sink.
-async fn rill_agent(addr: &str, input: &str, output: &str, group: &str) -> Timing {
+async fn rill_agent(
+    addr: &str,
+    input: &str,
+    output: &str,
+    group: &str,
+    guarantee: ProcessingGuarantee,
+) -> Timing {
     let app = App::new(group);
-    app.configure(|s| s.broker = format!("kafka://{addr}"));
+    app.configure(|s| {
+        s.broker = format!("kafka://{addr}");
+        s.processing_guarantee = guarantee;
+    });
     let topic = app.topic(input).value_type::<Add>().partitions(PARTITIONS);
     let out = app.topic(output).value_type::<i64>().partitions(PARTITIONS);
     let done = Arc::new(Notify::new());
@@ -252,6 +263,10 @@ fn main() {
         .expect("runtime");
     rt.block_on(async {
         let run = std::process::id();
+        if std::env::var("RILL_BENCH_ONLY").as_deref() == Ok("guarantees") {
+            exactly_once_overhead(run).await;
+            return;
+        }
         let (mut bare, mut rill) = (Vec::new(), Vec::new());
         for round in 0..ROUNDS {
             let input = format!("bench-in-{run}-{round}");
@@ -263,7 +278,8 @@ fn main() {
             let b = tokio::task::spawn_blocking(move || bare_loop(&a, &i, &o, &g))
                 .await
                 .expect("bare loop");
-            let r = rill_agent(&addr, &input, &rill_out, &format!("bench-rill-{run}-{round}")).await;
+            let group = format!("bench-rill-{run}-{round}");
+            let r = rill_agent(&addr, &input, &rill_out, &group, ProcessingGuarantee::AtLeastOnce).await;
             println!(
                 "round {round}: bare {:>9.0} events/s (first record {:>4} ms, flush {:>4} ms)   rill {:>9.0} events/s (first record {:>4} ms, shutdown {:>4} ms)",
                 b.rate(), b.first.as_millis(), b.stop.as_millis(),
@@ -314,7 +330,43 @@ fn main() {
         println!("ask round trip on Kafka, {ASKS} sequential:");
         println!("  bare produce → consume:  p50 {:>7.2} ms   p99 {:>7.2} ms", pct(&bare_samples, 0.5), pct(&bare_samples, 0.99));
         println!("  rill adding.ask:         p50 {:>7.2} ms   p99 {:>7.2} ms", pct(&samples, 0.5), pct(&samples, 0.99));
+
+        exactly_once_overhead(run).await;
     });
+}
+
+/// The adding agent with each processing guarantee on librdkafka's mock cluster (tansu 0.6.0
+/// has no transactions), alternating, in one process.
+async fn exactly_once_overhead(run: u32) {
+    let cluster = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
+    let addr = cluster.bootstrap_servers();
+    let (mut alo, mut eos) = (Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        for (guarantee, rates) in [
+            (ProcessingGuarantee::AtLeastOnce, &mut alo),
+            (ProcessingGuarantee::ExactlyOnce, &mut eos),
+        ] {
+            let name = format!("{run}-{round}-{guarantee}");
+            let (input, output) = (format!("bench-g-in-{name}"), format!("bench-g-out-{name}"));
+            fill(&addr, &input, &[&output]).await;
+            let t = rill_agent(
+                &addr,
+                &input,
+                &output,
+                &format!("bench-g-{name}"),
+                guarantee,
+            )
+            .await;
+            println!("round {round}: {guarantee:<13} {:>9.0} events/s", t.rate());
+            rates.push(t.rate());
+        }
+    }
+    let (a, e) = (median(alo), median(eos));
+    println!("adding on the mock cluster, {EVENTS} keyed JSON events, {PARTITIONS} partitions, median of {ROUNDS}:");
+    println!(
+        "  at-least-once {a:>10.0} events/s   exactly-once {e:>10.0} events/s   ratio {:.2}",
+        e / a
+    );
 }
 
 /// One record produced and consumed back, per sample.

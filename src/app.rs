@@ -22,6 +22,29 @@ use std::sync::{Arc, Mutex, RwLock};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+/// What a started app runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// Agents, timers, crontabs and tasks: the `worker` command and [`App::start`].
+    Worker,
+    /// Agents only: an app's command on the embedded transport, where nobody else runs them
+    /// (timers belong to workers, as in Faust).
+    Agents,
+    /// Neither: only what sending and asking need.
+    Client,
+}
+
+impl Role {
+    /// The role of a command-line tool: on the embedded transport it runs the agents itself.
+    pub(crate) fn for_command(embedded: bool) -> Self {
+        if embedded {
+            Role::Agents
+        } else {
+            Role::Client
+        }
+    }
+}
+
 /// What the parts of an app share, running or not.
 pub(crate) struct AppCore {
     pub(crate) id: Arc<str>,
@@ -385,7 +408,7 @@ impl App {
 
     /// Starts a worker: creates the topics, joins the consumer group and runs every agent.
     pub async fn start(&self) -> Result<Worker> {
-        self.start_with(true).await
+        self.start_with(Role::Worker).await
     }
 
     /// Starts only what sending and asking need, without running this app's agents: for
@@ -393,7 +416,7 @@ impl App {
     /// nobody else runs the agents, so use [`start`](App::start) there; see
     /// [`is_embedded`](App::is_embedded).
     pub async fn start_client(&self) -> Result<Worker> {
-        self.start_with(false).await
+        self.start_with(Role::Client).await
     }
 
     /// Whether the app runs on the embedded transport (`memory://`), where every agent runs
@@ -402,8 +425,9 @@ impl App {
         self.core.settings().broker.starts_with("memory:")
     }
 
-    /// Starts the app; `run_agents = false` starts only what sending and asking need.
-    pub(crate) async fn start_with(&self, run_agents: bool) -> Result<Worker> {
+    /// Starts the app in `role`.
+    pub(crate) async fn start_with(&self, role: Role) -> Result<Worker> {
+        let run_agents = role != Role::Client;
         if self.core.runtime().is_ok() {
             return Err(Error::Config(format!(
                 "app {:?} is already running",
@@ -411,7 +435,7 @@ impl App {
             )));
         }
         let settings = self.core.settings();
-        let timers = if run_agents {
+        let timers = if role == Role::Worker {
             self.timers.plan()?
         } else {
             crate::timer::Plan::empty()

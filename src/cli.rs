@@ -2,7 +2,7 @@
 
 mod ops;
 
-use crate::app::App;
+use crate::app::{App, Role};
 use crate::error::{BoxError, Error, Result};
 use crate::worker::Signals;
 use clap::{Arg, ArgMatches};
@@ -259,7 +259,9 @@ impl App {
             .ok_or_else(|| Error::Config(format!("unknown command {name:?}")))?;
         let sub = sub.clone();
         runtime.block_on(async move {
-            let worker = self.start_with(self.is_embedded()).await?;
+            let worker = self
+                .start_with(Role::for_command(self.is_embedded()))
+                .await?;
             let result = match command.run(&sub) {
                 Ok(fut) => fut.await.map_err(|source| Error::Command {
                     command: name.to_owned(),
@@ -294,8 +296,17 @@ impl App {
         println!("│ loglevel   {level}");
         println!("│ guarantee  {}", s.processing_guarantee);
         println!("└ ready (Ctrl-C or SIGTERM stops the worker)");
-        signals.recv().await;
-        worker.shutdown().await
+        tokio::select! {
+            _ = signals.recv() => worker.shutdown().await,
+            // A worker that cannot go on exits with an error, so that whatever runs it knows.
+            _ = worker.stopped() => {
+                worker.shutdown().await?;
+                Err(Error::Transport(crate::error::TransportError::Other(
+                    "the worker stopped after an error it cannot go on from (logged above)"
+                        .into(),
+                )))
+            }
+        }
     }
 }
 

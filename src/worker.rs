@@ -405,6 +405,9 @@ pub(crate) struct Dispatcher {
 /// The longest commit interval with exactly-once processing, as Kafka Streams': outputs are
 /// visible to read-committed consumers only once committed.
 const EXACTLY_ONCE_COMMIT_INTERVAL: Duration = Duration::from_millis(100);
+/// With exactly-once processing, the next commit is at least this many times as far off as
+/// the last one took.
+const EXACTLY_ONCE_COMMIT_SHARE: u32 = 5;
 
 impl Dispatcher {
     pub(crate) fn new(
@@ -494,7 +497,16 @@ impl Dispatcher {
                 biased;
                 _ = self.rt.stop.cancelled() => break,
                 Some(control) = self.control.recv() => self.on_control(control),
-                _ = ticker.tick() => self.commit().await,
+                _ = ticker.tick() => {
+                    let started = tokio::time::Instant::now();
+                    self.commit().await;
+                    if self.exactly_once() {
+                        // Processing stops while a transaction ends: keep that under a fifth
+                        // of the time when the broker is slow to end them.
+                        let took = started.elapsed();
+                        ticker.reset_after(interval.max(took * EXACTLY_ONCE_COMMIT_SHARE));
+                    }
+                }
                 event = self.consumer.poll() => match event {
                     Ok(event) => {
                         failures = 0;
@@ -945,6 +957,18 @@ impl Worker {
     /// app declares such a timer; otherwise this is `false`.
     pub fn is_leader(&self) -> bool {
         self.rt.leadership.is_leader()
+    }
+
+    /// Completes when the worker has stopped by itself, after an error it cannot go on from
+    /// (logged when it happened): with exactly-once on Kafka, a producer fenced by a newer
+    /// worker with the same `worker_id`, or a transaction that can be neither committed nor
+    /// aborted. Its agents no longer get events; call [`shutdown`](Worker::shutdown).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: dropping the future loses nothing.
+    pub async fn stopped(&self) {
+        self.rt.stop.cancelled().await
     }
 
     /// How many changelog records this worker replayed to restore partitions of `table`.

@@ -27,6 +27,8 @@ fn command(program: impl AsRef<std::ffi::OsStr>) -> Command {
         .env_remove("RILL_BROKER")
         .env_remove("RILL_LOG")
         .env_remove("RUST_LOG")
+        .env_remove("RILL_PROCESSING_GUARANTEE")
+        .env_remove("RILL_WORKER_ID")
         .stdin(Stdio::null())
         .kill_on_drop(true);
     c
@@ -187,6 +189,11 @@ struct ReadyWorker {
 
 /// Starts `agent worker` and waits (bounded) for the banner line that says it is ready.
 async fn start_worker() -> ReadyWorker {
+    start_worker_with(&[]).await
+}
+
+/// Starts `agent worker ARGS` and waits (bounded) for the banner line that says it is ready.
+async fn start_worker_with(args: &[&str]) -> ReadyWorker {
     let binary = tokio::task::spawn_blocking(|| example_binary("agent"))
         .await
         .expect("build");
@@ -196,9 +203,12 @@ async fn start_worker() -> ReadyWorker {
             .env_remove("RILL_BROKER")
             .env_remove("RILL_LOG")
             .env_remove("RUST_LOG")
+            .env_remove("RILL_PROCESSING_GUARANTEE")
+            .env_remove("RILL_WORKER_ID")
             // Tests run side by side: each worker serves on a free port.
             .env("RILL_WEB_PORT", "0")
             .arg("worker")
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -265,6 +275,70 @@ async fn worker_prints_a_ready_banner_naming_the_app_its_transport_and_agents() 
         "ready comes last: {banner}"
     );
     // Dropping the handle kills the worker.
+}
+
+/// The banner's `guarantee` line.
+fn guarantee_line(worker: &ReadyWorker) -> String {
+    worker
+        .banner
+        .iter()
+        .find(|l| l.contains("guarantee"))
+        .cloned()
+        .unwrap_or_else(|| panic!("no guarantee line in the banner: {:?}", worker.banner))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_takes_the_processing_guarantee_from_its_option_and_shows_it() {
+    let worker = start_worker().await;
+    let line = guarantee_line(&worker);
+    assert!(line.ends_with(" at-least-once"), "the default: {line}");
+    drop(worker);
+
+    // The embedded transport runs exactly-once too: within the process.
+    let worker = start_worker_with(&[
+        "--processing-guarantee",
+        "exactly_once",
+        "--worker-id",
+        "w1",
+    ])
+    .await;
+    let line = guarantee_line(&worker);
+    assert!(line.ends_with(" exactly-once"), "the option: {line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_processing_guarantee_is_a_usage_error_with_exit_code_2() {
+    let out = run_example(&["worker", "--processing-guarantee", "bogus"]).await;
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "",
+        "no banner: the worker does not start"
+    );
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("'bogus'") && stderr.contains("exactly_once"),
+        "the error names the bad value and the valid ones: {stderr}"
+    );
+
+    // The same from the environment.
+    let binary = tokio::task::spawn_blocking(|| example_binary("agent"))
+        .await
+        .expect("build");
+    let mut cmd = command(binary);
+    cmd.env("RILL_PROCESSING_GUARANTEE", "bogus").arg("worker");
+    let out = run(
+        cmd,
+        RUN,
+        "agent worker with RILL_PROCESSING_GUARANTEE=bogus",
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("'bogus'"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 /// Workers started and stopped per signal: a worker that is "ready" must stop cleanly however

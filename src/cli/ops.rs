@@ -2,7 +2,7 @@
 //! app command with the same name takes the place of the tool.
 
 use crate::agent::AgentRunner;
-use crate::app::App;
+use crate::app::{App, Role};
 use crate::error::{Error, Result};
 use crate::metrics::{self, AgentInfo};
 use crate::transport::TopicPartition;
@@ -168,7 +168,7 @@ impl App {
         if embedded {
             self.configure(|s| s.commit_interval = SEND_COMMIT_INTERVAL);
         }
-        let worker = self.start_with(embedded).await?;
+        let worker = self.start_with(Role::for_command(embedded)).await?;
         let rt = worker.rt.clone();
         let spec = self.core.topic_spec(&topic, None);
         let key = args.key.map(Bytes::from);

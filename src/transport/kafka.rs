@@ -264,9 +264,19 @@ impl ProducerContext for ProducerCtx {
                     m.topic(),
                     m.partition()
                 );
+                // Records purged by an aborted transaction (rill purges nothing else, but for
+                // a dropped producer) were discarded on purpose: not a lost output to report.
+                let purged = matches!(
+                    e,
+                    KafkaError::MessageProduction(
+                        RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight
+                    )
+                );
                 // A `send` hands its failure to its caller; an enqueued record's failure is
                 // reported by the next flush.
-                if opaque.0.is_none() {
+                if purged {
+                    tracing::debug!(target: "rill::kafka", "{text}");
+                } else if opaque.0.is_none() {
                     tracing::error!(target: "rill::kafka", "{text}");
                     self.failures.fetch_add(1, Ordering::Relaxed);
                     *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) =
@@ -323,6 +333,8 @@ fn commit_transaction(
     })();
     match committed {
         Ok(()) => begin_transaction(producer),
+        // A producer in a fatal state cannot abort either.
+        Err(_) if producer.client().fatal_error().is_some() => Err(fatal_error(producer)),
         Err(e) => {
             tracing::error!(target: "rill::kafka", error = %e, "cannot commit the transaction; aborting it");
             abort_transaction(producer)?;
@@ -334,11 +346,30 @@ fn commit_transaction(
 /// Aborts the open transaction and begins the next.
 fn abort_transaction(producer: &ThreadedProducer<ProducerCtx>) -> Result<(), TransportError> {
     producer.abort_transaction(TXN_TIMEOUT).map_err(|e| {
+        if producer.client().fatal_error().is_some() {
+            return fatal_error(producer);
+        }
         err(format!(
             "cannot abort the transaction ({e}); the producer cannot go on: restart the worker"
         ))
     })?;
     begin_transaction(producer)
+}
+
+/// Says why a transactional producer in a fatal state cannot go on. Fenced: a producer started
+/// with the same transactional id, so a newer worker with this `worker_id` has taken over
+/// (restarting this one would fence that one in turn).
+fn fatal_error(producer: &ThreadedProducer<ProducerCtx>) -> TransportError {
+    match producer.client().fatal_error() {
+        Some((RDKafkaErrorCode::Fenced, reason)) => err(format!(
+            "this worker was fenced: a newer worker with the same worker_id (transactional id) \
+             has taken over ({reason})"
+        )),
+        Some((code, reason)) => err(format!(
+            "the transactional producer cannot go on ({code}: {reason}): restart the worker"
+        )),
+        None => err("the transactional producer cannot go on: restart the worker"),
+    }
 }
 
 fn begin_transaction(producer: &ThreadedProducer<ProducerCtx>) -> Result<(), TransportError> {
@@ -963,6 +994,11 @@ impl ClientContext for GroupCtx {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
+        // A reader reaching the end of a partition is news, not an error: the poll thread
+        // reports it as `ConsumerEvent::Ended`.
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::PartitionEOF) {
+            return;
+        }
         Ctx.error(error, reason)
     }
 

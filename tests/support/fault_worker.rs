@@ -5,15 +5,17 @@
 //! SIGKILLs and restarts them, and checks `fault-out` and `counts` against what it produced.
 //!
 //! ```console
-//! $ cargo run --example fault_worker -- worker --broker kafka://127.0.0.1:9092 --web-port 0
+//! $ cargo run --example fault_worker -- worker --broker kafka://127.0.0.1:9092 --web-port 0 \
+//!     --processing-guarantee exactly_once --worker-id w0
 //! ```
 //!
-//! `RILL_PROCESSING_GUARANTEE` (`at_least_once`, the default, or `exactly_once`) sets the
-//! processing guarantee; `RILL_FAULT_PARTITIONS` (default 6) the partition count of both topics
-//! and of the table.
+//! The `worker` command's options set the processing guarantee (`--processing-guarantee`) and
+//! the worker's name across restarts (`--worker-id`, its transactional id with exactly-once).
+//! `RILL_FAULT_PARTITIONS` (default 6) sets the partition count of both topics and of the
+//! table; `RILL_FAULT_NAMESPACE` (default empty) is appended to the app id and to both topic
+//! names, so runs against a broker that outlives them do not see each other's records.
 
 use rill::prelude::*;
-use rill::ProcessingGuarantee;
 
 /// An input (and output) event: `seq` numbers the events of one key from 0.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -22,39 +24,22 @@ struct FaultEvent {
     seq: u64,
 }
 
-fn guarantee_from_env() -> Option<ProcessingGuarantee> {
-    let value = std::env::var("RILL_PROCESSING_GUARANTEE").ok()?;
-    match value.trim().replace('-', "_").as_str() {
-        "at_least_once" => Some(ProcessingGuarantee::AtLeastOnce),
-        "exactly_once" => Some(ProcessingGuarantee::ExactlyOnce),
-        other => {
-            eprintln!(
-                "error: RILL_PROCESSING_GUARANTEE: expected at_least_once or exactly_once, got \
-                 {other:?}"
-            );
-            std::process::exit(2)
-        }
-    }
-}
-
 fn main() {
     let partitions = std::env::var("RILL_FAULT_PARTITIONS")
         .ok()
         .and_then(|p| p.parse().ok())
         .unwrap_or(6);
-    let app = App::new("rill-fault");
-    if let Some(guarantee) = guarantee_from_env() {
-        app.configure(|s| s.processing_guarantee = guarantee);
-    }
+    let namespace = std::env::var("RILL_FAULT_NAMESPACE").unwrap_or_default();
+    let app = App::new(format!("rill-fault{namespace}"));
     // The producer keys each event with the decimal text of its key, which is also the key's
     // JSON encoding: an event's partition is the partition of its key in `counts`, so a
     // lookup by key finds the worker that counted it.
     let events = app
-        .topic("fault-events")
+        .topic(format!("fault-events{namespace}"))
         .value_type::<FaultEvent>()
         .partitions(partitions);
     let out = app
-        .topic("fault-out")
+        .topic(format!("fault-out{namespace}"))
         .value_type::<FaultEvent>()
         .partitions(partitions);
     let counts = app.table::<u64, u64>("counts").partitions(partitions);
