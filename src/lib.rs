@@ -53,8 +53,8 @@ mod worker;
 
 #[doc(inline)]
 pub use agent::{
-    marker, Agent, AgentAsk, AgentFn, AgentSend, AsyncIterable, IntoSink, IntoValues, ReplyTo,
-    Sink, Source,
+    marker, Agent, AgentAsk, AgentFn, AgentSend, AsyncIterable, IntoSink, IntoValues, Offered,
+    ReplyTo, Sink, Source,
 };
 #[doc(inline)]
 pub use app::App;

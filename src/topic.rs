@@ -213,6 +213,19 @@ impl<K: 'static, V: 'static> Topic<K, V> {
         .await
     }
 
+    /// Queues `value` as [`enqueue_value`](Topic::enqueue_value) does when that needs no
+    /// waiting (the topic is known, the transport has room); the value comes back otherwise.
+    pub(crate) fn try_enqueue_value(&self, value: V) -> std::result::Result<Result<()>, V> {
+        let Ok(rt) = self.core.runtime() else {
+            return Err(value);
+        };
+        let bytes = match self.encode_value(&value) {
+            Ok(b) => b,
+            Err(e) => return Ok(Err(e)),
+        };
+        rt.try_enqueue_value(self.name(), bytes).map_err(|_| value)
+    }
+
     pub(crate) fn encode_key(&self, key: &K) -> Result<Bytes> {
         self.key_codec
             .encode(key)

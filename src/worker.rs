@@ -218,19 +218,22 @@ impl Runtime {
         name: &str,
         spec: impl FnOnce() -> TopicSpec,
     ) -> Result<Arc<TopicMeta>> {
-        if let Some(m) = self
-            .topics
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(name)
-        {
-            return Ok(m.clone());
+        if let Some(m) = self.known_topic(name) {
+            return Ok(m);
         }
         let partitions = match self.transport.partition_count(name).await? {
             Some(n) => n,
             None => self.transport.ensure_topic(spec()).await?,
         };
         Ok(self.remember(name, partitions))
+    }
+
+    fn known_topic(&self, name: &str) -> Option<Arc<TopicMeta>> {
+        self.topics
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
     }
 
     /// The partition count of `spec`'s topic, which is created when missing.
@@ -251,8 +254,7 @@ impl Runtime {
         }
     }
 
-    /// The record for `spec`'s topic. The partition is `partition` if given, else the one
-    /// Kafka's Java client picks for the key (murmur2), else the next one round-robin.
+    /// The record for a topic (created when missing); see [`record_for`].
     async fn record(
         &self,
         name: &str,
@@ -263,27 +265,28 @@ impl Runtime {
         headers: Headers,
     ) -> Result<OutgoingRecord> {
         let meta = self.topic_meta(name, spec).await?;
-        let partition = match (partition, &key) {
-            (Some(p), _) if p >= meta.partitions => {
-                return Err(TransportError::UnknownPartition {
-                    topic: name.to_owned(),
-                    partition: p,
-                    partitions: meta.partitions,
-                }
-                .into())
-            }
-            (Some(p), _) => p,
-            (None, Some(k)) => partition_for_key(k, meta.partitions),
-            (None, None) => meta.round_robin.fetch_add(1, Ordering::Relaxed) % meta.partitions,
+        record_for(&meta, partition, key, value, headers)
+    }
+
+    /// Queues a value for a sink without waiting, when the topic is known and the transport
+    /// can take it now; otherwise the value comes back, to go through
+    /// [`enqueue_to`](Runtime::enqueue_to).
+    pub(crate) fn try_enqueue_value(
+        &self,
+        name: &str,
+        value: Bytes,
+    ) -> std::result::Result<Result<()>, Bytes> {
+        let Some(meta) = self.known_topic(name) else {
+            return Err(value);
         };
-        Ok(OutgoingRecord {
-            topic: meta.name.clone(),
-            partition,
-            key,
-            value,
-            headers,
-            timestamp: None,
-        })
+        let record = match record_for(&meta, None, None, Some(value), Vec::new()) {
+            Ok(r) => r,
+            Err(e) => return Ok(Err(e)),
+        };
+        match self.transport.try_enqueue(record) {
+            Ok(result) => Ok(result.map_err(Into::into)),
+            Err(record) => Err(record.value.unwrap_or_default()),
+        }
     }
 
     /// Sends one record and waits until the log has it.
@@ -363,6 +366,38 @@ impl Runtime {
         queues.insert(key, rx.clone());
         Ok(rx)
     }
+}
+
+/// The record for a topic: the partition is `partition` if given, else the one Kafka's Java
+/// client picks for the key (murmur2), else the next one round-robin.
+fn record_for(
+    meta: &TopicMeta,
+    partition: Option<u32>,
+    key: Option<Bytes>,
+    value: Option<Bytes>,
+    headers: Headers,
+) -> Result<OutgoingRecord> {
+    let partition = match (partition, &key) {
+        (Some(p), _) if p >= meta.partitions => {
+            return Err(TransportError::UnknownPartition {
+                topic: meta.name.to_string(),
+                partition: p,
+                partitions: meta.partitions,
+            }
+            .into())
+        }
+        (Some(p), _) => p,
+        (None, Some(k)) => partition_for_key(k, meta.partitions),
+        (None, None) => meta.round_robin.fetch_add(1, Ordering::Relaxed) % meta.partitions,
+    };
+    Ok(OutgoingRecord {
+        topic: meta.name.clone(),
+        partition,
+        key,
+        value,
+        headers,
+        timestamp: None,
+    })
 }
 
 pub(crate) fn random_id() -> u64 {

@@ -1,6 +1,6 @@
 //! Running an agent: its actors, their restarts, and what happens to yielded values.
 
-use super::{source_specs, AgentInner, Sink, Source};
+use super::{source_specs, AgentInner, Offered, Sink, Source};
 use crate::error::{BoxError, Result};
 use crate::metrics::AgentInfo;
 use crate::reply::{CORRELATION_ID, REPLY_TO};
@@ -348,7 +348,11 @@ where
 
     async fn to_sinks(&self, value: R) {
         for sink in self.sinks.iter() {
-            if let Err(e) = sink.deliver(value.clone()).await {
+            let delivered = match sink.offer(value.clone()) {
+                Offered::Done(result) => result,
+                Offered::Pending(delivery) => delivery.await,
+            };
+            if let Err(e) = delivered {
                 tracing::error!(agent = %self.name, sink = %sink.describe(), error = %e, "sink failed");
             }
         }

@@ -5,7 +5,7 @@ mod request;
 mod sink;
 
 pub use request::{AgentAsk, AgentSend, IntoValues, ReplyTo};
-pub use sink::{IntoSink, Sink};
+pub use sink::{IntoSink, Offered, Sink};
 
 use crate::app::AppCore;
 use crate::channel::Channel;

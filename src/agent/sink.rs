@@ -15,8 +15,30 @@ use std::sync::Arc;
 pub trait Sink<R>: Send + Sync + 'static {
     /// Hands one value to the sink. The agent waits for it before reading its next event.
     fn deliver(&self, value: R) -> BoxFuture<'_, Result<(), BoxError>>;
+    /// Hands one value over, at once when the sink can do so without waiting (which saves
+    /// the future [`deliver`](Sink::deliver) returns). The default calls `deliver`.
+    fn offer(&self, value: R) -> Offered<'_> {
+        Offered::Pending(self.deliver(value))
+    }
     /// A short description for logs.
     fn describe(&self) -> String;
+}
+
+/// How a [`Sink`] took a value offered to it.
+pub enum Offered<'a> {
+    /// Delivered already, with this outcome.
+    Done(Result<(), BoxError>),
+    /// Being delivered: await this.
+    Pending(BoxFuture<'a, Result<(), BoxError>>),
+}
+
+impl std::fmt::Debug for Offered<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Offered::Done(result) => f.debug_tuple("Done").field(result).finish(),
+            Offered::Pending(_) => f.write_str("Pending"),
+        }
+    }
 }
 
 /// Something that can be an agent's sink; see [`Agent::sink`]. `M` tells the kinds apart.
@@ -34,6 +56,11 @@ where
     fn deliver(&self, value: R) -> BoxFuture<'_, Result<(), BoxError>> {
         (self.0)(value);
         futures::future::ready(Ok(())).boxed()
+    }
+
+    fn offer(&self, value: R) -> Offered<'_> {
+        (self.0)(value);
+        Offered::Done(Ok(()))
     }
 
     fn describe(&self) -> String {
@@ -90,6 +117,19 @@ where
             Ok(())
         }
         .boxed()
+    }
+
+    fn offer(&self, value: R) -> Offered<'_> {
+        match self.0.try_enqueue_value(value.into()) {
+            Ok(result) => Offered::Done(result.map_err(Into::into)),
+            Err(value) => Offered::Pending(
+                async move {
+                    self.0.enqueue_value(value).await?;
+                    Ok(())
+                }
+                .boxed(),
+            ),
+        }
     }
 
     fn describe(&self) -> String {

@@ -596,19 +596,31 @@ impl KafkaTransport {
         };
         let mut opaque = Delivery(tx.map(Box::new));
         loop {
-            match self.inner.producer.send(Self::record(&record, opaque)) {
-                Ok(()) => return Ok(()),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                    opaque = r.delivery_opaque;
+            match self.send_now(&record, opaque) {
+                Ok(result) => return result,
+                Err(full) => {
+                    opaque = full;
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
-                Err((e, _)) => {
-                    return Err(err(format!(
-                        "cannot send to {}[{}]: {e}",
-                        record.topic, record.partition
-                    )))
-                }
             }
+        }
+    }
+
+    /// Hands a record to librdkafka; the opaque comes back when its queue is full.
+    fn send_now(
+        &self,
+        record: &OutgoingRecord,
+        opaque: Delivery,
+    ) -> Result<Result<(), TransportError>, Delivery> {
+        match self.inner.producer.send(Self::record(record, opaque)) {
+            Ok(()) => Ok(Ok(())),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                Err(r.delivery_opaque)
+            }
+            Err((e, _)) => Ok(Err(err(format!(
+                "cannot send to {}[{}]: {e}",
+                record.topic, record.partition
+            )))),
         }
     }
 }
@@ -700,6 +712,25 @@ impl Transport for KafkaTransport {
 
     fn enqueue(&self, record: OutgoingRecord) -> BoxFuture<'_, Result<(), TransportError>> {
         self.produce(record, None).boxed()
+    }
+
+    #[allow(clippy::result_large_err)]
+    fn try_enqueue(
+        &self,
+        record: OutgoingRecord,
+    ) -> Result<Result<(), TransportError>, OutgoingRecord> {
+        // Records join the open transaction; none are sent while one ends.
+        let _txn = match &self.inner.txn {
+            Some(gate) => match gate.try_read() {
+                Ok(guard) => Some(guard),
+                Err(_) => return Err(record),
+            },
+            None => None,
+        };
+        match self.send_now(&record, Delivery(None)) {
+            Ok(result) => Ok(result),
+            Err(_) => Err(record),
+        }
     }
 
     fn flush(&self) -> BoxFuture<'_, Result<(), TransportError>> {

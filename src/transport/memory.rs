@@ -427,6 +427,14 @@ impl Transport for MemoryTransport {
         async move { r }.boxed()
     }
 
+    #[allow(clippy::result_large_err)]
+    fn try_enqueue(
+        &self,
+        record: OutgoingRecord,
+    ) -> Result<Result<(), TransportError>, OutgoingRecord> {
+        Ok(self.broker.append(record).map(|_| ()))
+    }
+
     fn flush(&self) -> BoxFuture<'_, Result<(), TransportError>> {
         async { Ok(()) }.boxed()
     }

@@ -157,6 +157,18 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
     /// [`flush`](Transport::flush) returns. Failures are reported by the next flush.
     fn enqueue(&self, record: OutgoingRecord) -> BoxFuture<'_, Result<(), TransportError>>;
 
+    /// Queues a record as [`enqueue`](Transport::enqueue) does, without waiting: the record
+    /// comes back when that would need to wait (a full queue, say); the default always gives
+    /// it back. The hot path of sinks, which saves a future per record.
+    // The record comes back by value: boxing it would cost the allocation this saves.
+    #[allow(clippy::result_large_err)]
+    fn try_enqueue(
+        &self,
+        record: OutgoingRecord,
+    ) -> Result<Result<(), TransportError>, OutgoingRecord> {
+        Err(record)
+    }
+
     /// Waits until every record sent or queued so far is durable in the log.
     fn flush(&self) -> BoxFuture<'_, Result<(), TransportError>>;
 
