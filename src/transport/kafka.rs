@@ -21,7 +21,7 @@ use super::{
     TopicSpec, Transport,
 };
 use crate::error::TransportError;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -1430,34 +1430,55 @@ impl KafkaConsumer {
     }
 }
 
-/// Copies a polled record out of librdkafka's buffers. `topic` keeps the last topic name seen,
-/// so records of one topic share one allocation of its name.
-fn owned(m: &rdkafka::message::BorrowedMessage<'_>, topic: &mut Option<Arc<str>>) -> Message {
-    let headers = m
-        .headers()
-        .map(|h| {
-            h.iter()
-                .map(|h| {
-                    (
-                        h.key.to_owned(),
-                        Bytes::copy_from_slice(h.value.unwrap_or_default()),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    let name = match topic {
-        Some(t) if &**t == m.topic() => t.clone(),
-        _ => topic.insert(Arc::from(m.topic())).clone(),
-    };
-    Message {
-        topic: name,
-        partition: m.partition() as u32,
-        offset: m.offset(),
-        timestamp: m.timestamp().to_millis().unwrap_or(0),
-        key: m.key().map(Bytes::copy_from_slice),
-        value: m.payload().map(Bytes::copy_from_slice),
-        headers,
+/// Copies polled records out of librdkafka's buffers: small keys and values into shared
+/// chunks of memory (one allocation for many records instead of two per record), and each
+/// topic's name once.
+#[derive(Default)]
+struct Copier {
+    topic: Option<Arc<str>>,
+    chunk: BytesMut,
+}
+
+/// Size of the chunks small keys and values are copied into; larger ones get their own.
+const COPY_CHUNK: usize = 64 * 1024;
+
+impl Copier {
+    fn bytes(&mut self, data: &[u8]) -> Bytes {
+        if data.is_empty() {
+            return Bytes::new();
+        }
+        if data.len() > COPY_CHUNK / 16 {
+            return Bytes::copy_from_slice(data);
+        }
+        if self.chunk.capacity() < data.len() {
+            self.chunk = BytesMut::with_capacity(COPY_CHUNK);
+        }
+        self.chunk.extend_from_slice(data);
+        self.chunk.split().freeze()
+    }
+
+    fn message(&mut self, m: &rdkafka::message::BorrowedMessage<'_>) -> Message {
+        let headers = m
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|h| (h.key.to_owned(), self.bytes(h.value.unwrap_or_default())))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let name = match &self.topic {
+            Some(t) if **t == *m.topic() => t.clone(),
+            _ => self.topic.insert(Arc::from(m.topic())).clone(),
+        };
+        Message {
+            topic: name,
+            partition: m.partition() as u32,
+            offset: m.offset(),
+            timestamp: m.timestamp().to_millis().unwrap_or(0),
+            key: m.key().map(|k| self.bytes(k)),
+            value: m.payload().map(|v| self.bytes(v)),
+            headers,
+        }
     }
 }
 
@@ -1467,7 +1488,7 @@ fn poll_loop(
     stop: Arc<AtomicBool>,
 ) {
     let ctx = consumer.context();
-    let mut topic = None;
+    let mut copier = Copier::default();
     while !stop.load(Ordering::Relaxed) {
         // Records wait in `ctx.unsent` (not locked across `poll`, whose rebalance callbacks
         // send them first).
@@ -1476,7 +1497,7 @@ fn poll_loop(
             match polled {
                 Ok(m) => {
                     let mut unsent = ctx.unsent();
-                    unsent.push(owned(&m, &mut topic));
+                    unsent.push(copier.message(&m));
                     if unsent.len() >= MAX_BATCH {
                         break;
                     }
