@@ -524,7 +524,8 @@ impl Dispatcher {
         if self.exactly_once() {
             interval = interval.min(EXACTLY_ONCE_COMMIT_INTERVAL);
         }
-        let mut ticker = tokio::time::interval(interval);
+        // The first commit comes one interval after the start (nothing is processed before).
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut failures = 0u32;
         loop {
