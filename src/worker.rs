@@ -749,6 +749,7 @@ impl Dispatcher {
         self.count_in(&batch);
         let mut pending: Vec<Chunk> = self.routes.iter().map(|_| Vec::new()).collect();
         let mut last: Option<Arc<PartitionTracker>> = None;
+        let mut full: Vec<(usize, Chunk)> = Vec::new();
         for msg in batch {
             let tracker = match &last {
                 Some(t) if *t.tp.topic == *msg.topic && t.tp.partition == msg.partition => {
@@ -779,15 +780,33 @@ impl Dispatcher {
                     ack: AckGuard::new(tracker.clone(), offset),
                 });
                 if pending[i].len() >= self.routes[i].chunk {
-                    let chunk = std::mem::take(&mut pending[i]);
-                    // A closed queue hands the chunk back; dropping it acks its records.
-                    let _ = self.routes[i].tx.send(chunk).await;
+                    full.push((i, std::mem::take(&mut pending[i])));
                 }
+            }
+            for (i, chunk) in full.drain(..) {
+                self.send_chunk(i, chunk).await;
             }
         }
         for (i, chunk) in pending.into_iter().enumerate() {
             if !chunk.is_empty() {
-                let _ = self.routes[i].tx.send(chunk).await;
+                self.send_chunk(i, chunk).await;
+            }
+        }
+    }
+
+    /// Hands a chunk to an agent's queue, serving control messages while the queue is full:
+    /// an agent subscribing to an internal topic (`group_by`, `through`) waits for the
+    /// dispatcher, and may not read its queue until it has.
+    async fn send_chunk(&mut self, i: usize, chunk: Chunk) {
+        let tx = self.routes[i].tx.clone();
+        // A closed queue hands the chunk back; dropping it acks its records.
+        let send = tx.send(chunk);
+        tokio::pin!(send);
+        loop {
+            tokio::select! {
+                biased;
+                _ = &mut send => return,
+                Some(control) = self.control.recv() => self.on_control(control),
             }
         }
     }

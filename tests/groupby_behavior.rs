@@ -5,11 +5,12 @@
 mod common;
 
 use common::{
-    assert_committed_to_end, kafka_partition, read_all, wait_until_state, Recorder, WAIT,
+    assert_committed_to_end, http_get, kafka_partition, read_all, wait_until_state, Recorder, WAIT,
 };
 use rill::prelude::*;
 use rill::Bytes;
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 // The seed's `examples/groupby.py` record, with a sequence number per account so order can be
 // checked.
@@ -192,5 +193,80 @@ async fn group_by_with_a_computed_key_names_the_topic_after_the_grouping() -> an
             "key {parity}: the typed key or the order is wrong"
         );
     }
+    Ok(())
+}
+
+/// The agent's queue is full (one record) and the dispatcher waits on it before the agent's
+/// `group_by` subscribes to its repartition topic, which needs the dispatcher: the dispatcher
+/// serves the subscription while it waits, and every event comes out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_by_subscribes_while_its_queue_is_full() -> anyhow::Result<()> {
+    const TRANSFERS: u32 = 200;
+    let app = App::new("groupby-full");
+    app.configure(|s| {
+        s.stream_buffer_maxsize = 1;
+        s.web_port = Some(0);
+    });
+    let topic = app.topic("transfers").value_type::<BankTransfer>();
+    let seen: Recorder<u32> = Recorder::new();
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let (rec, open) = (seen.clone(), gate.clone());
+    app.agent(move |s: Stream<BankTransfer>| {
+        let (rec, open) = (rec.clone(), open.clone());
+        async move {
+            // Held back until the dispatcher has filled the queue.
+            open.notified().await;
+            let mut s = s.group_by(field!(BankTransfer.account_id));
+            while let Some(transfer) = s.next().await {
+                rec.push(transfer.seq);
+            }
+        }
+    })
+    .named("stream")
+    .channel(&topic);
+    let worker = app.start().await?;
+    for seq in 0..TRANSFERS {
+        let transfer = BankTransfer {
+            account_id: format!("acct-{}", seq % 7),
+            amount: 1.0,
+            seq,
+        };
+        topic
+            .send(transfer)
+            .key(Bytes::from(format!("b{}", seq % 3)))
+            .await?;
+    }
+    // One record in the queue, one in the dispatcher's hands: from the third on it waits.
+    let web = worker.web_addr().expect("the web server runs");
+    let dispatched = || {
+        let (_, body) = http_get(web, "/metrics");
+        body.lines()
+            .filter(|l| {
+                l.starts_with("rill_events_in_total")
+                    && l.contains("app=\"groupby-full\"")
+                    && l.contains("topic=\"transfers\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    wait_until_state(
+        WAIT,
+        "the dispatcher waits on the full queue",
+        dispatched,
+        |n| *n >= 3.0,
+    )
+    .await;
+    gate.notify_one();
+    wait_until_state(
+        WAIT,
+        "every transfer came out of group_by",
+        || seen.len(),
+        |n| *n >= TRANSFERS as usize,
+    )
+    .await;
+    worker.shutdown().await?;
+    let mut seqs = seen.snapshot();
+    seqs.sort_unstable();
+    assert_eq!(seqs, (0..TRANSFERS).collect::<Vec<_>>());
     Ok(())
 }
