@@ -11,7 +11,7 @@
 
 mod common;
 
-use common::{wait_until_state, Recorder, WAIT};
+use common::{wait_until_state, LogCapture, Recorder, LOGS, WAIT};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::mocking::MockCluster;
@@ -24,7 +24,6 @@ use rill::transport::Message;
 use rill::{BadInput, Worker};
 use serde::de::DeserializeOwned;
 use std::collections::BTreeMap;
-use std::sync::Mutex;
 use std::time::Duration;
 
 /// Partitions of every topic: the only count the mock cluster's auto-creation gives.
@@ -37,30 +36,13 @@ const PROCESSED: Duration = Duration::from_secs(60);
 // ---------------------------------------------------------------------------------------------
 // Logs: every line this test binary logs, so tests can check what a user reads.
 
-static LOGS: Mutex<String> = Mutex::new(String::new());
-
-struct Capture;
-
-impl std::io::Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        LOGS.lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push_str(&String::from_utf8_lossy(buf));
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(false)
-        .with_writer(|| Capture)
+        .with_writer(|| LogCapture)
         .try_init();
 }
 

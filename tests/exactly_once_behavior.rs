@@ -22,7 +22,7 @@
 
 mod common;
 
-use common::{http_get, wait_until_state, within, Recorder, WAIT};
+use common::{http_get, wait_until_state, within, LogCapture, Recorder, LOGS, WAIT};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::mocking::MockCluster;
@@ -32,7 +32,6 @@ use rdkafka::{ClientConfig, Message as _, Offset, TopicPartitionList};
 use rill::prelude::*;
 use rill::{ProcessingGuarantee, Table, Worker};
 use std::collections::BTreeMap;
-use std::sync::Mutex;
 use std::time::Duration;
 
 /// Partitions of the input topic and the table: the mock cluster's default for topics it
@@ -54,29 +53,12 @@ static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(())
 // ---------------------------------------------------------------------------------------------
 // Logs: every line this test binary logs, so tests can check what a user reads.
 
-static LOGS: Mutex<String> = Mutex::new(String::new());
-
-struct Capture;
-
-impl std::io::Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        LOGS.lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push_str(&String::from_utf8_lossy(buf));
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// Captures rill's logs from `info` on (the level of "processing resumes").
 fn init_logging() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new("warn,rill=info"))
         .with_ansi(false)
-        .with_writer(|| Capture)
+        .with_writer(|| LogCapture)
         .try_init();
 }
 

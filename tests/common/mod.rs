@@ -289,3 +289,23 @@ pub(crate) fn require_program(program: &str, env: &str, install: &str) -> std::p
         Err(e) => panic!("cannot run {} ({e}). {hint}", path.display()),
     }
 }
+
+/// What the tests' tracing subscriber wrote, when it writes to [`LogCapture`].
+pub(crate) static LOGS: Mutex<String> = Mutex::new(String::new());
+
+/// A writer for a test's tracing subscriber (`.with_writer(|| LogCapture)`) that appends to
+/// [`LOGS`], so tests can check what a user would read in the logs.
+pub(crate) struct LogCapture;
+
+impl std::io::Write for LogCapture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        LOGS.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push_str(&String::from_utf8_lossy(buf));
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
