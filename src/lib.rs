@@ -67,7 +67,7 @@ pub use settings::{BadInput, ProcessingGuarantee, Settings};
 #[doc(inline)]
 pub use stream::{Event, GroupBy, Stream};
 #[doc(inline)]
-pub use table::{SetTable, Table};
+pub use table::{SetTable, Table, TableReader};
 #[doc(inline)]
 pub use timer::{Crontab, Task, TaskOutput, Timer};
 #[doc(inline)]
@@ -88,7 +88,7 @@ pub mod prelude {
     pub use crate::codec::{Json, Raw, Utf8};
     pub use crate::{
         field, stream, Agent, App, AsyncIterable, Bytes, Channel, Event, GroupBy, Settings, Stream,
-        Table, Topic,
+        Table, TableReader, Topic,
     };
     pub use futures::StreamExt;
     pub use serde::{Deserialize, Serialize};

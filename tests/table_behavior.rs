@@ -277,33 +277,83 @@ async fn an_agent_sees_a_fully_restored_table() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_agent_with_concurrency_above_one_cannot_write_a_table() {
+async fn an_agent_with_concurrency_above_one_and_a_writable_table_does_not_start() {
     let app = App::new("concurrent-writer");
     let counts = app.table::<String, i64>("counts");
     let words = app.topic("words").value_type::<String>();
     let t = counts.clone();
-    let reads = Recorder::new();
-    let r = reads.clone();
     app.agent(move |mut words: Stream<String>| {
-        let (counts, reads) = (t.clone(), r.clone());
+        let counts = t.clone();
         async move {
             while let Some(word) = words.next().await {
-                reads.push(counts.value(&word)); // reading is fine
-                counts.update(word, |n| *n += 1); // writing is refused
+                counts.update(word, |n| *n += 1);
             }
         }
     })
     .named("racy")
     .concurrency(3)
     .channel(&words);
-    let worker = app.start().await.expect("start");
-    words.send("x".to_owned()).await.expect("send");
-    wait_until(WAIT, "the refused write to be reported", || {
-        worker.agent_errors("racy") >= 1
+    let err = app
+        .start()
+        .await
+        .expect_err("the worker must refuse to start");
+    let message = err.to_string();
+    for part in [
+        "table \"counts\"",
+        "agent \"racy\" has concurrency 3",
+        "table.reader()",
+    ] {
+        assert!(message.contains(part), "{part:?} missing from: {message}");
+    }
+    assert!(counts.is_empty(), "nothing may run");
+    // The app can be started again once the agent is fixed: no worker was left behind.
+    assert!(app.start().await.is_err(), "still refused on a second try");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_with_concurrency_above_one_reads_a_table_through_a_reader() {
+    let app = App::new("concurrent-reader");
+    let counts = app.table::<String, i64>("counts");
+    let words = app.topic("words").value_type::<String>();
+    let lookups = app.channel::<String>();
+    // One writer with concurrency 1 ...
+    let t = counts.clone();
+    app.agent(move |mut words: Stream<String>| {
+        let counts = t.clone();
+        async move {
+            while let Some(word) = words.next().await {
+                counts.update(word, |n| *n += 1);
+            }
+        }
     })
-    .await;
-    assert_eq!(reads.snapshot(), vec![0]);
-    assert!(counts.is_empty(), "the write must not happen");
+    .named("count")
+    .channel(&words);
+    // ... and three readers.
+    let reader = counts.reader();
+    let reads = Recorder::new();
+    let r = reads.clone();
+    app.agent(move |mut lookups: Stream<String>| {
+        let (counts, reads) = (reader.clone(), r.clone());
+        async move {
+            while let Some(word) = lookups.next().await {
+                reads.push(counts.value(&word));
+            }
+        }
+    })
+    .named("lookups")
+    .concurrency(3)
+    .channel(&lookups);
+    let worker = app.start().await.expect("start");
+    for _ in 0..5 {
+        words.send("x".to_owned()).partition(0).await.expect("send");
+    }
+    wait_until(WAIT, "five counted", || counts.value(&"x".to_owned()) == 5).await;
+    for _ in 0..6 {
+        lookups.send("x".to_owned()).await.expect("send");
+    }
+    wait_until(WAIT, "six lookups", || reads.snapshot().len() == 6).await;
+    assert_eq!(reads.snapshot(), vec![5; 6]);
+    assert_eq!(worker.agent_errors("lookups"), 0);
     worker.shutdown().await.expect("stop");
 }
 

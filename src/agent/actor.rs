@@ -1,7 +1,7 @@
 //! Running an agent: its actors, their restarts, and what happens to yielded values.
 
 use super::{source_specs, AgentInner, Offered, Sink, Source};
-use crate::error::{BoxError, Result};
+use crate::error::{BoxError, Error, Result};
 use crate::metrics::AgentInfo;
 use crate::reply::{CORRELATION_ID, REPLY_TO};
 use crate::settings::Settings;
@@ -76,6 +76,7 @@ where
         let name: Arc<str> = Arc::from(name);
         let events_out = crate::metrics::events_out(&rt.app_id, &name, &source_name);
         tracing::info!(agent = %name, source = %source_name, concurrency, sinks = sinks.len(), "starting agent");
+        let mut ready = Vec::with_capacity(concurrency);
         for index in 0..concurrency {
             let actor = Actor {
                 agent: self.inner.clone(),
@@ -92,7 +93,26 @@ where
                 dead_letter: dead_letter.clone(),
                 events_out: events_out.clone(),
             };
-            let handle = actors.spawn(actor.run());
+            // Each actor's function is called here, so that an agent with concurrency > 1
+            // taking a writable table handle is refused before anything runs.
+            let (first, writable) = crate::table::writable_clones(|| actor.instantiate());
+            if concurrency > 1 {
+                if let Some(table) = writable.into_iter().next() {
+                    return Err(Error::Table {
+                        table,
+                        message: format!(
+                            "agent {name:?} has concurrency {concurrency} and takes a writable \
+                             handle on this table; an agent with concurrency > 1 can only read \
+                             tables (its actors would race on the same keys): give it \
+                             `table.reader()`, or run it with concurrency 1"
+                        ),
+                    });
+                }
+            }
+            ready.push((actor, first));
+        }
+        for (actor, first) in ready {
+            let handle = actors.spawn(actor.run(first));
             rt.track_actor(handle.abort_handle());
         }
         Ok(())
@@ -144,6 +164,9 @@ struct Actor<T, R, K> {
     events_out: metrics::Counter,
 }
 
+/// One run of an actor: its context and what the agent's function returned.
+type Instance<R> = (Arc<ActorCtx>, BoxStream<'static, Result<R, BoxError>>);
+
 enum Outcome {
     Finished,
     Failed(BoxError),
@@ -156,21 +179,31 @@ where
     R: Serialize + Clone + Send + Sync + 'static,
     K: Send + Sync + 'static,
 {
-    async fn run(self) {
+    /// Calls the agent's function on a new stream: one run of the actor, not started yet.
+    fn instantiate(&self) -> Instance<R> {
+        let ctx = Arc::new(ActorCtx {
+            runtime: self.rt.clone(),
+            agent: self.name.clone(),
+            source: self.source_name.clone(),
+            source_partitions: self.source_partitions,
+            concurrency: self.concurrency,
+            buffers: self.buffers.clone(),
+            current: Mutex::new(None),
+            dead_letter: self.dead_letter.clone(),
+        });
+        let stream = self.stream(&ctx);
+        let out = (self.agent.fun)(stream);
+        (ctx, out)
+    }
+
+    async fn run(self, first: Instance<R>) {
         let mut backoff = Duration::from_millis(10);
+        let mut next = Some(first);
         loop {
-            let ctx = Arc::new(ActorCtx {
-                runtime: self.rt.clone(),
-                agent: self.name.clone(),
-                source: self.source_name.clone(),
-                source_partitions: self.source_partitions,
-                concurrency: self.concurrency,
-                buffers: self.buffers.clone(),
-                current: Mutex::new(None),
-                dead_letter: self.dead_letter.clone(),
-            });
-            let stream = self.stream(&ctx);
-            let mut out = (self.agent.fun)(stream);
+            let (ctx, mut out) = match next.take() {
+                Some(instance) => instance,
+                None => self.instantiate(),
+            };
             let outcome = crate::table::ACTOR
                 .scope(
                     ctx.clone(),

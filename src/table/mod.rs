@@ -132,10 +132,144 @@ pub struct Table<K, V> {
 }
 
 impl<K, V> Clone for Table<K, V> {
+    /// A writable handle on the same table. An agent with `concurrency > 1` must not take one
+    /// (see [`Table::reader`]): a clone made while such an agent's actor is built makes the
+    /// worker refuse to start.
     fn clone(&self) -> Self {
+        WRITABLE_CLONES.with(|c| {
+            if let Some(names) = c.borrow_mut().as_mut() {
+                names.push(self.inner.name.clone());
+            }
+        });
+        self.share()
+    }
+}
+
+impl<K, V> Table<K, V> {
+    /// Another handle on the table, not counted as a writable clone (for rill's own use).
+    pub(crate) fn share(&self) -> Self {
         Self {
             inner: self.inner.clone(),
         }
+    }
+}
+
+thread_local! {
+    /// While an actor of an agent is built (its function called): the tables whose writable
+    /// handles were cloned.
+    static WRITABLE_CLONES: std::cell::RefCell<Option<Vec<String>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` (which builds an actor: calls the agent's function) and returns the names of the
+/// tables whose writable handles it cloned.
+pub(crate) fn writable_clones<R>(f: impl FnOnce() -> R) -> (R, Vec<String>) {
+    let outer = WRITABLE_CLONES.with(|c| c.borrow_mut().replace(Vec::new()));
+    let r = f();
+    let names = WRITABLE_CLONES.with(|c| std::mem::replace(&mut *c.borrow_mut(), outer));
+    (r, names.unwrap_or_default())
+}
+
+/// A read-only handle on a table ([`Table::reader`]), for agents with `concurrency > 1`: their
+/// actors process events of the same partition at the same time, so they could race on a key;
+/// they may read tables but never write them.
+///
+/// It has the reading methods of [`Table`] and no writing ones, so a write does not compile:
+///
+/// ```compile_fail
+/// # use rill::prelude::*;
+/// let app = App::new("reader-doc");
+/// let counts = app.table::<String, i64>("counts").reader();
+/// counts.update("word".to_owned(), |n| *n += 1); // no such method on a reader
+/// ```
+///
+/// ```
+/// # use rill::prelude::*;
+/// let app = App::new("reader-doc");
+/// let counts = app.table::<String, i64>("counts");
+/// let words = app.topic("words").value_type::<String>();
+/// let reader = counts.reader();
+/// app.agent(move |mut words: Stream<String>| {
+///     let counts = reader.clone();
+///     async move {
+///         while let Some(word) = words.next().await {
+///             println!("{word}: {}", counts.value(&word));
+///         }
+///     }
+/// })
+/// .named("lookups")
+/// .concurrency(4)
+/// .channel(&words);
+/// ```
+pub struct TableReader<K, V> {
+    table: Table<K, V>,
+}
+
+impl<K, V> Clone for TableReader<K, V> {
+    fn clone(&self) -> Self {
+        Self {
+            table: self.table.share(),
+        }
+    }
+}
+
+impl<K, V> fmt::Debug for TableReader<K, V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TableReader")
+            .field("name", &self.table.inner.name)
+            .finish()
+    }
+}
+
+impl<K: TableKey, V: TableValue> TableReader<K, V> {
+    /// The table's name.
+    pub fn name(&self) -> &str {
+        self.table.name()
+    }
+
+    /// The value of `key`, if the table has it (on this worker).
+    pub fn get(&self, key: &K) -> Option<V> {
+        self.table.get(key)
+    }
+
+    /// The value of `key`, or the default value if the table does not have it.
+    pub fn value(&self, key: &K) -> V {
+        self.table.value(key)
+    }
+
+    /// Whether the table has `key` (on this worker).
+    pub fn contains_key(&self, key: &K) -> bool {
+        self.table.contains_key(key)
+    }
+
+    /// Number of keys this worker holds.
+    pub fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    /// Whether this worker holds no keys.
+    pub fn is_empty(&self) -> bool {
+        self.table.is_empty()
+    }
+
+    /// A copy of the entries this worker holds, in no particular order.
+    pub fn items(&self) -> Vec<(K, V)> {
+        self.table.items()
+    }
+
+    /// The table partitions this worker holds.
+    pub fn local_partitions(&self) -> Vec<u32> {
+        self.table.local_partitions()
+    }
+}
+
+impl<K: TableKey, T> TableReader<K, std::collections::BTreeSet<T>>
+where
+    T: Ord + Clone + Serialize + DeserializeOwned + Send + Sync + 'static,
+{
+    /// Whether the set of `key` has `member`.
+    pub fn contains(&self, key: &K, member: &T) -> bool {
+        self.table.contains(key, member)
     }
 }
 
@@ -187,6 +321,14 @@ impl<K: TableKey, V: TableValue> Table<K, V> {
     /// The table's name.
     pub fn name(&self) -> &str {
         &self.inner.name
+    }
+
+    /// A read-only handle on the table, the only kind an agent with `concurrency > 1` may
+    /// hold: see [`TableReader`].
+    pub fn reader(&self) -> TableReader<K, V> {
+        TableReader {
+            table: self.share(),
+        }
     }
 
     /// The changelog topic: `<app id>-<table>-changelog`.

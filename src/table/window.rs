@@ -334,7 +334,7 @@ pub struct WindowedTable<K, V> {
 impl<K, V> Clone for WindowedTable<K, V> {
     fn clone(&self) -> Self {
         Self {
-            table: self.table.clone(),
+            table: self.table.share(),
             window: self.window,
             relative_to: self.relative_to.clone(),
             clock: self.clock.clone(),
