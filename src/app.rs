@@ -599,6 +599,21 @@ impl App {
             }
             _ => None,
         };
+        // Membership: where lookups are forwarded, and where standby replicas go.
+        let standbys = !rt.tables.is_empty() && crate::table::standby_replicas(&rt) > 0;
+        let membership = if run_agents && (web.is_some() || standbys) {
+            match crate::web::membership(rt.clone(), closed.clone()).await {
+                Ok(handle) => Some(handle),
+                Err(e) => {
+                    rt.stop.cancel();
+                    closed.cancel();
+                    self.core.clear_runtime(&rt);
+                    return Err(e);
+                }
+            }
+        } else {
+            None
+        };
         let replies = tokio::spawn(run_replies(rt.clone(), reply_consumer, closed.clone()));
         let dispatcher = dispatcher.map(|d| tokio::spawn(d.run()));
         timers.start(&rt);
@@ -610,6 +625,7 @@ impl App {
             dispatcher,
             replies: Some(replies),
             web,
+            membership,
             closed,
         })
     }

@@ -126,11 +126,13 @@ pub struct Settings {
     /// persistent store under `PATH/<app id>`: a restarted worker reads it and replays only
     /// the changelog written since). The `--store` option and `RILL_STORE` override it.
     pub store: String,
-    /// Standby replicas of table partitions (Faust's `table_standby_replicas`): with one or
-    /// more, every worker keeps a warm copy of the table partitions it does not own by tailing
-    /// the changelogs, so a worker taking a partition over (failover, rebalance) replays only
-    /// the few records its copy lacks. `None` (the default) means 1 on Kafka and 0 on the
-    /// embedded transport. See the tables section of the README for the placement.
+    /// Standby replicas of table partitions (Faust's `table_standby_replicas`): each table
+    /// partition gets a warm copy on this many workers other than its owner, kept up to date
+    /// by tailing the changelog, so a worker taking a partition over (failover, rebalance)
+    /// replays only the few records its copy lacks. The copies go to the workers the group's
+    /// range assignor will hand each partition to when its owner leaves. `None` (the default)
+    /// means 1 on Kafka and 0 on the embedded transport. See the tables section of the README
+    /// for the placement.
     pub table_standby_replicas: Option<u32>,
     /// Port of the worker's web server (table lookups): `None` (the default for workers
     /// started in code) serves nothing; the `worker` command serves on 6066, as Faust does,

@@ -98,6 +98,8 @@ pub(crate) struct Runtime {
     pub(crate) members: crate::web::Members,
     /// `http://host:port` of this worker's web server, once it listens.
     web: Mutex<Option<String>>,
+    /// Whether this worker reads and publishes to the membership topic.
+    pub(crate) membership: std::sync::atomic::AtomicBool,
     /// The timers, crontabs and tasks this worker runs.
     pub(crate) timers: crate::timer::Running,
     /// Whether this worker is the app's leader (it runs the `on_leader` timers).
@@ -139,6 +141,7 @@ impl Runtime {
             instance: format!("{instance:016x}"),
             members: Default::default(),
             web: Mutex::new(None),
+            membership: Default::default(),
             timers: Default::default(),
             leadership: Default::default(),
         }
@@ -958,6 +961,8 @@ pub struct Worker {
     pub(crate) dispatcher: Option<JoinHandle<()>>,
     pub(crate) replies: Option<JoinHandle<()>>,
     pub(crate) web: Option<crate::web::Web>,
+    /// Reads the membership topic (see [`crate::web::membership`]).
+    pub(crate) membership: Option<JoinHandle<()>>,
     pub(crate) closed: CancellationToken,
 }
 
@@ -1064,7 +1069,9 @@ impl Worker {
         }
         if let Some(web) = self.web.take() {
             let _ = web.server.await;
-            let _ = web.membership.await;
+        }
+        if let Some(membership) = self.membership.take() {
+            let _ = membership.await;
         }
         let flushed = self.rt.transport.flush().await;
         for table in &self.rt.tables {

@@ -450,36 +450,54 @@ async fn any_worker_answers_for_keys_another_worker_owns() {
     wb.shutdown().await.expect("stop b");
 }
 
+/// One worker of app `id` on the shared embedded broker of that name: a `squares` table
+/// (n → n²) written from the keyed topic `numbers`.
+fn squares(id: &str, partitions: u32, standby: u32) -> (App, Table<u64, u64>, Topic<u64, u64>) {
+    squares_on(&format!("memory://{id}"), id, partitions, standby)
+}
+
+/// [`squares`] on the broker at `url`.
+fn squares_on(
+    url: &str,
+    id: &str,
+    partitions: u32,
+    standby: u32,
+) -> (App, Table<u64, u64>, Topic<u64, u64>) {
+    let app = App::new(id);
+    let url = url.to_owned();
+    app.configure(|s| {
+        if url.starts_with("kafka:") {
+            s.kafka.insert("session.timeout.ms".into(), "6000".into());
+            s.kafka
+                .insert("heartbeat.interval.ms".into(), "1000".into());
+        }
+        s.broker = url;
+        s.topic_partitions = partitions;
+        s.commit_interval = Duration::from_millis(50);
+        s.table_standby_replicas = Some(standby);
+    });
+    let table = app.table::<u64, u64>("squares");
+    let numbers = app.topic("numbers").key_type::<u64>().value_type::<u64>();
+    let t = table.clone();
+    app.agent(move |mut numbers: Stream<u64, u64>| {
+        let table = t.clone();
+        async move {
+            while let Some(n) = numbers.next().await {
+                table.insert(n, n * n);
+            }
+        }
+    })
+    .named("square")
+    .channel(&numbers);
+    (app, table, numbers)
+}
+
 /// Two workers of one app on a shared embedded broker, with `standby` replicas or not: fills a
 /// table of `keys` keys, stops the first worker and returns how many changelog records the
 /// second replayed to take its partitions over, after checking the table is complete.
 async fn takeover(id: &str, standby: u32, keys: u64) -> u64 {
-    let build = || {
-        let app = App::new(id);
-        let url = format!("memory://{id}");
-        app.configure(|s| {
-            s.broker = url;
-            s.topic_partitions = 4;
-            s.commit_interval = Duration::from_millis(50);
-            s.table_standby_replicas = Some(standby);
-        });
-        let table = app.table::<u64, u64>("squares");
-        let numbers = app.topic("numbers").key_type::<u64>().value_type::<u64>();
-        let t = table.clone();
-        app.agent(move |mut numbers: Stream<u64, u64>| {
-            let table = t.clone();
-            async move {
-                while let Some(n) = numbers.next().await {
-                    table.insert(n, n * n);
-                }
-            }
-        })
-        .named("square")
-        .channel(&numbers);
-        (app, table, numbers)
-    };
-    let (a, ta, numbers) = build();
-    let (b, tb, _) = build();
+    let (a, ta, numbers) = squares(id, 4, standby);
+    let (b, tb, _) = squares(id, 4, standby);
     let wa = a.start().await.expect("start a");
     let wb = b.start().await.expect("start b");
     wait_until(WAIT, "both workers hold partitions", || {
@@ -521,6 +539,133 @@ async fn a_standby_copy_makes_takeover_replay_only_what_it_lacks() {
     // it stopped, and b's copy had caught up).
     assert!(cold > 0, "a cold takeover replays a's partitions");
     assert_eq!(warm, 0, "a warm takeover replays nothing");
+}
+
+/// Which of `tables` (one per worker) holds each partition of `partitions`, if exactly one.
+fn owners(tables: &[&Table<u64, u64>], partitions: u32) -> Option<Vec<usize>> {
+    (0..partitions)
+        .map(|p| {
+            let holders: Vec<usize> = (0..tables.len())
+                .filter(|&w| tables[w].local_partitions().contains(&p))
+                .collect();
+            (holders.len() == 1).then(|| holders[0])
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_standby_copy_is_on_the_worker_that_takes_its_partition_over() {
+    standby_placement("memory://placement", "placement", WAIT).await;
+}
+
+/// The same on Kafka (librdkafka's mock cluster): the placement predicts librdkafka's range
+/// assignor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_standby_copy_is_on_the_worker_that_takes_its_partition_over_on_kafka() {
+    let cluster = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
+    let id = "placement-kafka";
+    for (topic, partitions) in [
+        ("numbers".to_owned(), 6),
+        (format!("{id}-squares-changelog"), 6),
+        (format!("{id}-workers"), 1),
+    ] {
+        cluster
+            .create_topic(&topic, partitions, 1)
+            .expect("create topic");
+    }
+    let url = format!("kafka://{}", cluster.bootstrap_servers());
+    standby_placement(&url, id, Duration::from_secs(90)).await;
+}
+
+/// Three workers share a 6-partition table with one standby replica: each partition has one
+/// warm copy, not on its owner; when a worker stops, each of its partitions goes to the worker
+/// with the copy, and nothing is replayed.
+async fn standby_placement(url: &str, id: &str, wait: Duration) {
+    const PARTITIONS: u32 = 6;
+    const KEYS: u64 = 3_000;
+    let workers: Vec<_> = (0..3).map(|_| squares_on(url, id, PARTITIONS, 1)).collect();
+    let numbers = workers[0].2.clone();
+    let mut running = Vec::new();
+    for (app, _, _) in &workers {
+        running.push(Some(app.start().await.expect("start")));
+    }
+    let tables: Vec<&Table<u64, u64>> = workers.iter().map(|(_, t, _)| t).collect();
+    wait_until(wait, "each worker to hold two partitions", || {
+        owners(&tables, PARTITIONS).is_some()
+            && tables.iter().all(|t| t.local_partitions().len() == 2)
+    })
+    .await;
+    for n in 0..KEYS {
+        numbers.send(n).key(n).await.expect("send");
+    }
+    wait_until(wait, "every key in the table", || {
+        tables.iter().map(|t| t.len() as u64).sum::<u64>() == KEYS
+    })
+    .await;
+    // One warm copy of each partition, on a worker that does not own it: 3 000 keys in the
+    // standby copies in all (not 6 000, as with a copy of everything on every worker).
+    wait_until(wait, "one warm copy of each partition", || {
+        let owner = owners(&tables, PARTITIONS).unwrap_or_default();
+        let copies: usize = tables.iter().map(|t| t.standby_len()).sum();
+        copies as u64 == KEYS
+            && (0..PARTITIONS).all(|p| {
+                let holders: Vec<usize> = (0..3)
+                    .filter(|&w| tables[w].standby_partitions().contains(&p))
+                    .collect();
+                holders.len() == 1 && owner.get(p as usize) != Some(&holders[0])
+            })
+    })
+    .await;
+    let owner = owners(&tables, PARTITIONS).expect("owners");
+    let holder = |p: u32| {
+        (0..3)
+            .find(|&w| tables[w].standby_partitions().contains(&p))
+            .expect("a holder")
+    };
+    // The worker that owns partition 0 stops; each of its partitions must land where its copy
+    // is, and nothing be replayed.
+    let leaving = owner[0];
+    let moved: Vec<(u32, usize)> = (0..PARTITIONS)
+        .filter(|&p| owner[p as usize] == leaving)
+        .map(|p| (p, holder(p)))
+        .collect();
+    let stopped = running[leaving].take().expect("running");
+    stopped.shutdown().await.expect("stop");
+    wait_until(wait, "the survivors to hold every partition", || {
+        tables
+            .iter()
+            .map(|t| t.local_partitions().len())
+            .sum::<usize>()
+            == PARTITIONS as usize
+            && (0..3).all(|w| w == leaving || !tables[w].local_partitions().is_empty())
+    })
+    .await;
+    for (p, w) in &moved {
+        assert!(
+            tables[*w].local_partitions().contains(p),
+            "partition {p} went to worker {w}, which held its copy? owners now: {:?}",
+            owners(&tables, PARTITIONS)
+        );
+    }
+    for w in (0..3).filter(|&w| w != leaving) {
+        let worker = running[w].as_ref().expect("running");
+        assert_eq!(
+            worker.table_records_replayed("squares"),
+            0,
+            "worker {w} replayed changelog records to take partitions over"
+        );
+    }
+    let survivors: u64 = tables.iter().map(|t| t.len() as u64).sum();
+    assert_eq!(survivors, KEYS, "every key held by the survivors");
+    for n in (0..KEYS).step_by(89) {
+        assert!(
+            tables.iter().any(|t| t.get(&n) == Some(n * n)),
+            "key {n} lost"
+        );
+    }
+    for worker in running.into_iter().flatten() {
+        worker.shutdown().await.expect("stop");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

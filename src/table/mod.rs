@@ -49,6 +49,25 @@ tokio::task_local! {
 /// How often recovery reports progress.
 const PROGRESS_EVERY: Duration = Duration::from_secs(2);
 
+/// How long a standby copy no longer placed on this worker is kept: placement changes while
+/// the workers of a rebalance publish their new partitions one after the other.
+const STANDBY_LINGER: Duration = Duration::from_secs(10);
+
+/// How often the standby tailer looks at the placement.
+const PLACEMENT_EVERY: Duration = Duration::from_millis(250);
+
+/// The number of standby replicas of each table partition (see
+/// [`Settings::table_standby_replicas`](crate::Settings::table_standby_replicas)).
+pub(crate) fn standby_replicas(rt: &Runtime) -> u32 {
+    rt.settings
+        .table_standby_replicas
+        .unwrap_or(if rt.transport.kind() == "memory" {
+            0
+        } else {
+            1
+        })
+}
+
 /// One partition of a table in memory.
 struct Part<K, V> {
     data: HashMap<K, V>,
@@ -76,6 +95,10 @@ struct Attached {
     spec: TopicSpec,
     /// Whether partitions this worker does not own are kept warm (standby replicas).
     standby: bool,
+    /// Standby replicas per partition, placed on the workers that would take each partition
+    /// over (see [`crate::web::Members::standby_partitions`]); 0 when every worker keeps a
+    /// copy of every partition (global tables, or an assignment that cannot be predicted).
+    placed: u32,
 }
 
 pub(crate) struct TableInner<K, V> {
@@ -571,6 +594,21 @@ impl<K: TableKey, V: TableValue> Table<K, V> {
         v.sort_unstable();
         v
     }
+
+    /// The partitions of which this worker keeps a standby copy (or, for a global table, a
+    /// copy), in order.
+    pub fn standby_partitions(&self) -> Vec<u32> {
+        let mut v: Vec<u32> = self
+            .inner
+            .parked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .copied()
+            .collect();
+        v.sort_unstable();
+        v
+    }
 }
 
 /// A table whose values are sets, Faust's `SetTable`: `add` and `discard` members of a key's
@@ -664,6 +702,8 @@ pub(crate) trait TableRunner: Send + Sync {
     fn size(&self) -> usize;
     /// Partitions held.
     fn held_partitions(&self) -> Vec<u32>;
+    /// Partitions of which a standby copy is kept.
+    fn standby(&self) -> Vec<u32>;
     /// Partitions being restored.
     fn recovering(&self) -> Vec<u32>;
 }
@@ -700,16 +740,14 @@ impl<K: TableKey, V: TableValue> TableRunner for Table<K, V> {
 
     fn attach(&self, rt: &Arc<Runtime>, store: Arc<dyn Store>) {
         let spec = self.changelog_spec();
-        let replicas =
-            rt.settings
-                .table_standby_replicas
-                .unwrap_or(if rt.transport.kind() == "memory" {
-                    0
-                } else {
-                    1
-                });
+        let replicas = standby_replicas(rt);
         let standby = replicas > 0 || self.is_global();
-        if standby {
+        let placed = if self.is_global() || !rt.transport.range_assignment() {
+            0
+        } else {
+            replicas
+        };
+        if standby && placed == 0 {
             // Every partition starts as an empty standby copy; the tailer fills those this
             // worker does not own.
             let mut parked = self.inner.parked.lock().unwrap_or_else(|e| e.into_inner());
@@ -726,6 +764,7 @@ impl<K: TableKey, V: TableValue> TableRunner for Table<K, V> {
             store,
             spec,
             standby,
+            placed,
         });
         if standby {
             let table = self.clone();
@@ -860,6 +899,10 @@ impl<K: TableKey, V: TableValue> TableRunner for Table<K, V> {
 
     fn held_partitions(&self) -> Vec<u32> {
         self.local_partitions()
+    }
+
+    fn standby(&self) -> Vec<u32> {
+        self.standby_partitions()
     }
 
     fn recovering(&self) -> Vec<u32> {
@@ -1049,19 +1092,62 @@ impl<K: TableKey, V: TableValue> Table<K, V> {
         Ok(())
     }
 
-    /// Keeps the standby copies (the set-aside partitions) up to date by reading every
-    /// changelog partition from the start, until the worker stops. Records of partitions this
-    /// worker owns, and records a copy already includes, are skipped.
+    /// Keeps the standby copies (the set-aside partitions) up to date by reading their
+    /// changelog partitions from where each copy stands, until the worker stops. With placed
+    /// replicas it also follows the placement: partitions placed here get a copy (read from
+    /// the changelog's start), copies placed elsewhere are dropped after [`STANDBY_LINGER`].
     async fn tail(&self) -> Result<()> {
         let a = self.inner.attached()?;
-        let starts = (0..a.spec.partitions).map(|p| (p, 0)).collect();
-        let mut consumer =
-            a.rt.transport
-                .partitions_consumer(&a.spec.name, starts)
-                .await?;
+        let mut reading: Option<BTreeSet<u32>> = None;
+        let mut consumer: Option<Box<dyn crate::transport::Consumer>> = None;
+        let mut unplaced: HashMap<u32, Instant> = HashMap::new();
+        let mut tick = tokio::time::interval(PLACEMENT_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            if a.placed > 0 {
+                self.place(&a, &mut unplaced);
+            }
+            let starts: BTreeMap<u32, i64> = self
+                .inner
+                .parked
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .map(|(p, (_, position))| (*p, *position))
+                .collect();
+            let wanted: BTreeSet<u32> = starts.keys().copied().collect();
+            if reading.as_ref() != Some(&wanted) {
+                if let Some(old) = consumer.take() {
+                    let _ = tokio::task::spawn_blocking(move || drop(old)).await;
+                }
+                if !wanted.is_empty() {
+                    match a
+                        .rt
+                        .transport
+                        .partitions_consumer(&a.spec.name, starts.into_iter().collect())
+                        .await
+                    {
+                        Ok(c) => consumer = Some(c),
+                        Err(e) => {
+                            tracing::debug!(table = %self.inner.name, error = %e, "standby tailer cannot read the changelog; retrying");
+                            tokio::select! {
+                                _ = tick.tick() => continue,
+                                _ = a.rt.stop.cancelled() => break,
+                            }
+                        }
+                    }
+                }
+                tracing::debug!(table = %self.inner.name, partitions = ?wanted, "standby copies");
+                reading = Some(wanted);
+            }
             let event = tokio::select! {
-                e = consumer.poll() => e,
+                e = async {
+                    match consumer.as_mut() {
+                        Some(c) => c.poll().await,
+                        None => std::future::pending().await,
+                    }
+                } => e,
+                _ = tick.tick() => continue,
                 _ = a.rt.stop.cancelled() => break,
             };
             let batch = match event {
@@ -1085,8 +1171,59 @@ impl<K: TableKey, V: TableValue> Table<K, V> {
                 self.apply_record(part, m);
             }
         }
-        let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
+        if let Some(consumer) = consumer {
+            let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
+        }
         Ok(())
+    }
+
+    /// Brings the standby copies in line with the placement: a copy for each partition placed
+    /// here that this worker does not own, none for the others (after [`STANDBY_LINGER`]).
+    fn place(&self, a: &Attached, unplaced: &mut HashMap<u32, Instant>) {
+        let Some(placed) =
+            a.rt.members
+                .standby_partitions(&a.rt.instance, a.spec.partitions, a.placed)
+        else {
+            // This worker's own record is not read yet: keep what there is.
+            return;
+        };
+        // A partition being restored may still take its copy: leave those alone.
+        let recovering = self
+            .inner
+            .recovering
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let owned: BTreeSet<u32> = self.with_parts(|parts| {
+            parts
+                .keys()
+                .copied()
+                .filter(|p| !recovering.contains(p))
+                .collect()
+        });
+        let now = Instant::now();
+        let mut parked = self.inner.parked.lock().unwrap_or_else(|e| e.into_inner());
+        for p in &placed {
+            unplaced.remove(p);
+            if !owned.contains(p) && !recovering.contains(p) {
+                parked.entry(*p).or_insert_with(|| (Part::default(), 0));
+            }
+        }
+        parked.retain(|p, _| {
+            if recovering.contains(p) {
+                return true;
+            }
+            if owned.contains(p) {
+                // Owned here: a copy is of no use.
+                return false;
+            }
+            if placed.contains(p) {
+                return true;
+            }
+            let since = *unplaced.entry(*p).or_insert(now);
+            now.duration_since(since) < STANDBY_LINGER
+        });
+        unplaced.retain(|p, _| parked.contains_key(p));
     }
 
     /// Applies one changelog record to a partition.

@@ -630,6 +630,14 @@ impl Transport for KafkaTransport {
         "kafka"
     }
 
+    fn range_assignment(&self) -> bool {
+        self.inner
+            .config
+            .extra
+            .get("partition.assignment.strategy")
+            .is_none_or(|s| s.trim() == "range")
+    }
+
     fn ensure_topic(&self, spec: TopicSpec) -> BoxFuture<'_, Result<u32, TransportError>> {
         async move {
             let inner = self.inner.clone();

@@ -142,6 +142,13 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
     /// Short name for logs and the start-up banner, e.g. `memory`.
     fn kind(&self) -> &'static str;
 
+    /// Whether the app's group divides partitions with range assignment (per topic, over the
+    /// members in a fixed order), so that who takes a partition over when a worker leaves can
+    /// be predicted: standby replicas are placed on that worker.
+    fn range_assignment(&self) -> bool {
+        true
+    }
+
     /// Creates the topic if missing. An existing topic with another partition count is
     /// [`TransportError::PartitionMismatch`]. Returns the partition count.
     fn ensure_topic(&self, spec: TopicSpec) -> BoxFuture<'_, Result<u32, TransportError>>;
