@@ -5,6 +5,7 @@
 //! $ cargo bench --bench kafka                       # starts tansu (on PATH) on a free port
 //! $ RILL_BENCH_BROKER=127.0.0.1:9092 cargo bench --bench kafka   # or use a running broker
 //! $ RILL_BENCH_ONLY=guarantees cargo bench --bench kafka   # only each guarantee, on the mock cluster
+//! $ RILL_BENCH_ONLY=adding cargo bench --bench kafka       # only the adding throughput
 //! ```
 
 use rdkafka::config::ClientConfig;
@@ -234,6 +235,7 @@ async fn rill_agent(
             }
         });
     let worker = app.start().await.expect("start");
+    eprintln!("TMP start took {:?}", start.elapsed());
     tokio::time::timeout(Duration::from_secs(300), done.notified())
         .await
         .expect("all events processed");
@@ -255,6 +257,13 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
+    // RUST_LOG=rill=debug shows where a worker's time goes (start-up, rebalances, commits).
+    if let Ok(filter) = std::env::var("RUST_LOG") {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let broker = broker();
     let addr = broker.addr.clone();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -304,6 +313,10 @@ fn main() {
             med(&bare, &|t| ms(t.first)), med(&rill, &|t| ms(t.first)),
             med(&bare, &|t| ms(t.stop)), med(&rill, &|t| ms(t.stop)),
         );
+
+        if std::env::var("RILL_BENCH_ONLY").as_deref() == Ok("adding") {
+            return;
+        }
 
         // ask round trips.
         let app = App::new(format!("bench-ask-{run}"));

@@ -163,6 +163,12 @@ impl KafkaConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.brokers)
             .set("allow.auto.create.topics", "false")
+            // A new client learns the brokers' ids from its bootstrap connection and replaces
+            // it; a request sent on it meanwhile fails and waits half the reconnect backoff
+            // (50 ms at librdkafka's default of 100 ms) before it is sent again. Each of a
+            // worker's clients paid that at start; 10 ms (backing off exponentially up to
+            // `reconnect.backoff.max.ms` while a broker is down) makes it 11 ms.
+            .set("reconnect.backoff.ms", "10")
             .set_log_level(RDKafkaLogLevel::Warning);
         for (k, v) in &self.extra {
             c.set(k, v);
@@ -489,13 +495,7 @@ impl KafkaTransport {
             no_create_topics: AtomicBool::new(false),
             txn,
         });
-        let reached = blocking(&inner, |i| {
-            i.producer
-                .client()
-                .fetch_metadata(None, CONNECT_TIMEOUT)
-                .map(|m| m.brokers().len())
-        })
-        .await?;
+        let reached = blocking(&inner, |i| brokers_reached(&i.producer, CONNECT_TIMEOUT)).await?;
         if let Err(e) = reached {
             return Err(err(format!(
                 "cannot reach Kafka at {brokers} within {CONNECT_TIMEOUT:?}: {e}"
@@ -1435,6 +1435,37 @@ impl KafkaConsumer {
         if let Some(tx) = self.revoking.take() {
             let _ = tx.try_send(());
         }
+    }
+}
+
+/// Asks the cluster for its brokers (a metadata request for no topic: unlike
+/// `fetch_metadata(None, ..)`, which lists every topic of the cluster, its cost does not grow
+/// with the cluster's topics). Returns how many brokers answered.
+fn brokers_reached(
+    producer: &ThreadedProducer<ProducerCtx>,
+    timeout: Duration,
+) -> Result<usize, String> {
+    use rdkafka::bindings as rd;
+    let rk = producer.client().native_ptr();
+    let timeout_ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: `rk` is a live client handle for the duration of the call (borrowed from
+    // `producer`). librdkafka allocates the metadata it returns; it is read within its bounds
+    // and freed with librdkafka's own function before returning; no pointer escapes.
+    unsafe {
+        let mut md: *const rd::rd_kafka_metadata = std::ptr::null();
+        let code = rd::rd_kafka_metadata(rk, 0, std::ptr::null_mut(), &mut md, timeout_ms);
+        if code != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+            let reason = std::ffi::CStr::from_ptr(rd::rd_kafka_err2str(code))
+                .to_string_lossy()
+                .into_owned();
+            return Err(reason);
+        }
+        if md.is_null() {
+            return Err("no metadata".to_owned());
+        }
+        let brokers = usize::try_from((*md).broker_cnt).unwrap_or(0);
+        rd::rd_kafka_metadata_destroy(md);
+        Ok(brokers)
     }
 }
 
