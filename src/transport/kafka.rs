@@ -456,10 +456,13 @@ impl KafkaTransport {
         let failures = Arc::new(AtomicU64::new(0));
         let last_failure = Arc::new(Mutex::new(None));
         let mut pc = config.client();
+        // The idempotent producer (the Java client's default since Kafka 3.0) keeps each
+        // partition's records in order and without duplicates across retries with up to 5
+        // requests in flight per connection; without it, order would need one at a time.
         pc.set("allow.auto.create.topics", "true")
-            .set("enable.idempotence", "false")
+            .set("enable.idempotence", "true")
             .set("linger.ms", "5")
-            .set("max.in.flight.requests.per.connection", "1");
+            .set("max.in.flight.requests.per.connection", "5");
         if let Some(id) = &config.transactional_id {
             // As Kafka Streams: a crashed worker's open transaction blocks read-committed
             // consumers of its partitions until the broker aborts it after this long.
