@@ -40,6 +40,12 @@ pub trait Codec<T>: Send + Sync + 'static {
     fn encode(&self, value: &T) -> Result<Bytes, CodecError>;
     /// Decodes a payload. Empty payloads and tombstones reach the codec as an empty slice.
     fn decode(&self, bytes: &[u8]) -> Result<T, CodecError>;
+    /// Encodes a key or value typed on the command line (`send --key`). By default the text's
+    /// UTF-8 bytes; [`Json`] reads the text as a JSON `T` (bare text as a string) and
+    /// encodes that, so `--key word` becomes `"word"` and `--key 42` stays `42`.
+    fn encode_text(&self, text: &str) -> Result<Bytes, CodecError> {
+        Ok(Bytes::copy_from_slice(text.as_bytes()))
+    }
 }
 
 /// JSON through `serde_json`: the default codec for keys and values. An empty payload or a
@@ -94,6 +100,15 @@ where
         }
         serde_json::from_slice(bytes).map_err(|e| CodecError::new("json", e))
     }
+
+    fn encode_text(&self, text: &str) -> Result<Bytes, CodecError> {
+        let value: T = serde_json::from_str(text)
+            .or_else(|e| {
+                serde_json::from_value(serde_json::Value::String(text.to_owned())).map_err(|_| e)
+            })
+            .map_err(|e| CodecError::new("json", format!("{text:?}: {e}")))?;
+        self.encode(&value)
+    }
 }
 
 /// Bytes as they are, with no encoding. Values are [`Bytes`].
@@ -147,6 +162,21 @@ mod tests {
         assert!(c.decode(b"").unwrap_err().message.contains("empty"));
         assert_eq!(Json::<Option<u8>>::new().decode(b"").unwrap(), None);
         assert!(c.decode(b"{\"a\":1}").is_err());
+    }
+
+    #[test]
+    fn command_line_text_is_encoded_as_the_codec_expects() {
+        let text = |c: &dyn Codec<String>, t| c.encode_text(t).map(|b| b.to_vec());
+        assert_eq!(text(&Json::<String>::new(), "word").unwrap(), b"\"word\"");
+        assert_eq!(
+            text(&Json::<String>::new(), "\"word\"").unwrap(),
+            b"\"word\""
+        );
+        assert_eq!(text(&Utf8, "word").unwrap(), b"word");
+        assert_eq!(&Json::<u64>::new().encode_text("42").unwrap()[..], b"42");
+        let err = Json::<u64>::new().encode_text("forty-two").unwrap_err();
+        assert!(err.message.contains("forty-two"), "{err}");
+        assert_eq!(&Raw.encode_text("k1").unwrap()[..], b"k1");
     }
 
     #[test]

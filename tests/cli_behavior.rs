@@ -582,3 +582,41 @@ async fn reset_refuses_without_yes_and_with_it_removes_the_local_table_state() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `send --key` encodes the key with the key codec of the agent's topic: a JSON string key
+/// typed bare on the command line reaches the agent as that string (it used to be sent as raw
+/// UTF-8, which the agent's JSON key codec could not read).
+#[test]
+fn send_encodes_the_key_with_the_agents_key_codec() {
+    use rill::prelude::*;
+    let app = App::new("cli-keyed");
+    let words = app
+        .topic("keyed-words")
+        .key_type::<String>()
+        .value_type::<i64>();
+    let seen = std::sync::Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    app.agent(move |mut stream: Stream<i64, String>| {
+        let seen = s.clone();
+        async move {
+            while let Some(n) = stream.next().await {
+                let key = stream.current_event().and_then(|m| m.key.clone());
+                seen.lock().expect("lock").push((key, n));
+            }
+        }
+    })
+    .named("count")
+    .channel(&words);
+    app.main_from(["cli-keyed", "send", "@count", "7", "--key", "word"])
+        .expect("send");
+    app.main_from(["cli-keyed", "send", "@count", "8", "--key", r#""quoted""#])
+        .expect("send");
+    let seen = seen.lock().expect("lock").clone();
+    assert_eq!(
+        seen,
+        vec![
+            (Some(bytes::Bytes::from_static(br#""word""#)), 7),
+            (Some(bytes::Bytes::from_static(br#""quoted""#)), 8)
+        ]
+    );
+}

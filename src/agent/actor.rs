@@ -34,6 +34,8 @@ pub(crate) trait AgentRunner: Send + Sync {
     /// Encodes a JSON value as a value of the agent's topic (the `send` command): an error if
     /// it is not a value the agent reads, or the agent reads a channel.
     fn encode_json(&self, value: &serde_json::Value) -> Result<Bytes, String>;
+    /// Encodes a key typed on the command line with the key codec of the agent's topic.
+    fn encode_key(&self, key: &str) -> Result<Bytes, String>;
 }
 
 impl<T, R, K> AgentRunner for super::Agent<T, R, K>
@@ -144,6 +146,17 @@ where
             .value_codec
             .encode(&value)
             .map_err(|e| format!("cannot encode the value for agent {name:?}: {e}"))
+    }
+
+    fn encode_key(&self, key: &str) -> Result<Bytes, String> {
+        let name = self.name();
+        let Ok(Source::Topic(topic)) = self.source() else {
+            return Err(format!("agent {name:?} does not read a topic"));
+        };
+        topic
+            .key_codec
+            .encode_text(key)
+            .map_err(|e| format!("{key:?} is not a key agent {name:?} reads: {e}"))
     }
 }
 

@@ -28,7 +28,8 @@ struct Send {
     /// The value, as JSON, e.g. '{"a": 4, "b": 8}'
     #[arg(value_name = "JSON", value_parser = json_value, allow_hyphen_values = true)]
     value: serde_json::Value,
-    /// The record's key (sent as its UTF-8 bytes)
+    /// The record's key: encoded with the key codec of the agent's topic (JSON keys: the text
+    /// as JSON, bare text as a string); for a topic no agent reads, its UTF-8 bytes
     #[arg(long, short)]
     key: Option<String>,
     /// The partition (default: the key's, else the next one round-robin)
@@ -164,6 +165,14 @@ impl App {
             None => Ok(Bytes::from(args.value.to_string())),
         }
         .unwrap_or_else(|e| self.usage_error("send", e));
+        let key = match (&agent, args.key) {
+            (Some(a), Some(k)) => Some(
+                a.encode_key(&k)
+                    .unwrap_or_else(|e| self.usage_error("send", e)),
+            ),
+            (None, k) => k.map(Bytes::from),
+            (_, None) => None,
+        };
         let embedded = self.is_embedded();
         if embedded {
             self.configure(|s| s.commit_interval = SEND_COMMIT_INTERVAL);
@@ -171,7 +180,6 @@ impl App {
         let worker = self.start_with(Role::for_command(embedded)).await?;
         let rt = worker.rt.clone();
         let spec = self.core.topic_spec(&topic, None);
-        let key = args.key.map(Bytes::from);
         let sent = async {
             let at = rt
                 .produce(&spec, args.partition, key, Some(value), Vec::new())
