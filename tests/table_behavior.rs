@@ -311,6 +311,47 @@ async fn an_agent_with_concurrency_above_one_and_a_writable_table_does_not_start
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_windowed_table_needs_a_reader_in_an_agent_with_concurrency_above_one() {
+    let build = |reader: bool| {
+        let app = App::new("concurrent-windows");
+        let views = app
+            .table::<(String, i64), u64>("views")
+            .tumbling(Duration::from_secs(60), None);
+        let pages = app.topic("pages").value_type::<String>();
+        let (writable, read_only) = (views.clone(), views.reader());
+        app.agent(move |mut pages: Stream<String>| {
+            // Either handle only reads here; taking the writable one is what is refused.
+            let views = reader.then(|| read_only.clone());
+            let writable = (!reader).then(|| writable.clone());
+            async move {
+                while let Some(page) = pages.next().await {
+                    let n = match (&views, &writable) {
+                        (Some(v), _) => v.get(&page).now(),
+                        (_, Some(w)) => w.get(&page).now(),
+                        _ => 0,
+                    };
+                    let _ = n;
+                }
+            }
+        })
+        .named("pageviews")
+        .concurrency(2)
+        .channel(&pages);
+        app
+    };
+    let err = build(false)
+        .start()
+        .await
+        .expect_err("a writable windowed handle is refused");
+    assert!(
+        err.to_string().contains("table \"views\"") && err.to_string().contains("concurrency 2"),
+        "{err}"
+    );
+    let worker = build(true).start().await.expect("a reader is fine");
+    worker.shutdown().await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_with_concurrency_above_one_reads_a_table_through_a_reader() {
     let app = App::new("concurrent-reader");
     let counts = app.table::<String, i64>("counts");

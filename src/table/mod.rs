@@ -20,7 +20,7 @@
 
 pub(crate) mod store;
 pub mod window;
-pub use window::{Window, WindowRange, WindowSet, WindowedTable};
+pub use window::{Window, WindowRange, WindowSet, WindowedReader, WindowedTable};
 
 use crate::app::AppCore;
 use crate::codec::{Codec, Json};
@@ -159,13 +159,18 @@ impl<K, V> Clone for Table<K, V> {
     /// (see [`Table::reader`]): a clone made while such an agent's actor is built makes the
     /// worker refuse to start.
     fn clone(&self) -> Self {
-        WRITABLE_CLONES.with(|c| {
-            if let Some(names) = c.borrow_mut().as_mut() {
-                names.push(self.inner.name.clone());
-            }
-        });
+        note_writable_clone(&self.inner.name);
         self.share()
     }
+}
+
+/// Counts a clone of a writable handle on `table` (see [`writable_clones`]).
+pub(crate) fn note_writable_clone(table: &str) {
+    WRITABLE_CLONES.with(|c| {
+        if let Some(names) = c.borrow_mut().as_mut() {
+            names.push(table.to_owned());
+        }
+    });
 }
 
 impl<K, V> Table<K, V> {

@@ -332,7 +332,17 @@ pub struct WindowedTable<K, V> {
 }
 
 impl<K, V> Clone for WindowedTable<K, V> {
+    /// A writable handle on the same table; an agent with `concurrency > 1` must take a
+    /// [`reader`](WindowedTable::reader) instead (see [`TableReader`](super::TableReader)).
     fn clone(&self) -> Self {
+        super::note_writable_clone(&self.table.inner.name);
+        self.share()
+    }
+}
+
+impl<K, V> WindowedTable<K, V> {
+    /// Another handle, not counted as a writable clone.
+    fn share(&self) -> Self {
         Self {
             table: self.table.share(),
             window: self.window,
@@ -651,6 +661,85 @@ impl<K: TableKey, V: TableValue> WindowedTable<K, V> {
             .into_iter()
             .map(|((key, start), value)| (key, self.window.range(start), value))
             .collect()
+    }
+
+    /// Number of windows (of all keys) this worker holds.
+    pub fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    /// Whether this worker holds no windows.
+    pub fn is_empty(&self) -> bool {
+        self.table.is_empty()
+    }
+
+    /// A read-only handle, the only kind an agent with `concurrency > 1` may hold (as
+    /// [`Table::reader`]); it reads with this handle's `relative_to_*` and clock settings.
+    ///
+    /// ```compile_fail
+    /// # use rill::prelude::*;
+    /// # use std::time::Duration;
+    /// let app = App::new("windowed-reader-doc");
+    /// let views = app
+    ///     .table::<(String, i64), u64>("views")
+    ///     .tumbling(Duration::from_secs(60), None)
+    ///     .reader();
+    /// views.update("home".to_owned(), |n| *n += 1); // no such method on a reader
+    /// ```
+    pub fn reader(&self) -> WindowedReader<K, V> {
+        WindowedReader {
+            table: self.share(),
+        }
+    }
+}
+
+/// A read-only handle on a [`WindowedTable`] ([`WindowedTable::reader`]): its reading
+/// methods, no writing ones.
+pub struct WindowedReader<K, V> {
+    table: WindowedTable<K, V>,
+}
+
+impl<K, V> Clone for WindowedReader<K, V> {
+    fn clone(&self) -> Self {
+        Self {
+            table: self.table.share(),
+        }
+    }
+}
+
+impl<K, V> fmt::Debug for WindowedReader<K, V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WindowedReader")
+            .field("name", &self.table.table.inner.name)
+            .field("window", &self.table.window)
+            .finish()
+    }
+}
+
+impl<K: TableKey, V: TableValue> WindowedReader<K, V> {
+    /// The table's name.
+    pub fn name(&self) -> &str {
+        self.table.name()
+    }
+
+    /// The windows.
+    pub fn window(&self) -> &Window {
+        self.table.window()
+    }
+
+    /// The windows of `key`, as [`WindowedTable::get`].
+    pub fn get(&self, key: &K) -> WindowSet<'_, K, V> {
+        self.table.get(key)
+    }
+
+    /// The value of `key` in `range`, if the table has it (on this worker).
+    pub fn get_range(&self, key: &K, range: WindowRange) -> Option<V> {
+        self.table.get_range(key, range)
+    }
+
+    /// Every window this worker holds: key, window and value, in no particular order.
+    pub fn items(&self) -> Vec<(K, WindowRange, V)> {
+        self.table.items()
     }
 
     /// Number of windows (of all keys) this worker holds.
