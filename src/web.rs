@@ -85,9 +85,9 @@ impl Members {
     /// their current assignments (sorted by the first partition each holds), and member ids
     /// do not change while a member stays in the group. For partition `p`, the first copy
     /// goes to the member that owns `p` in a range assignment over the members without `p`'s
-    /// owner, the second to its owner over the members without those two, and so on. A
-    /// single worker failure (or graceful stop) then hands each of its partitions to the
-    /// worker with the warm copy. Live members are those whose claim to some partition is
+    /// owner, the second to its owner over the members without those two, and so on. When
+    /// any one worker fails or stops, every partition that changes hands (its own, and those
+    /// the new ranges shift between the others) goes to the worker with the warm copy. Live members are those whose claim to some partition is
     /// the latest one (a killed worker's record stays until its partitions are claimed by
     /// others); a worker that holds no partition (more workers than partitions) cannot be
     /// placed in the order and gets no copies.
@@ -578,14 +578,17 @@ mod tests {
                         assert_eq!(holders.len(), want, "{n} workers, {partitions} partitions, {replicas} replicas, partition {p}: {holders:?}");
                         assert!(!holders.contains(&owner), "the owner keeps no standby");
                         if want > 0 {
-                            // The owner leaves: range over the rest gives p to a holder.
-                            let rest: Vec<&str> =
-                                order.iter().copied().filter(|w| *w != owner).collect();
-                            let next = range_owner(&rest, partitions, p).expect("next");
-                            assert!(
-                                holders.contains(&next),
-                                "partition {p} goes to {next}, copies on {holders:?}"
-                            );
+                            // Any one worker leaves: range over the rest moves p (its owner
+                            // left, or the ranges shifted) only to a holder of its copy.
+                            for leaving in order {
+                                let rest: Vec<&str> =
+                                    order.iter().copied().filter(|w| w != leaving).collect();
+                                let next = range_owner(&rest, partitions, p).expect("next");
+                                assert!(
+                                    next == owner || holders.contains(&next),
+                                    "{leaving} leaves: partition {p} goes from {owner} to {next}, copies on {holders:?}"
+                                );
+                            }
                         }
                     }
                 }
