@@ -1108,42 +1108,21 @@ impl<K: TableKey, V: TableValue> Table<K, V> {
         let mut unplaced: HashMap<u32, Instant> = HashMap::new();
         let mut tick = tokio::time::interval(PLACEMENT_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The placement and the partitions to read are looked at on each tick, not per batch.
+        let mut reconcile = true;
         loop {
-            if a.placed > 0 {
-                self.place(&a, &mut unplaced);
-            }
-            let starts: BTreeMap<u32, i64> = self
-                .inner
-                .parked
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .iter()
-                .map(|(p, (_, position))| (*p, *position))
-                .collect();
-            let wanted: BTreeSet<u32> = starts.keys().copied().collect();
-            if reading.as_ref() != Some(&wanted) {
-                if let Some(old) = consumer.take() {
-                    let _ = tokio::task::spawn_blocking(move || drop(old)).await;
-                }
-                if !wanted.is_empty() {
-                    match a
-                        .rt
-                        .transport
-                        .partitions_consumer(&a.spec.name, starts.into_iter().collect())
-                        .await
-                    {
-                        Ok(c) => consumer = Some(c),
-                        Err(e) => {
-                            tracing::debug!(table = %self.inner.name, error = %e, "standby tailer cannot read the changelog; retrying");
-                            tokio::select! {
-                                _ = tick.tick() => continue,
-                                _ = a.rt.stop.cancelled() => break,
-                            }
-                        }
+            if std::mem::take(&mut reconcile) {
+                let ready = self
+                    .follow_placement(&a, &mut unplaced, &mut reading, &mut consumer)
+                    .await;
+                if !ready {
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        _ = a.rt.stop.cancelled() => break,
                     }
+                    reconcile = true;
+                    continue;
                 }
-                tracing::debug!(table = %self.inner.name, partitions = ?wanted, "standby copies");
-                reading = Some(wanted);
             }
             let event = tokio::select! {
                 e = async {
@@ -1152,7 +1131,10 @@ impl<K: TableKey, V: TableValue> Table<K, V> {
                         None => std::future::pending().await,
                     }
                 } => e,
-                _ = tick.tick() => continue,
+                _ = tick.tick() => {
+                    reconcile = true;
+                    continue;
+                }
                 _ = a.rt.stop.cancelled() => break,
             };
             let batch = match event {
@@ -1180,6 +1162,53 @@ impl<K: TableKey, V: TableValue> Table<K, V> {
             let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
         }
         Ok(())
+    }
+
+    /// Brings the copies in line with the placement (placed replicas only) and the changelog
+    /// reader in line with the copies: a new reader, from where each copy stands, when the set
+    /// of copies changed. False when the reader cannot be made (try again later).
+    async fn follow_placement(
+        &self,
+        a: &Attached,
+        unplaced: &mut HashMap<u32, Instant>,
+        reading: &mut Option<BTreeSet<u32>>,
+        consumer: &mut Option<Box<dyn crate::transport::Consumer>>,
+    ) -> bool {
+        if a.placed > 0 {
+            self.place(a, unplaced);
+        }
+        let starts: BTreeMap<u32, i64> = self
+            .inner
+            .parked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(p, (_, position))| (*p, *position))
+            .collect();
+        let wanted: BTreeSet<u32> = starts.keys().copied().collect();
+        if reading.as_ref() == Some(&wanted) {
+            return true;
+        }
+        if let Some(old) = consumer.take() {
+            let _ = tokio::task::spawn_blocking(move || drop(old)).await;
+        }
+        if !wanted.is_empty() {
+            match a
+                .rt
+                .transport
+                .partitions_consumer(&a.spec.name, starts.into_iter().collect())
+                .await
+            {
+                Ok(c) => *consumer = Some(c),
+                Err(e) => {
+                    tracing::debug!(table = %self.inner.name, error = %e, "standby tailer cannot read the changelog; retrying");
+                    return false;
+                }
+            }
+        }
+        tracing::debug!(table = %self.inner.name, partitions = ?wanted, "standby copies");
+        *reading = Some(wanted);
+        true
     }
 
     /// Brings the standby copies in line with the placement: a copy for each partition placed
