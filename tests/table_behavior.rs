@@ -276,11 +276,13 @@ async fn an_agent_sees_a_fully_restored_table() {
     worker.shutdown().await.expect("stop");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_agent_with_concurrency_above_one_and_a_writable_table_does_not_start() {
-    let app = App::new("concurrent-writer");
-    let counts = app.table::<String, i64>("counts");
-    let words = app.topic("words").value_type::<String>();
+/// An agent named `name` counting the words it reads from `words` in `counts`.
+fn count_words(
+    app: &App,
+    name: &str,
+    counts: &Table<String, i64>,
+    words: &Topic<Bytes, String>,
+) -> Agent<String> {
     let t = counts.clone();
     app.agent(move |mut words: Stream<String>| {
         let counts = t.clone();
@@ -290,9 +292,16 @@ async fn an_agent_with_concurrency_above_one_and_a_writable_table_does_not_start
             }
         }
     })
-    .named("racy")
-    .concurrency(3)
-    .channel(&words);
+    .named(name)
+    .channel(words)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_with_concurrency_above_one_and_a_writable_table_does_not_start() {
+    let app = App::new("concurrent-writer");
+    let counts = app.table::<String, i64>("counts");
+    let words = app.topic("words").value_type::<String>();
+    count_words(&app, "racy", &counts, &words).concurrency(3);
     let err = app
         .start()
         .await
@@ -358,17 +367,7 @@ async fn an_agent_with_concurrency_above_one_reads_a_table_through_a_reader() {
     let words = app.topic("words").value_type::<String>();
     let lookups = app.channel::<String>();
     // One writer with concurrency 1 ...
-    let t = counts.clone();
-    app.agent(move |mut words: Stream<String>| {
-        let counts = t.clone();
-        async move {
-            while let Some(word) = words.next().await {
-                counts.update(word, |n| *n += 1);
-            }
-        }
-    })
-    .named("count")
-    .channel(&words);
+    count_words(&app, "count", &counts, &words);
     // ... and three readers.
     let reader = counts.reader();
     let reads = Recorder::new();
