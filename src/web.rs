@@ -6,6 +6,10 @@
 //!   stopping; `GET /metrics`: the metrics in Prometheus's text format (see `status`).
 //! - `GET /tables`: the app's tables (name, changelog topic, partitions, what this worker
 //!   holds).
+//! - `GET /tables/{table}`: the same for one table, plus, per partition this worker restored,
+//!   where its state came from on the last restore (`store`, `changelog`, `standby` or
+//!   `set_aside`), how many keys the local store or the copy gave, how many changelog records
+//!   were replayed and how many keys were written to the local store.
 //! - `GET /tables/{table}/{key}`: 200 with the value as JSON, 404 when the key is missing,
 //!   503 while the key's partition is being restored. The key is JSON (`"word"`, `42`) or bare
 //!   text, which is taken as a string. When another worker owns the key's partition the request
@@ -229,6 +233,7 @@ pub(crate) async fn start(
         .route("/health", get(status::health))
         .route("/metrics", get(status::metrics))
         .route("/tables", get(list_tables))
+        .route("/tables/{table}", get(describe_table))
         .route("/tables/{table}/{key}", get(get_key))
         .with_state(rt.clone());
     let stop = closed.clone();
@@ -355,6 +360,36 @@ async fn list_tables(State(rt): State<Arc<Runtime>>) -> Json<Vec<TableInfo>> {
             })
             .collect(),
     )
+}
+
+/// One table in detail: what [`list_tables`] says of it, plus, for each partition this worker
+/// restored, where its state came from on the last restore and how much each source gave.
+#[derive(Serialize)]
+struct TableDetail {
+    #[serde(flatten)]
+    info: TableInfo,
+    recovering_partitions: Vec<u32>,
+    restored: std::collections::BTreeMap<u32, crate::table::Restored>,
+}
+
+async fn describe_table(State(rt): State<Arc<Runtime>>, Path(table): Path<String>) -> Response {
+    let Some(t) = rt.tables.iter().find(|t| t.name() == table) else {
+        return error(StatusCode::NOT_FOUND, format!("no table named {table:?}"));
+    };
+    let spec = t.changelog_spec();
+    Json(TableDetail {
+        info: TableInfo {
+            name: t.name().to_owned(),
+            changelog: spec.name,
+            partitions: spec.partitions,
+            local_partitions: t.held_partitions(),
+            local_keys: t.size(),
+            standby_partitions: t.standby(),
+        },
+        recovering_partitions: t.recovering(),
+        restored: t.restored(),
+    })
+    .into_response()
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {

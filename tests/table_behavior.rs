@@ -806,3 +806,234 @@ async fn set_tables_add_and_discard_members() {
     assert!(!tags.contains(&"post1".to_owned(), &"rust".to_owned()));
     worker.shutdown().await.expect("stop");
 }
+
+/// The 24 distinct words of the restore regression tests (none is "apple" or "pie").
+const WORDS_24: &str = "alpha banana cherry date elder fig grape hazel iris jade kiwi lemon \
+                        mango nut olive papaya quince rose sage tangerine umber vanilla wheat yam";
+
+/// A table restored from the changelog into a new, empty local store must be in that store
+/// before the next commit moves the store's checkpoint to the end of the changelog: else the
+/// start after that reads the few keys written since and skips the restored ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_fjall_store_keeps_what_the_changelog_restored_into_it() {
+    let broker = "memory://wc-new-store";
+    let dir = store_dir("new-store");
+    let store = format!("fjall://{}", dir.display());
+    let mut want: BTreeMap<String, i64> = WORDS_24
+        .split_whitespace()
+        .map(|w| (w.to_owned(), 1))
+        .collect();
+
+    // 1. The default memory store: 24 keys, in the changelog only.
+    let wc = word_count("wc-new-store", broker, None);
+    let worker = wc.app.start().await.expect("start");
+    wc.sentences.send(WORDS_24.to_owned()).await.expect("send");
+    wait_for_counts(&wc.counts, &want).await;
+    worker.shutdown().await.expect("stop");
+
+    // 2. A new, empty fjall store: the changelog restores the 24 keys; one more sentence
+    //    adds one key, and a graceful stop commits it.
+    let wc = word_count("wc-new-store", broker, Some(&store));
+    let worker = wc.app.start().await.expect("start on fjall");
+    wait_for_counts(&wc.counts, &want).await;
+    wc.sentences
+        .send("apple pie".to_owned())
+        .await
+        .expect("send");
+    want.insert("apple".into(), 1);
+    want.insert("pie".into(), 1);
+    wait_for_counts(&wc.counts, &want).await;
+    worker.shutdown().await.expect("stop");
+
+    // 3. The same store again: every key, from the store, with nothing left to replay.
+    let wc = word_count("wc-new-store", broker, Some(&store));
+    let worker = wc.app.start().await.expect("restart on fjall");
+    wait_for_counts(&wc.counts, &want).await;
+    assert_eq!(
+        worker.table_records_replayed("word_counts"),
+        0,
+        "the store holds everything the changelog has"
+    );
+    worker.shutdown().await.expect("stop");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An app that writes `KEYS_PER_EVENT` keys per event: `block` n sets keys
+/// n·KEYS_PER_EVENT .. (n+1)·KEYS_PER_EVENT to `value`.
+fn blocks(id: &str, broker: &str, store: Option<&str>) -> (App, Table<u64, u64>, Topic<u64, u64>) {
+    let app = App::new(id);
+    let (broker, store) = (broker.to_owned(), store.map(str::to_owned));
+    app.configure(|s| {
+        s.broker = broker;
+        s.topic_partitions = 4;
+        if let Some(store) = store {
+            s.store = store;
+        }
+    });
+    let table = app.table::<u64, u64>("blocks");
+    let topic = app.topic("blocks").key_type::<u64>().value_type::<u64>();
+    let t = table.clone();
+    app.agent(move |blocks: Stream<u64, u64>| {
+        let table = t.clone();
+        async move {
+            let mut blocks = blocks.items();
+            while let Some((block, value)) = blocks.next().await {
+                let Some(block) = block else {
+                    continue;
+                };
+                for k in block * KEYS_PER_EVENT..(block + 1) * KEYS_PER_EVENT {
+                    table.insert(k, value);
+                }
+            }
+        }
+    })
+    .named("fill")
+    .channel(&topic);
+    (app, table, topic)
+}
+
+const KEYS_PER_EVENT: u64 = 10_000;
+
+/// The same path at a million keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_fjall_store_keeps_a_million_restored_keys() {
+    const BLOCKS: u64 = 100;
+    let keys = BLOCKS * KEYS_PER_EVENT;
+    let broker = "memory://blocks-new-store";
+    let dir = store_dir("blocks-new-store");
+    let store = format!("fjall://{}", dir.display());
+    let long = Duration::from_secs(240);
+
+    let (app, table, topic) = blocks("blocks", broker, None);
+    let worker = app.start().await.expect("start");
+    for b in 0..BLOCKS {
+        topic.send(7).key(b).await.expect("send");
+    }
+    wait_until(long, "a million keys", || table.len() as u64 == keys).await;
+    worker.shutdown().await.expect("stop");
+
+    let (app, table, topic) = blocks("blocks", broker, Some(&store));
+    let worker = app.start().await.expect("start on fjall");
+    wait_until(long, "a million keys restored", || {
+        table.len() as u64 == keys
+    })
+    .await;
+    topic.send(8).key(BLOCKS).await.expect("send");
+    wait_until(long, "one more block", || {
+        table.len() as u64 == keys + KEYS_PER_EVENT
+    })
+    .await;
+    worker.shutdown().await.expect("stop");
+
+    let (app, table, _) = blocks("blocks", broker, Some(&store));
+    let worker = app.start().await.expect("restart on fjall");
+    wait_until(long, "every key from the store", || {
+        table.len() as u64 == keys + KEYS_PER_EVENT
+    })
+    .await;
+    assert_eq!(worker.table_records_replayed("blocks"), 0);
+    for k in (0..keys).step_by(997) {
+        assert_eq!(table.get(&k), Some(7), "key {k}");
+    }
+    assert_eq!(table.get(&keys), Some(8));
+    worker.shutdown().await.expect("stop");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A standby copy promoted to active on a failover is written to the new owner's local store:
+/// after one more commit and a restart on that store, every key the copy had is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_copy_taken_over_is_kept_in_the_local_store() {
+    let id = "standby-store";
+    let keys = 2_000u64;
+    let (dir_a, dir_b) = (store_dir("standby-store-a"), store_dir("standby-store-b"));
+    let with_store = |dir: &PathBuf| {
+        let (app, table, numbers) = squares(id, 4, 1);
+        let store = format!("fjall://{}", dir.display());
+        app.configure(|s| {
+            s.store = store;
+            s.web_port = Some(0);
+        });
+        (app, table, numbers)
+    };
+    let (a, ta, numbers) = with_store(&dir_a);
+    let (b, tb, numbers_b) = with_store(&dir_b);
+    let wa = a.start().await.expect("start a");
+    let wb = b.start().await.expect("start b");
+    wait_until(WAIT, "both workers hold partitions", || {
+        ta.local_partitions().len() + tb.local_partitions().len() == 4
+            && !ta.local_partitions().is_empty()
+            && !tb.local_partitions().is_empty()
+    })
+    .await;
+    for n in 0..keys {
+        numbers.send(n).key(n).await.expect("send");
+    }
+    wait_until(WAIT, "every key in the table", || {
+        (ta.len() + tb.len()) as u64 == keys
+    })
+    .await;
+    wait_until(WAIT, "b's standby copies of a's partitions", || {
+        tb.standby_len() == ta.len()
+    })
+    .await;
+    let taken_over = ta.local_partitions();
+    let before = wb.table_records_replayed("squares");
+    wa.shutdown().await.expect("stop a");
+    wait_until(WAIT, "b holds the whole table", || tb.len() as u64 == keys).await;
+    assert_eq!(
+        wb.table_records_replayed("squares"),
+        before,
+        "the takeover used the warm copy"
+    );
+
+    // What b's web server says of the takeover.
+    let addr = wb.web_addr().expect("web");
+    let (status, body) =
+        tokio::task::spawn_blocking(move || common::http_get(addr, "/tables/squares"))
+            .await
+            .expect("get");
+    assert_eq!(status, 200, "{body}");
+    let detail: serde_json::Value = serde_json::from_str(&body).expect("json");
+    for p in &taken_over {
+        let r = &detail["restored"][p.to_string()];
+        assert_eq!(r["source"], "standby", "partition {p}: {body}");
+        assert_eq!(r["changelog_records"], 0, "partition {p}: {body}");
+        assert!(
+            r["from_copy"].as_u64().unwrap_or(0) > 0,
+            "partition {p}: {body}"
+        );
+    }
+
+    // One more write, committed by the graceful stop.
+    numbers_b.send(keys).key(keys).await.expect("send");
+    wait_until(WAIT, "the last key", || tb.get(&keys).is_some()).await;
+    wb.shutdown().await.expect("stop b");
+
+    // b again, on its store: every key, nothing replayed.
+    let (b, tb, _) = with_store(&dir_b);
+    let wb = b.start().await.expect("restart b");
+    wait_until(WAIT, "every key from b's store", || {
+        tb.len() as u64 == keys + 1
+    })
+    .await;
+    assert_eq!(wb.table_records_replayed("squares"), 0);
+    for n in 0..=keys {
+        assert_eq!(tb.get(&n), Some(n * n), "key {n}");
+    }
+    let addr = wb.web_addr().expect("web");
+    let (_, body) = tokio::task::spawn_blocking(move || common::http_get(addr, "/tables/squares"))
+        .await
+        .expect("get");
+    let detail: serde_json::Value = serde_json::from_str(&body).expect("json");
+    for p in 0..4 {
+        assert_eq!(
+            detail["restored"][p.to_string()]["source"],
+            "store",
+            "{body}"
+        );
+    }
+    wb.shutdown().await.expect("stop b");
+    let _ = std::fs::remove_dir_all(&dir_a);
+    let _ = std::fs::remove_dir_all(&dir_b);
+}

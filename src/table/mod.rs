@@ -73,6 +73,10 @@ struct Part<K, V> {
     data: HashMap<K, V>,
     /// Keys changed since the last commit (removed keys are dirty and absent from `data`).
     dirty: HashSet<K>,
+    /// Whether the local store holds `data` as of the changelog offset the partition reaches
+    /// (less the dirty keys): true once a restore or a commit wrote it there. A standby copy
+    /// is filled from the changelog only, so it is not stored until it is promoted.
+    stored: bool,
 }
 
 impl<K, V> Default for Part<K, V> {
@@ -80,9 +84,59 @@ impl<K, V> Default for Part<K, V> {
         Self {
             data: HashMap::new(),
             dirty: HashSet::new(),
+            stored: false,
         }
     }
 }
+
+/// Where the state of one table partition came from when this worker last took it.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub(crate) struct Restored {
+    /// `store` (the local store, plus the changelog after its checkpoint), `changelog` (the
+    /// whole changelog: no local state), `standby` (a warm standby copy) or `set_aside` (this
+    /// worker's own copy, kept through a rebalance).
+    pub(crate) source: &'static str,
+    /// Keys read from the local store.
+    pub(crate) from_store: usize,
+    /// Keys taken from a standby or set-aside copy.
+    pub(crate) from_copy: usize,
+    /// Changelog records replayed.
+    pub(crate) changelog_records: u64,
+    /// Keys written to the local store so that it holds what was restored.
+    pub(crate) stored_keys: usize,
+    /// Seconds the restore of the batch this partition was in took.
+    pub(crate) seconds: f64,
+}
+
+/// What a changelog replay did to one partition.
+struct Replayed<K> {
+    records: u64,
+    /// The offset of the last record applied.
+    last: Option<i64>,
+    /// The keys changed, where asked for.
+    keys: HashSet<K>,
+}
+
+impl<K> Default for Replayed<K> {
+    fn default() -> Self {
+        Self {
+            records: 0,
+            last: None,
+            keys: HashSet::new(),
+        }
+    }
+}
+
+/// What a restore writes to the local store for one partition.
+enum StoreWrite {
+    /// The keys the replay changed, onto the state the store holds.
+    Changes(Vec<Change>),
+    /// The whole partition.
+    Replace(store::Entries),
+}
+
+/// Changes per local-store write when a restore stores what it replayed.
+const STORE_BATCH: usize = 64 * 1024;
 
 /// A revoked partition set aside, with the changelog offset its data reaches.
 type Parked<K, V> = (Part<K, V>, i64);
@@ -117,6 +171,8 @@ pub(crate) struct TableInner<K, V> {
     /// Partitions revoked from this worker, with the changelog offset their data reaches: if
     /// they come back, only the changelog written since is replayed.
     parked: Mutex<HashMap<u32, Parked<K, V>>>,
+    /// Where each partition's state came from on its last restore (for `GET /tables/{table}`).
+    restored: Mutex<BTreeMap<u32, Restored>>,
     attached: RwLock<Option<Attached>>,
 }
 
@@ -341,6 +397,7 @@ impl<K: TableKey, V: TableValue> Table<K, V> {
                 parts: Mutex::new(HashMap::new()),
                 recovering: Mutex::new(BTreeSet::new()),
                 parked: Mutex::new(HashMap::new()),
+                restored: Mutex::new(BTreeMap::new()),
                 attached: RwLock::new(None),
             }),
         }
@@ -711,6 +768,8 @@ pub(crate) trait TableRunner: Send + Sync {
     fn standby(&self) -> Vec<u32>;
     /// Partitions being restored.
     fn recovering(&self) -> Vec<u32>;
+    /// Where each partition's state came from on its last restore.
+    fn restored(&self) -> BTreeMap<u32, Restored>;
 }
 
 /// The answer to a lookup by key.
@@ -910,6 +969,14 @@ impl<K: TableKey, V: TableValue> TableRunner for Table<K, V> {
         self.standby_partitions()
     }
 
+    fn restored(&self) -> BTreeMap<u32, Restored> {
+        self.inner
+            .restored
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     fn recovering(&self) -> Vec<u32> {
         let r = self.inner.recovering.lock();
         r.unwrap_or_else(|e| e.into_inner())
@@ -929,27 +996,11 @@ impl<K: TableKey, V: TableValue> Table<K, V> {
                 if part.dirty.is_empty() {
                     continue;
                 }
-                let mut changes = Vec::with_capacity(part.dirty.len());
-                for key in part.dirty.drain() {
-                    let k = match self.inner.key_codec.encode(&key) {
-                        Ok(k) => k,
-                        Err(e) => {
-                            tracing::error!(table = %self.inner.name, error = %e, "cannot encode a table key; change not written");
-                            continue;
-                        }
-                    };
-                    let v = match part.data.get(&key) {
-                        Some(v) => match self.inner.value_codec.encode(v) {
-                            Ok(v) => Some(v),
-                            Err(e) => {
-                                tracing::error!(table = %self.inner.name, error = %e, "cannot encode a table value; change not written");
-                                continue;
-                            }
-                        },
-                        None => None,
-                    };
-                    changes.push((k, v));
-                }
+                let changes: Vec<Change> = part
+                    .dirty
+                    .drain()
+                    .filter_map(|key| self.encode_change(&key, part.data.get(&key)))
+                    .collect();
                 if !changes.is_empty() {
                     out.push((*p, changes));
                 }
@@ -985,8 +1036,11 @@ impl<K: TableKey, V: TableValue> Table<K, V> {
         Ok(flushed)
     }
 
-    /// Restores partitions: local store first, then the changelog from after the store's
-    /// checkpoint to its end.
+    /// Restores partitions: from a copy set aside or kept on standby if there is one, else
+    /// from the local store; then the changelog from where that state stands to its end.
+    /// With a persistent store, what was restored from elsewhere than the store is written to
+    /// it before the partition is used, so that the store's checkpoint never claims more than
+    /// the store holds (the next commit moves the checkpoint on from there).
     async fn restore(&self, partitions: &[u32]) -> Result<()> {
         let a = self.inner.attached()?;
         let partitions: Vec<u32> = partitions
@@ -1006,10 +1060,15 @@ impl<K: TableKey, V: TableValue> Table<K, V> {
             .unwrap_or_else(|e| e.into_inner())
             .extend(partitions.iter().copied());
         let started = Instant::now();
+        let persistent = a.store.is_persistent();
         let ends = a.rt.transport.end_offsets(&topic).await?;
         let mut starts: Vec<(u32, i64)> = Vec::new();
         let mut total = 0i64;
         let mut loaded = 0usize;
+        // Per partition: where its state came from, the changelog offset that state
+        // includes, and whether the local store holds that state (so that only the replayed
+        // keys need storing).
+        let mut plans: BTreeMap<u32, (Restored, i64, bool)> = BTreeMap::new();
         for &p in partitions {
             let parked = self
                 .inner
@@ -1019,16 +1078,23 @@ impl<K: TableKey, V: TableValue> Table<K, V> {
                 .remove(&p);
             let parked = match parked {
                 // An untouched standby copy: the local store may know more.
-                Some((part, 0)) if part.data.is_empty() && a.store.is_persistent() => None,
+                Some((part, 0)) if part.data.is_empty() && persistent => None,
                 other => other,
             };
+            let end = ends.get(p as usize).copied().unwrap_or(0);
             if let Some((part, position)) = parked {
-                // Set aside by a revocation: replay what was written since.
-                let end = ends.get(p as usize).copied().unwrap_or(0);
+                // Set aside by a revocation, or kept warm on standby: replay what was written
+                // since.
                 if position < end {
                     starts.push((p, position));
                     total += end - position;
                 }
+                let restored = Restored {
+                    source: if a.standby { "standby" } else { "set_aside" },
+                    from_copy: part.data.len(),
+                    ..Restored::default()
+                };
+                plans.insert(p, (restored, position - 1, part.stored));
                 loaded += part.data.len();
                 self.with_parts(|parts| {
                     parts.insert(p, part);
@@ -1051,7 +1117,6 @@ impl<K: TableKey, V: TableValue> Table<K, V> {
                 }
             }
             loaded += part.data.len();
-            let end = ends.get(p as usize).copied().unwrap_or(0);
             let from = checkpoint.map_or(0, |c| c + 1);
             if from > end {
                 // The changelog is shorter than what the store has seen: a new embedded
@@ -1067,6 +1132,17 @@ impl<K: TableKey, V: TableValue> Table<K, V> {
                 starts.push((p, from));
                 total += end - from;
             }
+            let restored = Restored {
+                source: if persistent && (checkpoint.is_some() || !part.data.is_empty()) {
+                    "store"
+                } else {
+                    "changelog"
+                },
+                from_store: part.data.len(),
+                ..Restored::default()
+            };
+            // The store holds what it loaded, as of its checkpoint.
+            plans.insert(p, (restored, from - 1, true));
             self.with_parts(|parts| {
                 parts.insert(p, part);
             });
@@ -1074,12 +1150,28 @@ impl<K: TableKey, V: TableValue> Table<K, V> {
         tracing::info!(
             table = %name,
             partitions = ?partitions,
-            from_store = loaded,
+            from_local = loaded,
             changelog_records = total,
             "recovering table partitions"
         );
-        if total > 0 {
-            self.replay(&a, &topic, starts, &ends, total).await?;
+        let replayed = if total > 0 {
+            let track: BTreeSet<u32> = plans
+                .iter()
+                .filter(|(_, (_, _, in_store))| persistent && *in_store)
+                .map(|(p, _)| *p)
+                .collect();
+            self.replay(&a, &topic, starts, &ends, total, &track)
+                .await?
+        } else {
+            HashMap::new()
+        };
+        for (p, (restored, _, _)) in plans.iter_mut() {
+            if let Some(r) = replayed.get(p) {
+                restored.changelog_records = r.records;
+            }
+        }
+        if persistent {
+            self.store_restored(&a, &mut plans, replayed).await?;
         }
         self.inner
             .recovering
@@ -1087,6 +1179,17 @@ impl<K: TableKey, V: TableValue> Table<K, V> {
             .unwrap_or_else(|e| e.into_inner())
             .retain(|p| !partitions.contains(p));
         let secs = started.elapsed().as_secs_f64();
+        {
+            let mut report = self
+                .inner
+                .restored
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            for (p, (mut restored, _, _)) in plans {
+                restored.seconds = secs;
+                report.insert(p, restored);
+            }
+        }
         tracing::info!(
             table = %name,
             partitions = ?partitions,
@@ -1095,6 +1198,98 @@ impl<K: TableKey, V: TableValue> Table<K, V> {
             "table partitions recovered"
         );
         Ok(())
+    }
+
+    /// Writes restored partitions to the local store: the keys the changelog replay changed
+    /// where the store already held the state they were replayed onto, the whole partition
+    /// where it did not (a standby copy, or a copy set aside while a standby tailer read it).
+    async fn store_restored(
+        &self,
+        a: &Attached,
+        plans: &mut BTreeMap<u32, (Restored, i64, bool)>,
+        mut replayed: HashMap<u32, Replayed<K>>,
+    ) -> Result<()> {
+        let name = self.inner.name.clone();
+        for (&p, (restored, base, in_store)) in plans.iter_mut() {
+            let replay = replayed.remove(&p).unwrap_or_default();
+            let checkpoint = replay.last.unwrap_or(*base);
+            let write = self.with_parts(|parts| {
+                let part = parts.get_mut(&p)?;
+                part.stored = true;
+                if *in_store {
+                    if replay.keys.is_empty() {
+                        return None;
+                    }
+                    let changes: Vec<Change> = replay
+                        .keys
+                        .iter()
+                        .filter_map(|k| self.encode_change(k, part.data.get(k)))
+                        .collect();
+                    Some(StoreWrite::Changes(changes))
+                } else {
+                    let entries: store::Entries = part
+                        .data
+                        .iter()
+                        .filter_map(|(k, v)| match self.encode_change(k, Some(v)) {
+                            Some((k, Some(v))) => Some((k, v)),
+                            _ => None,
+                        })
+                        .collect();
+                    Some(StoreWrite::Replace(entries))
+                }
+            });
+            let Some(write) = write else {
+                continue;
+            };
+            restored.stored_keys = match &write {
+                StoreWrite::Changes(c) => c.len(),
+                StoreWrite::Replace(e) => e.len(),
+            };
+            let (store, name, base) = (a.store.clone(), name.clone(), *base);
+            tokio::task::spawn_blocking(move || match write {
+                StoreWrite::Changes(changes) => {
+                    // In bounded batches; only the last moves the checkpoint (a crash
+                    // between them replays the same records again, which is harmless).
+                    let mut chunks = changes.chunks(STORE_BATCH).peekable();
+                    while let Some(chunk) = chunks.next() {
+                        let at = if chunks.peek().is_none() {
+                            checkpoint
+                        } else {
+                            base
+                        };
+                        store.write(&name, p, chunk, at)?;
+                    }
+                    Ok(())
+                }
+                StoreWrite::Replace(entries) => store.replace(&name, p, &entries, checkpoint),
+            })
+            .await
+            .map_err(|e| Error::Store(format!("storing restored partition {p}: {e}")))??;
+        }
+        Ok(())
+    }
+
+    /// Encodes a key and its value (`None`: removed) for the changelog or the store; `None`
+    /// (logged) when either cannot be encoded.
+    fn encode_change(&self, key: &K, value: Option<&V>) -> Option<Change> {
+        let k = match self.inner.key_codec.encode(key) {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::error!(table = %self.inner.name, error = %e, "cannot encode a table key; change not written");
+                return None;
+            }
+        };
+        let v = match value {
+            Some(v) => match self.inner.value_codec.encode(v) {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    tracing::error!(table = %self.inner.name, error = %e, "cannot encode a table value; change not written");
+                    return None;
+                }
+            },
+            None => None,
+        };
+        Some((k, v))
     }
 
     /// Keeps the standby copies (the set-aside partitions) up to date by reading their
@@ -1155,6 +1350,7 @@ impl<K: TableKey, V: TableValue> Table<K, V> {
                     continue;
                 }
                 *position = m.offset + 1;
+                part.stored = false;
                 self.apply_record(part, m);
             }
         }
@@ -1260,17 +1456,15 @@ impl<K: TableKey, V: TableValue> Table<K, V> {
         unplaced.retain(|p, _| parked.contains_key(p));
     }
 
-    /// Applies one changelog record to a partition.
-    fn apply_record(&self, part: &mut Part<K, V>, m: &crate::transport::Message) {
+    /// Applies one changelog record to a partition; returns the key it changed.
+    fn apply_record(&self, part: &mut Part<K, V>, m: &crate::transport::Message) -> Option<K> {
         let name = &self.inner.name;
-        let Some(k) = m.key.as_deref() else {
-            return;
-        };
+        let k = m.key.as_deref()?;
         let key = match self.inner.key_codec.decode(k) {
             Ok(k) => k,
             Err(e) => {
                 tracing::warn!(table = %name, topic = %m.topic, partition = m.partition, offset = m.offset, error = %e, "undecodable changelog key skipped");
-                return;
+                return None;
             }
         };
         match m.value.as_deref() {
@@ -1279,16 +1473,20 @@ impl<K: TableKey, V: TableValue> Table<K, V> {
             }
             Some(v) => match self.inner.value_codec.decode(v) {
                 Ok(v) => {
-                    part.data.insert(key, v);
+                    part.data.insert(key.clone(), v);
                 }
                 Err(e) => {
                     tracing::warn!(table = %name, topic = %m.topic, partition = m.partition, offset = m.offset, error = %e, "undecodable changelog value skipped");
+                    return None;
                 }
             },
         }
+        Some(key)
     }
 
-    /// Applies changelog records from `starts` up to `ends`, reporting progress.
+    /// Applies changelog records from `starts` up to `ends`, reporting progress; returns, per
+    /// partition, how many records it applied, the last one's offset and, for the partitions
+    /// in `track`, the keys they changed.
     async fn replay(
         &self,
         a: &Attached,
@@ -1296,7 +1494,9 @@ impl<K: TableKey, V: TableValue> Table<K, V> {
         starts: Vec<(u32, i64)>,
         ends: &[i64],
         total: i64,
-    ) -> Result<()> {
+        track: &BTreeSet<u32>,
+    ) -> Result<HashMap<u32, Replayed<K>>> {
+        let mut replayed: HashMap<u32, Replayed<K>> = HashMap::new();
         let name = &self.inner.name;
         let mut remaining: BTreeMap<u32, i64> = starts
             .iter()
@@ -1344,7 +1544,14 @@ impl<K: TableKey, V: TableValue> Table<K, V> {
                     let Some(part) = parts.get_mut(&m.partition) else {
                         continue;
                     };
-                    self.apply_record(part, m);
+                    let r = replayed.entry(m.partition).or_default();
+                    r.records += 1;
+                    r.last = Some(m.offset);
+                    if let Some(key) = self.apply_record(part, m) {
+                        if track.contains(&m.partition) {
+                            r.keys.insert(key);
+                        }
+                    }
                 }
             });
             let (replayed, left) = ((done - before) as u64, (total - done).max(0) as u64);
@@ -1365,6 +1572,6 @@ impl<K: TableKey, V: TableValue> Table<K, V> {
         }
         a.rt.stats.table_replayed(name, done as u64);
         let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
-        Ok(())
+        Ok(replayed)
     }
 }

@@ -37,6 +37,18 @@ pub(crate) trait Store: Send + Sync + fmt::Debug + 'static {
     fn write(&self, table: &str, partition: u32, changes: &[Change], checkpoint: i64)
         -> Result<()>;
 
+    /// Makes `entries` the whole content of the partition, with `checkpoint`: for a partition
+    /// whose state came from somewhere other than this store (the changelog into an empty
+    /// store, a standby copy promoted to active). A crash part-way leaves the partition
+    /// without a checkpoint, never with one that claims entries the store lacks.
+    fn replace(
+        &self,
+        table: &str,
+        partition: u32,
+        entries: &Entries,
+        checkpoint: i64,
+    ) -> Result<()>;
+
     /// Forgets a partition (its entries and checkpoint).
     fn clear(&self, table: &str, partition: u32) -> Result<()>;
 }
@@ -76,6 +88,10 @@ impl Store for MemoryStore {
     }
 
     fn write(&self, _: &str, _: u32, _: &[Change], _: i64) -> Result<()> {
+        Ok(())
+    }
+
+    fn replace(&self, _: &str, _: u32, _: &Entries, _: i64) -> Result<()> {
         Ok(())
     }
 
@@ -120,6 +136,9 @@ fn fjall_name(table: &str) -> String {
     }
     name
 }
+
+/// Entries per write batch when a partition is replaced whole (bounds the batch's memory).
+const REPLACE_BATCH: usize = 64 * 1024;
 
 fn prefixed(partition: u32, key: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(4 + key.len());
@@ -221,6 +240,41 @@ impl Store for FjallStore {
             .map_err(|e| store_err(&self.path, "cannot sync", e))
     }
 
+    fn replace(
+        &self,
+        table: &str,
+        partition: u32,
+        entries: &Entries,
+        checkpoint: i64,
+    ) -> Result<()> {
+        // The old content and the checkpoint go first, in one batch: until the last batch
+        // writes the new checkpoint, a restart sees no checkpoint and replays the whole
+        // changelog over whatever part of the entries was written.
+        self.clear(table, partition)?;
+        let h = self.table(table)?;
+        for chunk in entries.chunks(REPLACE_BATCH) {
+            let mut batch = self.keyspace.batch();
+            for (k, v) in chunk {
+                batch.insert(&h, prefixed(partition, k), &v[..]);
+            }
+            batch
+                .commit()
+                .map_err(|e| store_err(&self.path, "cannot write", e))?;
+        }
+        let mut batch = self.keyspace.batch();
+        batch.insert(
+            &self.checkpoints,
+            checkpoint_key(table, partition),
+            checkpoint.to_be_bytes(),
+        );
+        batch
+            .commit()
+            .map_err(|e| store_err(&self.path, "cannot write", e))?;
+        self.keyspace
+            .persist(fjall::PersistMode::SyncData)
+            .map_err(|e| store_err(&self.path, "cannot sync", e))
+    }
+
     fn clear(&self, table: &str, partition: u32) -> Result<()> {
         let h = self.table(table)?;
         let mut batch = self.keyspace.batch();
@@ -275,6 +329,42 @@ mod tests {
         assert_eq!(s.load("other", 3).expect("load"), (vec![], None));
         s.clear("counts", 3).expect("clear");
         assert_eq!(s.load("counts", 3).expect("load"), (vec![], None));
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn replace_makes_the_entries_the_whole_partition() {
+        let d = dir("replace");
+        {
+            let s = FjallStore::open("fjall://x", d.clone()).expect("open");
+            let old = vec![
+                (Bytes::from("\"a\""), Some(Bytes::from("1"))),
+                (Bytes::from("\"gone\""), Some(Bytes::from("2"))),
+            ];
+            s.write("counts", 1, &old, 10).expect("write");
+            s.write("counts", 2, &old, 3).expect("write");
+            let new: Entries = (0..200_000u32)
+                .map(|i| {
+                    (
+                        Bytes::from(format!("{i}")),
+                        Bytes::from(format!("{}", i * 2)),
+                    )
+                })
+                .collect();
+            s.replace("counts", 1, &new, 99).expect("replace");
+        }
+        let s = FjallStore::open("fjall://x", d.clone()).expect("reopen");
+        let (entries, cp) = s.load("counts", 1).expect("load");
+        assert_eq!(cp, Some(99));
+        assert_eq!(
+            entries.len(),
+            200_000,
+            "every new entry, none of the old ones"
+        );
+        assert!(entries.iter().all(|(k, _)| &k[..] != b"\"gone\""));
+        // Other partitions are untouched.
+        let (entries, cp) = s.load("counts", 2).expect("load");
+        assert_eq!((entries.len(), cp), (2, Some(3)));
         let _ = std::fs::remove_dir_all(&d);
     }
 
