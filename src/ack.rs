@@ -9,7 +9,10 @@
 use crate::transport::TopicPartition;
 use std::collections::VecDeque;
 use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 pub(crate) struct PartitionTracker {
     pub(crate) tp: TopicPartition,
@@ -19,6 +22,9 @@ pub(crate) struct PartitionTracker {
 struct State {
     /// Offsets handed out and not yet fully acked, ascending, with their remaining acks.
     pending: VecDeque<(i64, u32)>,
+    /// The lowest offset taken back before an agent got it (see
+    /// [`retract_from`](PartitionTracker::retract_from)): never committed past.
+    limit: Option<i64>,
     /// Next offset to commit when nothing is pending.
     done_until: i64,
     /// Set when the worker gave up waiting for its agents: later acks must not move the
@@ -43,6 +49,7 @@ impl PartitionTracker {
             tp,
             state: Mutex::new(State {
                 pending: VecDeque::new(),
+                limit: None,
                 done_until: -1,
                 frozen: false,
             }),
@@ -89,6 +96,15 @@ impl PartitionTracker {
         }
     }
 
+    /// Takes back the records from `offset` on, which were registered but never reached an
+    /// agent (a revocation while they waited for a full queue): nothing from `offset` on is
+    /// committed, and they no longer count as in flight.
+    pub(crate) fn retract_from(&self, offset: i64) {
+        let mut s = self.state();
+        s.pending.retain(|(o, _)| *o < offset);
+        s.limit = Some(s.limit.map_or(offset, |l| l.min(offset)));
+    }
+
     /// Ignores every later ack: what is committable stays what it is now.
     pub(crate) fn freeze(&self) {
         self.state().frozen = true;
@@ -104,10 +120,105 @@ impl PartitionTracker {
     /// before the first record.
     pub(crate) fn committable(&self) -> Option<i64> {
         let s = self.state();
-        match s.pending.front() {
+        let at = match s.pending.front() {
             Some(&(o, _)) => Some(o),
             None => (s.done_until >= 0).then_some(s.done_until),
+        };
+        match (at, s.limit) {
+            (Some(at), Some(limit)) => Some(at.min(limit)),
+            (at, _) => at,
         }
+    }
+}
+
+/// Lets a commit see the agents between two events: [`pause`](Barrier::pause) stops every
+/// actor from taking its next event and waits until none is in the middle of one, so the
+/// offsets, table changes and outputs a commit takes all belong to the same events (with
+/// exactly-once, nothing a transaction holds comes from an event whose offset it leaves out).
+#[derive(Debug, Default)]
+pub(crate) struct Barrier {
+    paused: AtomicBool,
+    /// Actors in the middle of an event.
+    busy: AtomicUsize,
+    /// Actors waiting for the barrier to lift.
+    waiting: Mutex<Vec<Waker>>,
+    idle: tokio::sync::Notify,
+}
+
+impl Barrier {
+    /// Marks an actor as starting an event, or, while paused, registers it to be woken when
+    /// the barrier lifts. Every `Ready` is paired with one [`leave`](Barrier::leave).
+    pub(crate) fn poll_enter(&self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            if self.paused.load(Ordering::SeqCst) {
+                let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+                // Checked again under the lock `resume` takes: a resume in between is seen.
+                if self.paused.load(Ordering::SeqCst) {
+                    waiting.push(cx.waker().clone());
+                    return Poll::Pending;
+                }
+                continue;
+            }
+            self.busy.fetch_add(1, Ordering::SeqCst);
+            if !self.paused.load(Ordering::SeqCst) {
+                return Poll::Ready(());
+            }
+            // Paused in between: step back (`pause` may be waiting for this actor).
+            self.leave();
+        }
+    }
+
+    /// Waits until the actor may start an event (see [`poll_enter`](Barrier::poll_enter));
+    /// the guard leaves when dropped.
+    pub(crate) async fn enter(&self) -> Entered<'_> {
+        std::future::poll_fn(|cx| self.poll_enter(cx)).await;
+        Entered(self)
+    }
+
+    /// An actor is done with its event.
+    pub(crate) fn leave(&self) {
+        if self.busy.fetch_sub(1, Ordering::SeqCst) == 1 && self.paused.load(Ordering::SeqCst) {
+            self.idle.notify_one();
+        }
+    }
+
+    /// Stops actors from starting events and waits, up to `timeout`, until none is in the
+    /// middle of one; false if some still were. The barrier stays up until
+    /// [`resume`](Barrier::resume) either way.
+    pub(crate) async fn pause(&self, timeout: Duration) -> bool {
+        self.paused.store(true, Ordering::SeqCst);
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let idle = self.idle.notified();
+            if self.busy.load(Ordering::SeqCst) == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, idle).await.is_err() {
+                return self.busy.load(Ordering::SeqCst) == 0;
+            }
+        }
+    }
+
+    /// Lifts the barrier and wakes the actors waiting at it.
+    pub(crate) fn resume(&self) {
+        let waiting = {
+            let mut w = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+            self.paused.store(false, Ordering::SeqCst);
+            std::mem::take(&mut *w)
+        };
+        for w in waiting {
+            w.wake();
+        }
+    }
+}
+
+/// An actor in the middle of an event (see [`Barrier::enter`]).
+#[derive(Debug)]
+pub(crate) struct Entered<'a>(&'a Barrier);
+
+impl Drop for Entered<'_> {
+    fn drop(&mut self) {
+        self.0.leave();
     }
 }
 
@@ -199,6 +310,58 @@ mod tests {
         assert_eq!(t.committable(), Some(1));
         t.register(1, 0);
         assert_eq!(t.committable(), Some(2));
+    }
+
+    #[test]
+    fn retracted_records_are_never_committed_nor_in_flight() {
+        let t = tracker();
+        for o in 0..6 {
+            t.register(o, 1);
+        }
+        t.ack(0);
+        t.ack(1);
+        t.retract_from(3);
+        assert_eq!(t.committable(), Some(2));
+        t.ack(2);
+        assert!(t.is_idle(), "3, 4 and 5 never reached an agent");
+        assert_eq!(t.committable(), Some(3));
+        t.ack(4);
+        t.register(6, 0);
+        assert_eq!(t.committable(), Some(3));
+    }
+
+    #[tokio::test]
+    async fn a_paused_barrier_waits_for_the_event_in_progress_and_holds_the_next() {
+        let b = Arc::new(Barrier::default());
+        let entered = b.enter().await;
+        let pausing = {
+            let b = b.clone();
+            tokio::spawn(async move { b.pause(Duration::from_secs(30)).await })
+        };
+        // The pause waits for the event in progress...
+        tokio::task::yield_now().await;
+        assert!(!pausing.is_finished());
+        drop(entered);
+        assert!(pausing.await.expect("pause"), "idle once the event is done");
+        // ...and no actor starts another until it lifts.
+        let next = {
+            let b = b.clone();
+            tokio::spawn(async move {
+                let _e = b.enter().await;
+            })
+        };
+        tokio::task::yield_now().await;
+        assert!(!next.is_finished());
+        b.resume();
+        next.await.expect("entered after resume");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pause_gives_up_after_its_timeout() {
+        let b = Barrier::default();
+        let _busy = b.enter().await;
+        assert!(!b.pause(Duration::from_millis(50)).await);
+        b.resume();
     }
 
     #[test]

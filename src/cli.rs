@@ -300,11 +300,13 @@ impl App {
             _ = signals.recv() => worker.shutdown().await,
             // A worker that cannot go on exits with an error, so that whatever runs it knows.
             _ = worker.stopped() => {
+                let reason = worker.fatal_error();
                 worker.shutdown().await?;
-                Err(Error::Transport(crate::error::TransportError::Other(
-                    "the worker stopped after an error it cannot go on from (logged above)"
+                Err(Error::Transport(crate::error::TransportError::Other(match reason {
+                    Some(reason) => format!("the worker stopped: {reason}"),
+                    None => "the worker stopped after an error it cannot go on from (logged above)"
                         .into(),
-                )))
+                })))
             }
         }
     }

@@ -133,9 +133,25 @@ pub enum TransportError {
     /// and its input offsets are not committed (exactly-once processing).
     #[error("transaction aborted: {0}")]
     TransactionAborted(String),
+    /// The log refuses a record for good (too large, malformed): sending it again cannot
+    /// succeed, so the worker stops rather than skip it.
+    #[error("record refused: {0}")]
+    Rejected(String),
     /// Any other transport failure.
     #[error("{0}")]
     Other(String),
+}
+
+impl TransportError {
+    /// Whether sending the same record again cannot succeed.
+    pub(crate) fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            TransportError::Rejected(_)
+                | TransportError::UnknownPartition { .. }
+                | TransportError::UnsupportedUrl(_)
+        )
+    }
 }
 
 /// Crate result type.

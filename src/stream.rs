@@ -316,6 +316,18 @@ pub struct Stream<T, K = Bytes> {
     ctx: Arc<ActorCtx>,
     key_codec: Option<Arc<dyn Codec<K>>>,
     held: Acks,
+    /// Set while the agent is in the middle of the last item handed out; dropped after
+    /// `held` (fields drop in order), so the item is acked before the barrier sees it done.
+    entered: Option<InBarrier>,
+}
+
+/// An actor in the middle of an event (see [`crate::ack::Barrier`]); leaves when dropped.
+struct InBarrier(Arc<Runtime>);
+
+impl Drop for InBarrier {
+    fn drop(&mut self) {
+        self.0.barrier.leave();
+    }
 }
 
 impl<T, K> fmt::Debug for Stream<T, K> {
@@ -338,6 +350,7 @@ impl<T: Send + 'static, K: 'static> Stream<T, K> {
             ctx,
             key_codec,
             held: Acks::None,
+            entered: None,
         }
     }
 
@@ -351,16 +364,25 @@ impl<T: Send + 'static, K: 'static> Stream<T, K> {
     }
 
     fn poll_value(&mut self, cx: &mut Context<'_>) -> Poll<Option<T>> {
+        // The last item is done: acked, then out of the barrier (a commit waiting at it takes
+        // its offset).
         self.held = Acks::None;
-        match self.inner.poll_next_unpin(cx) {
-            Poll::Ready(Some(item)) => {
-                self.ctx.set_current(Some(item.meta));
-                self.held = item.acks;
-                Poll::Ready(Some(item.value))
-            }
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
+        self.entered = None;
+        // The next item is taken only between two commits (see `crate::ack::Barrier`); while
+        // the agent waits for it, it holds no commit back.
+        if self.ctx.runtime.barrier.poll_enter(cx).is_pending() {
+            return Poll::Pending;
         }
+        let step = InBarrier(self.ctx.runtime.clone());
+        let item = match self.inner.poll_next_unpin(cx) {
+            Poll::Ready(Some(item)) => item,
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Pending => return Poll::Pending,
+        };
+        self.entered = Some(step);
+        self.ctx.set_current(Some(item.meta));
+        self.held = item.acks;
+        Poll::Ready(Some(item.value))
     }
 
     /// The event the last value came from: topic, partition, offset, timestamp, key, headers.
@@ -374,12 +396,7 @@ impl<T: Send + 'static, K: 'static> Stream<T, K> {
         let inner = inner
             .filter(move |item| std::future::ready(predicate(&item.value)))
             .boxed();
-        Stream {
-            inner,
-            ctx: self.ctx,
-            key_codec,
-            held: Acks::None,
-        }
+        Stream::new(inner, self.ctx, key_codec)
     }
 
     /// Each value transformed by `f`, keeping its event.
@@ -518,7 +535,7 @@ impl<T: Send + 'static, K: 'static> Stream<T, K> {
         let inner = async_stream::stream! {
             while let Some(item) = upstream.next().await {
                 for topic in &topics {
-                    forward(&ctx, &topic.spec(), item.meta.key.clone(), topic.encode_value(&item.value)).await;
+                    forward(&ctx, &topic.spec(), item.meta.key.clone(), topic.encode_value(&item.value), Acks::None).await;
                 }
                 yield item;
             }
@@ -611,14 +628,18 @@ impl<T: Send + 'static, K: 'static> futures::Stream for Stream<T, K> {
     }
 }
 
-/// Sends one record on behalf of a stream operator; failures are logged with the event's
-/// origin, and the event counts as processed.
+/// Sends one record on behalf of a stream operator, then acks the event it came from
+/// (`acks`), as one step between two commits (see [`crate::ack::Barrier`]). A value that
+/// cannot be encoded is logged and the event counts as processed; a record the transport
+/// cannot take is a failed output (see [`Runtime::output_failed`](crate::worker::Runtime)).
 async fn forward(
     ctx: &ActorCtx,
     spec: &TopicSpec,
     key: Option<Bytes>,
     value: crate::Result<Bytes>,
+    acks: Acks,
 ) {
+    let _step = ctx.runtime.barrier.enter().await;
     let result = match value {
         Ok(v) => {
             ctx.runtime
@@ -628,8 +649,12 @@ async fn forward(
         Err(e) => Err(e),
     };
     if let Err(e) = result {
-        tracing::error!(agent = %ctx.agent, topic = %spec.name, error = %e, "cannot forward value");
+        let what = format!("agent {} cannot forward a value to {}", ctx.agent, spec.name);
+        if !ctx.runtime.output_error(&what, &e) {
+            tracing::error!(agent = %ctx.agent, topic = %spec.name, error = %e, "cannot forward value");
+        }
     }
+    drop(acks);
 }
 
 /// Forwards every upstream item to `spec`'s topic and yields what is read back from it.
@@ -669,7 +694,7 @@ where
                 item = upstream.next(), if !upstream_done => match item {
                     Some(item) => {
                         let (key, value) = encode(&item);
-                        forward(&ctx, &spec, key, value).await;
+                        forward(&ctx, &spec, key, value, item.acks).await;
                     }
                     None => upstream_done = true,
                 },

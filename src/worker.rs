@@ -14,7 +14,7 @@ use crate::transport::{
     TopicSpec, Transport,
 };
 use bytes::Bytes;
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -104,6 +104,22 @@ pub(crate) struct Runtime {
     pub(crate) timers: crate::timer::Running,
     /// Whether this worker is the app's leader (it runs the `on_leader` timers).
     pub(crate) leadership: crate::timer::Leadership,
+    /// Holds the actors between two events while a commit takes its offsets.
+    pub(crate) barrier: crate::ack::Barrier,
+    /// The first output of a processed event that could not be written (see
+    /// [`Runtime::output_failed`]); taken by the dispatcher.
+    failure: Mutex<Option<Failure>>,
+    failed: tokio::sync::Notify,
+    /// Why the worker stopped by itself, if it did.
+    pub(crate) fatal: Mutex<Option<String>>,
+}
+
+/// An output that could not be written: the event it came from must not be committed.
+#[derive(Debug, Clone)]
+pub(crate) struct Failure {
+    pub(crate) reason: String,
+    /// Writing it again cannot succeed (see [`TransportError::is_permanent`]).
+    pub(crate) permanent: bool,
 }
 
 impl fmt::Debug for Runtime {
@@ -144,7 +160,51 @@ impl Runtime {
             membership: Default::default(),
             timers: Default::default(),
             leadership: Default::default(),
+            barrier: Default::default(),
+            failure: Mutex::new(None),
+            failed: tokio::sync::Notify::new(),
+            fatal: Mutex::new(None),
         }
+    }
+
+    /// Records that an output of the event an actor is processing (a sink's record, a
+    /// forward to an internal topic, a reply, a dead-letter copy) could not be written. Called
+    /// before that event is acked, so no commit covers it: the dispatcher rolls back to the
+    /// last commit (the events are processed again; with exactly-once, the transaction is
+    /// aborted) or, when writing it again cannot succeed, stops the worker.
+    pub(crate) fn output_failed(&self, what: &str, error: &TransportError) {
+        let failure = Failure {
+            reason: format!("{what}: {error}"),
+            permanent: error.is_permanent(),
+        };
+        {
+            let mut slot = self.failure.lock().unwrap_or_else(|e| e.into_inner());
+            match slot.as_ref() {
+                Some(f) if f.permanent || !failure.permanent => {}
+                _ => *slot = Some(failure),
+            }
+        }
+        self.failed.notify_one();
+    }
+
+    /// As [`output_failed`](Runtime::output_failed), for any error: a transport error is a
+    /// failed output; other errors (an encoding error, say) are the event's own and only
+    /// logged by the caller. Returns whether it was a transport error.
+    pub(crate) fn output_error(&self, what: &str, error: &Error) -> bool {
+        match error {
+            Error::Transport(e) => {
+                self.output_failed(what, e);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub(crate) fn take_failure(&self) -> Option<Failure> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
     }
 
     pub(crate) fn set_web(&self, url: String) {
@@ -438,6 +498,41 @@ pub(crate) struct Dispatcher {
     /// records that could not be delivered): nothing is committed, and the table partitions
     /// are dropped, until the group has assigned partitions again from the last commit.
     rolling_back: bool,
+    /// Set when the worker stops after an error it cannot go on from: nothing more is
+    /// committed.
+    fatal: bool,
+    /// Per route, chunks waiting for room in the agent's full queue, in order. While any
+    /// waits, the consumer's partitions are paused (`held_back`): the dispatcher goes on
+    /// serving commits, rebalances and subscriptions instead of waiting on the queue.
+    backlog: Vec<VecDeque<Chunk>>,
+    held_back: bool,
+}
+
+/// How often chunks waiting for a full queue are offered again.
+const BACKLOG_RETRY: Duration = Duration::from_millis(1);
+
+/// How long a commit waits for the agents to finish the events they are in the middle of.
+const BARRIER_WAIT: Duration = Duration::from_secs(5);
+
+/// Lifts the barrier when dropped (on every way out of a commit).
+struct Paused<'a>(Option<&'a crate::ack::Barrier>);
+
+impl<'a> Paused<'a> {
+    fn new(barrier: &'a crate::ack::Barrier) -> Self {
+        Self(Some(barrier))
+    }
+
+    fn resume(&mut self) {
+        if let Some(b) = self.0.take() {
+            b.resume();
+        }
+    }
+}
+
+impl Drop for Paused<'_> {
+    fn drop(&mut self) {
+        self.resume();
+    }
 }
 
 /// The longest commit interval with exactly-once processing, as Kafka Streams': outputs are
@@ -468,6 +563,9 @@ impl Dispatcher {
             control,
             actors,
             rolling_back: false,
+            fatal: false,
+            backlog: Vec::new(),
+            held_back: false,
         };
         for (agent, topics, route) in routes {
             d.add_route(&agent, topics, route);
@@ -479,6 +577,7 @@ impl Dispatcher {
     fn add_route(&mut self, agent: &str, topics: Vec<String>, route: Route) {
         let index = self.routes.len();
         self.routes.push(route);
+        self.backlog.push(VecDeque::new());
         for t in topics {
             let topic: Arc<str> = Arc::from(t.as_str());
             self.events_in
@@ -536,6 +635,12 @@ impl Dispatcher {
                 biased;
                 _ = self.rt.stop.cancelled() => break,
                 Some(control) = self.control.recv() => self.on_control(control),
+                _ = tokio::time::sleep(BACKLOG_RETRY), if self.held_back => self.offer_backlog(),
+                _ = self.rt.failed.notified() => {
+                    if let Some(f) = self.rt.take_failure() {
+                        self.on_failure(f).await;
+                    }
+                }
                 _ = ticker.tick() => {
                     let started = tokio::time::Instant::now();
                     self.commit().await;
@@ -565,6 +670,7 @@ impl Dispatcher {
 
     /// Stops reading, lets the agents finish what they hold, and commits it.
     async fn drain(mut self) {
+        self.retract_backlog(None);
         self.routes.clear();
         self.topics.clear();
         self.control.close();
@@ -631,6 +737,11 @@ impl Dispatcher {
                         .insert(tp.clone(), PartitionTracker::new(tp.clone()));
                     self.assigned.insert(tp.clone());
                 }
+                if self.held_back {
+                    if let Err(e) = self.consumer.pause(&tps) {
+                        tracing::warn!(error = %e, "cannot pause reading");
+                    }
+                }
                 self.sync_tables().await;
             }
             ConsumerEvent::Revoked(mut tps) => {
@@ -640,6 +751,7 @@ impl Dispatcher {
                 }
                 tracing::info!(partitions = %list(&tps), "partitions revoked");
                 self.rt.ops.revoked(&tps);
+                self.retract_backlog(Some(&tps));
                 let trackers = tps
                     .iter()
                     .filter_map(|tp| self.trackers.get(tp).cloned())
@@ -787,34 +899,111 @@ impl Dispatcher {
                 }
             }
             for (i, chunk) in full.drain(..) {
-                self.send_chunk(i, chunk).await;
+                self.offer(i, chunk);
             }
         }
         for (i, chunk) in pending.into_iter().enumerate() {
             if !chunk.is_empty() {
-                self.send_chunk(i, chunk).await;
+                self.offer(i, chunk);
             }
         }
     }
 
-    /// Hands a chunk to an agent's queue, serving control messages while the queue is full:
-    /// an agent subscribing to an internal topic (`group_by`, `through`) waits for the
-    /// dispatcher, and may not read its queue until it has.
-    async fn send_chunk(&mut self, i: usize, chunk: Chunk) {
-        let tx = self.routes[i].tx.clone();
-        // A closed queue hands the chunk back; dropping it acks its records.
-        let send = tx.send(chunk);
-        tokio::pin!(send);
-        loop {
-            tokio::select! {
-                biased;
-                _ = &mut send => return,
-                Some(control) = self.control.recv() => self.on_control(control),
+    /// Hands a chunk to an agent's queue or, when the queue is full (or chunks already wait
+    /// for it), keeps it in the route's backlog and pauses the consumer: a busy agent holds
+    /// back what is read, never the dispatcher.
+    fn offer(&mut self, i: usize, chunk: Chunk) {
+        if !self.backlog[i].is_empty() {
+            self.backlog[i].push_back(chunk);
+            return;
+        }
+        match self.routes[i].tx.try_send(chunk) {
+            Ok(()) => {}
+            Err(async_channel::TrySendError::Full(chunk)) => {
+                self.backlog[i].push_back(chunk);
+                self.hold_back();
+            }
+            // A closed queue (the agent stopped) hands the chunk back; dropping it acks its
+            // records.
+            Err(async_channel::TrySendError::Closed(_)) => {}
+        }
+    }
+
+    /// Offers the backlog again; resumes the consumer once it is empty.
+    fn offer_backlog(&mut self) {
+        for (route, backlog) in self.routes.iter().zip(self.backlog.iter_mut()) {
+            while let Some(chunk) = backlog.pop_front() {
+                match route.tx.try_send(chunk) {
+                    Ok(()) => {}
+                    Err(async_channel::TrySendError::Full(chunk)) => {
+                        backlog.push_front(chunk);
+                        break;
+                    }
+                    Err(async_channel::TrySendError::Closed(_)) => {}
+                }
+            }
+        }
+        if self.backlog.iter().all(VecDeque::is_empty) {
+            self.held_back = false;
+            let tps: Vec<TopicPartition> = self.assigned.iter().cloned().collect();
+            if let Err(e) = self.consumer.resume(&tps) {
+                tracing::warn!(error = %e, "cannot resume reading");
             }
         }
     }
 
+    /// Pauses the consumer's partitions while chunks wait for a full agent queue.
+    fn hold_back(&mut self) {
+        if self.held_back {
+            return;
+        }
+        self.held_back = true;
+        let tps: Vec<TopicPartition> = self.assigned.iter().cloned().collect();
+        tracing::debug!(partitions = %list(&tps), "an agent's queue is full; reading paused");
+        if let Err(e) = self.consumer.pause(&tps) {
+            tracing::warn!(error = %e, "cannot pause reading");
+        }
+    }
+
+    /// Takes the records of `tps` (all, if `None`) out of the backlog: they never reached an
+    /// agent, so they are not committed and not waited for (they are read again by the next
+    /// owner of their partitions, or after a restart).
+    fn retract_backlog(&mut self, tps: Option<&[TopicPartition]>) {
+        let mut first: HashMap<TopicPartition, i64> = HashMap::new();
+        for backlog in &mut self.backlog {
+            for chunk in backlog.iter_mut() {
+                chunk.retain(|d| {
+                    let tp = TopicPartition::new(d.msg.topic.clone(), d.msg.partition);
+                    if tps.is_some_and(|tps| !tps.contains(&tp)) {
+                        return true;
+                    }
+                    let o = first.entry(tp).or_insert(d.msg.offset);
+                    *o = (*o).min(d.msg.offset);
+                    false
+                });
+            }
+            backlog.retain(|c| !c.is_empty());
+        }
+        for (tp, offset) in first {
+            if let Some(t) = self.trackers.get(&tp) {
+                t.retract_from(offset);
+            }
+        }
+        if self.backlog.iter().all(VecDeque::is_empty) {
+            self.held_back = false;
+        }
+    }
+
+    /// Commits what the agents have processed. Behind the barrier (see
+    /// [`crate::ack::Barrier`]), no agent is in the middle of an event while the offsets are
+    /// taken and the table changes written, so both cover the same events; with exactly-once
+    /// the barrier stays up until the transaction is committed.
     async fn commit(&mut self) {
+        if self.fatal {
+            // Nothing after the failure counts; an open transaction is aborted.
+            let _ = self.consumer.abort().await;
+            return;
+        }
         if self.rolling_back {
             // Nothing since the last commit counts: what was produced meanwhile is discarded
             // where the transport can (an exactly-once transaction is aborted).
@@ -824,9 +1013,16 @@ impl Dispatcher {
             }
             return;
         }
-        // What is processed now is what this commit covers: its outputs and table changes
-        // were made before its events were acked, so the flushes below include them.
+        let exactly_once = self.exactly_once();
         let started = std::time::Instant::now();
+        let rt = self.rt.clone();
+        let mut barrier = Paused::new(&rt.barrier);
+        if !rt.barrier.pause(BARRIER_WAIT).await && exactly_once {
+            // An agent is still in the middle of an event: its effects would be in the
+            // transaction and its offset not. Try again at the next commit.
+            tracing::warn!(wait = ?BARRIER_WAIT, "an agent is still in the middle of an event; commit postponed");
+            return;
+        }
         let mut offsets = Vec::new();
         for (tp, tracker) in &self.trackers {
             if let Some(offset) = tracker.committable() {
@@ -840,21 +1036,33 @@ impl Dispatcher {
             match table.flush().await {
                 Ok(f) => flushed.push(f),
                 Err(e) => {
-                    tracing::error!(table = table.name(), error = %e, "cannot write table changes to the changelog; not committing");
+                    // The changes stay to be written at the next commit; nothing is
+                    // committed before they are.
+                    drop(barrier);
+                    let what = format!("cannot write the changes of table {} to its changelog", table.name());
+                    self.write_failed(&what, &e, false).await;
                     return;
                 }
             }
         }
-        let exactly_once = self.exactly_once();
         if !exactly_once {
+            // What the offsets cover is written or queued: agents may go on.
+            barrier.resume();
             // Outputs of processed events must be durable before their inputs are committed.
             // (A transaction's commit flushes them itself.) Records that could not be
             // delivered are lost outputs: their events must be processed again.
             if let Err(e) = self.rt.transport.flush().await {
-                self.roll_back(&format!("cannot deliver produced records: {e}"))
+                self.write_failed("cannot deliver produced records", &e.into(), true)
                     .await;
                 return;
             }
+        }
+        if let Some(f) = self.rt.take_failure() {
+            drop(barrier);
+            self.on_failure(f).await;
+            return;
+        }
+        if !exactly_once {
             // The changelog has the table changes: the local stores may have them too.
             self.persist(std::mem::take(&mut flushed));
             if offsets.is_empty() {
@@ -862,7 +1070,9 @@ impl Dispatcher {
             }
         }
         offsets.sort();
-        match self.consumer.commit(offsets.clone()).await {
+        let result = self.consumer.commit(offsets.clone()).await;
+        drop(barrier);
+        match result {
             Ok(()) => {
                 if exactly_once {
                     // Only now are the table changes committed in the changelog.
@@ -884,6 +1094,45 @@ impl Dispatcher {
             }
             Err(e) => tracing::warn!(error = %e, "commit failed; will retry"),
         }
+    }
+
+    /// A commit could not write what it covers. A record that can never be written stops the
+    /// worker; otherwise the worker rolls back to the last commit, except when `retry` is
+    /// false and processing is at-least-once: then the next commit writes it again.
+    async fn write_failed(&mut self, what: &str, error: &Error, roll_back: bool) {
+        let permanent = matches!(error, Error::Transport(e) if e.is_permanent());
+        if permanent {
+            self.stop_fatally(format!("{what}: {error}"));
+        } else if roll_back || self.exactly_once() {
+            self.roll_back(&format!("{what}: {error}")).await;
+        } else {
+            tracing::error!(error = %error, "{what}; not committing, trying again at the next commit");
+        }
+    }
+
+    /// An agent's output could not be written (see [`Runtime::output_failed`]).
+    async fn on_failure(&mut self, failure: Failure) {
+        if failure.permanent {
+            self.stop_fatally(failure.reason);
+        } else {
+            self.roll_back(&failure.reason).await;
+        }
+    }
+
+    /// Stops the worker after an error it cannot go on from: nothing more is committed, so
+    /// the events since the last commit are processed again by the next worker.
+    fn stop_fatally(&mut self, reason: String) {
+        if self.fatal {
+            return;
+        }
+        self.fatal = true;
+        tracing::error!(
+            reason = %reason,
+            "stopping the worker: an output cannot be written, and skipping it would lose it; \
+             nothing after the last commit is committed"
+        );
+        *self.rt.fatal.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
+        self.rt.stop.cancel();
     }
 
     /// Stores in the tables' local stores what the changelog has now.
@@ -1029,6 +1278,17 @@ impl Worker {
     /// Cancel safe: dropping the future loses nothing.
     pub async fn stopped(&self) {
         self.rt.stop.cancelled().await
+    }
+
+    /// Why the worker stopped by itself, when it stopped because an output of a processed
+    /// event could not be written and never could be (a record larger than the broker
+    /// accepts, say): skipping it would lose it, so the worker stops uncommitted.
+    pub fn fatal_error(&self) -> Option<String> {
+        self.rt
+            .fatal
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// How many changelog records this worker replayed to restore partitions of `table`.

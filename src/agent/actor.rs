@@ -385,7 +385,10 @@ where
                     Err(e) => Err(crate::Error::Config(format!("cannot encode reply: {e}"))),
                 };
                 if let Err(e) = result {
-                    tracing::error!(agent = %self.name, reply_to, error = %e, "cannot send reply");
+                    let what = format!("agent {} cannot send a reply to {reply_to}", self.name);
+                    if !self.rt.output_error(&what, &e) {
+                        tracing::error!(agent = %self.name, reply_to, error = %e, "cannot send reply");
+                    }
                 }
             }
         }
@@ -399,7 +402,15 @@ where
                 Offered::Pending(delivery) => delivery.await,
             };
             if let Err(e) = delivered {
-                tracing::error!(agent = %self.name, sink = %sink.describe(), error = %e, "sink failed");
+                // A record the transport cannot take is a lost output: the event must not be
+                // committed. Other sink errors are the sink's own, logged as agent errors are.
+                let what = format!("agent {} cannot write to its sink {}", self.name, sink.describe());
+                match e.downcast_ref::<crate::Error>() {
+                    Some(e) if self.rt.output_error(&what, e) => {}
+                    _ => {
+                        tracing::error!(agent = %self.name, sink = %sink.describe(), error = %e, "sink failed")
+                    }
+                }
             }
         }
     }

@@ -239,10 +239,26 @@ impl IntoOpaque for Delivery {
     }
 }
 
+/// Whether the broker or librdkafka refuses a record for good: sending it again gives the same
+/// error (too large for `message.max.bytes`, or malformed).
+fn refused(e: &KafkaError) -> bool {
+    matches!(
+        e,
+        KafkaError::MessageProduction(
+            RDKafkaErrorCode::MessageSizeTooLarge
+                | RDKafkaErrorCode::InvalidMessageSize
+                | RDKafkaErrorCode::InvalidMessage
+                | RDKafkaErrorCode::InvalidRecord
+                | RDKafkaErrorCode::MessageBatchTooLarge
+        )
+    )
+}
+
 /// Reports deliveries: to the sender that waits for one, and failures to the log.
 struct ProducerCtx {
     failures: Arc<AtomicU64>,
-    last_failure: Arc<Mutex<Option<String>>>,
+    /// The last failed delivery of an enqueued record, and whether it can never succeed.
+    last_failure: Arc<Mutex<Option<(String, bool)>>>,
 }
 
 impl ClientContext for ProducerCtx {
@@ -285,10 +301,17 @@ impl ProducerContext for ProducerCtx {
                 } else if opaque.0.is_none() {
                     tracing::error!(target: "rill::kafka", "{text}");
                     self.failures.fetch_add(1, Ordering::Relaxed);
-                    *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) =
-                        Some(text.clone());
+                    let mut last = self.last_failure.lock().unwrap_or_else(|e| e.into_inner());
+                    // A permanent failure is kept until a flush reports it.
+                    if !last.as_ref().is_some_and(|(_, permanent)| *permanent) {
+                        *last = Some((text.clone(), refused(e)));
+                    }
                 }
-                Err(TransportError::Other(text))
+                if refused(e) {
+                    Err(TransportError::Rejected(text))
+                } else {
+                    Err(TransportError::Other(text))
+                }
             }
         };
         if let Some(tx) = opaque.0 {
@@ -302,7 +325,8 @@ struct Inner {
     producer: ThreadedProducer<ProducerCtx>,
     admin: AdminClient<DefaultClientContext>,
     failures: Arc<AtomicU64>,
-    last_failure: Arc<Mutex<Option<String>>>,
+    /// The last failed delivery of an enqueued record, and whether it can never succeed.
+    last_failure: Arc<Mutex<Option<(String, bool)>>>,
     /// Delivery failures already reported by a flush.
     reported_failures: AtomicU64,
     /// Set when the brokers do not answer CreateTopics (librdkafka's mock cluster, some
@@ -620,10 +644,14 @@ impl KafkaTransport {
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                 Err(r.delivery_opaque)
             }
-            Err((e, _)) => Ok(Err(err(format!(
-                "cannot send to {}[{}]: {e}",
-                record.topic, record.partition
-            )))),
+            Err((e, _)) => {
+                let text = format!("cannot send to {}[{}]: {e}", record.topic, record.partition);
+                Ok(Err(if refused(&e) {
+                    TransportError::Rejected(text)
+                } else {
+                    err(text)
+                }))
+            }
         }
     }
 }
@@ -767,17 +795,22 @@ impl Transport for KafkaTransport {
                 .reported_failures
                 .swap(failures, Ordering::Relaxed);
             if failures > reported {
-                let last = self
+                let (last, permanent) = self
                     .inner
                     .last_failure
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .clone()
+                    .take()
                     .unwrap_or_default();
-                return Err(err(format!(
+                let text = format!(
                     "{} record(s) could not be delivered; last: {last}",
                     failures - reported
-                )));
+                );
+                return Err(if permanent {
+                    TransportError::Rejected(text)
+                } else {
+                    err(text)
+                });
             }
             Ok(())
         }
@@ -1661,6 +1694,20 @@ impl Consumer for KafkaConsumer {
         .boxed()
     }
 
+    fn pause(&mut self, partitions: &[TopicPartition]) -> Result<(), TransportError> {
+        let tpl = tp_list(partitions);
+        self.consumer
+            .pause(&tpl)
+            .map_err(|e| err(format!("cannot pause {}: {e}", names(partitions))))
+    }
+
+    fn resume(&mut self, partitions: &[TopicPartition]) -> Result<(), TransportError> {
+        let tpl = tp_list(partitions);
+        self.consumer
+            .resume(&tpl)
+            .map_err(|e| err(format!("cannot resume {}: {e}", names(partitions))))
+    }
+
     fn rejoin(&mut self) -> bool {
         if self.group.is_none() {
             return false;
@@ -1668,6 +1715,22 @@ impl Consumer for KafkaConsumer {
         self.consumer.context().rejoin.store(true, Ordering::SeqCst);
         true
     }
+}
+
+fn tp_list(partitions: &[TopicPartition]) -> TopicPartitionList {
+    let mut tpl = TopicPartitionList::new();
+    for tp in partitions {
+        tpl.add_partition(&tp.topic, tp.partition as i32);
+    }
+    tpl
+}
+
+fn names(partitions: &[TopicPartition]) -> String {
+    partitions
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 impl Drop for KafkaConsumer {

@@ -236,6 +236,14 @@ pub trait Consumer: Send + fmt::Debug {
         Box::pin(async { Ok(()) })
     }
 
+    /// Stops fetching records of `partitions` (group consumers): records already fetched may
+    /// still come; rebalances are still reported. How a worker holds back a topic whose agent
+    /// is busy without leaving the group.
+    fn pause(&mut self, partitions: &[TopicPartition]) -> Result<(), TransportError>;
+
+    /// Fetches records of `partitions` again, from the first one not yet returned.
+    fn resume(&mut self, partitions: &[TopicPartition]) -> Result<(), TransportError>;
+
     /// Leaves the group and joins it again, so every partition is revoked and assigned anew
     /// from the committed offsets: how a worker rolls back to its last commit. A consumer that
     /// cannot (the embedded transport's, where nothing needs it) returns `false`.
