@@ -943,7 +943,12 @@ impl Dispatcher {
                 }
             }
         }
-        if self.backlog.iter().all(VecDeque::is_empty) {
+        self.release_if_empty();
+    }
+
+    /// Resumes reading once no chunk waits for a queue.
+    fn release_if_empty(&mut self) {
+        if self.held_back && self.backlog.iter().all(VecDeque::is_empty) {
             self.held_back = false;
             let tps: Vec<TopicPartition> = self.assigned.iter().cloned().collect();
             if let Err(e) = self.consumer.resume(&tps) {
@@ -989,9 +994,7 @@ impl Dispatcher {
                 t.retract_from(offset);
             }
         }
-        if self.backlog.iter().all(VecDeque::is_empty) {
-            self.held_back = false;
-        }
+        self.release_if_empty();
     }
 
     /// Commits what the agents have processed. Behind the barrier (see

@@ -600,6 +600,10 @@ impl MemoryConsumer {
                 }
             }
             ConsumerEvent::Revoked(tps) => {
+                // A partition assigned again starts unpaused, as on Kafka.
+                for tp in tps {
+                    self.paused.remove(tp);
+                }
                 let notify = self.inbox.notify.clone();
                 self.assigned.retain(|a| {
                     let gone = tps
