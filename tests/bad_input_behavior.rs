@@ -966,6 +966,93 @@ async fn kafka_a_bad_record_too_large_for_its_dead_letter_copy_gets_a_truncated_
     Ok(())
 }
 
+/// A dead-letter copy the brokers keep refusing (for a reason that is not the record's) does not
+/// hold up the agent: the events after the bad one, on its partition and the others, are
+/// processed meanwhile, but the bad event is not committed until its copy is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_a_dead_letter_copy_that_keeps_failing_does_not_hold_up_the_agent(
+) -> anyhow::Result<()> {
+    let h = Harness::kafka();
+    let Broker::Kafka { cluster, .. } = &h.broker else {
+        unreachable!("a Kafka harness")
+    };
+    let app = h.app("dead-letter-refused", BadInput::DeadLetter);
+    let topic = format!("{}-numbers", app.id());
+    let seen = recorder(&app, &topic, "numbers");
+    let bad = Produced {
+        partition: 0,
+        key: None,
+        value: Some(Bytes::from_static(b"not a number")),
+        headers: Vec::new(),
+    };
+    let offset = h.send(&app, &topic, &bad).await?;
+    // After the bad record on its partition (so read after it), and on another one.
+    let mut valid = Vec::new();
+    for partition in [0, 1] {
+        for v in 1..=10 {
+            let v = partition * 100 + v;
+            let m = Produced {
+                partition,
+                key: None,
+                value: Some(json(&v)),
+                headers: Vec::new(),
+            };
+            h.send(&app, &topic, &m).await?;
+            valid.push(u64::from(v));
+        }
+    }
+    // From now on every write is refused, until the errors are cleared.
+    cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN; 1000],
+    );
+
+    let worker = tokio::time::timeout(WAIT, app.start()).await??;
+    wait_until_state(
+        PROCESSED,
+        "the valid events after the bad one were processed while its copy is refused",
+        || {
+            let mut s = seen.snapshot();
+            s.sort_unstable();
+            s
+        },
+        |s| *s == valid,
+    )
+    .await;
+    let committed = app.committed_offsets().await?;
+    assert!(
+        committed
+            .iter()
+            .all(|(tp, c)| !(*tp.topic == *topic && tp.partition == 0 && *c > offset)),
+        "the bad event is committed before its copy is written: {committed:?}"
+    );
+
+    cluster.clear_request_errors(RDKafkaApiKey::Produce);
+    let dead_letter = format!("{}-numbers-dead-letter", app.id());
+    let got = h.read(&app, &dead_letter, 1).await?;
+    assert_eq!(got.len(), 1, "one dead letter");
+    assert_eq!(got[0].value, bad.value, "the whole value");
+    // Committed by the worker once the copy is written (not just by the final commit).
+    let deadline = tokio::time::Instant::now() + PROCESSED;
+    loop {
+        let committed = app.committed_offsets().await?;
+        if committed
+            .iter()
+            .any(|(tp, c)| *tp.topic == *topic && tp.partition == 0 && *c > offset)
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the bad event is not committed after its copy was written: {committed:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    shutdown(worker).await?;
+    common::assert_group_committed_to_end(&app, &topic).await?;
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------------
 // An agent that fails again and again.
 
