@@ -385,6 +385,14 @@ impl App {
         self.core.memory.clone()
     }
 
+    /// How many `ask`, `map` and `join` requests of the running worker wait for a reply (0
+    /// when no worker runs). For tests: a request whose future or stream was dropped no longer
+    /// waits.
+    #[doc(hidden)]
+    pub fn pending_replies(&self) -> usize {
+        self.core.runtime().map_or(0, |rt| rt.replies.len())
+    }
+
     /// The offsets the app's consumer group has committed: for each partition, the next offset
     /// a worker will read. Works whether or not a worker runs.
     pub async fn committed_offsets(&self) -> Result<Vec<(TopicPartition, i64)>> {

@@ -16,6 +16,10 @@ pub(crate) const PARTITION: &str = "rill.partition";
 pub(crate) const OFFSET: &str = "rill.offset";
 pub(crate) const CODEC: &str = "rill.codec";
 pub(crate) const AGENT: &str = "rill.agent";
+/// Header of a dead-letter record that does not hold the whole message (it was too large).
+pub(crate) const TRUNCATED: &str = "rill.truncated";
+/// Header of a truncated dead-letter record: bytes of the original key and value.
+pub(crate) const ORIGINAL_SIZE: &str = "rill.original-size";
 
 /// Longest wait between two attempts to write a dead-letter record.
 const MAX_RETRY_WAIT: Duration = Duration::from_secs(5);
@@ -117,16 +121,27 @@ pub(crate) async fn reject(ctx: Arc<ActorCtx>, r: Rejected) {
         r.part
     );
     if let Some(spec) = dead_letter {
-        send_dead_letter(&ctx, spec, r).await;
+        let spec = spec.clone();
+        send_dead_letter(ctx, spec, r).await;
     }
 }
 
-/// Writes the dead-letter record of `r` (retrying until it is durable or the worker stops),
-/// then acks `r`.
-async fn send_dead_letter(ctx: &ActorCtx, spec: &TopicSpec, r: Rejected) {
-    let rt = &ctx.runtime;
+/// How long an agent waits for the dead-letter copy of its bad input before it goes on with
+/// its other events (the copy is then written in the background, its event committed only
+/// once it is durable).
+const INLINE_WAIT: Duration = Duration::from_secs(1);
+
+/// Most bytes of the key and of the value a truncated dead-letter copy keeps.
+const TRUNCATED_BYTES: usize = 64 * 1024;
+
+/// Writes the dead-letter copy of `r`, then acks `r`. A copy the brokers cannot take because
+/// of the record itself (too large) is replaced by a truncated one; one refused for another
+/// reason (the brokers are unreachable, say) is retried until it is durable or the worker
+/// stops. The agent waits for the copy at most [`INLINE_WAIT`], so a copy that cannot be
+/// written soon never holds up the agent's other events and partitions.
+async fn send_dead_letter(ctx: Arc<ActorCtx>, spec: TopicSpec, r: Rejected) {
+    let mut headers = r.message.headers.clone();
     let m = &r.message;
-    let mut headers = m.headers.clone();
     for (name, value) in [
         (ERROR, format!("cannot read the {}: {}", r.part, r.error)),
         (TOPIC, m.topic.to_string()),
@@ -137,46 +152,180 @@ async fn send_dead_letter(ctx: &ActorCtx, spec: &TopicSpec, r: Rejected) {
     ] {
         headers.push((name.to_owned(), Bytes::from(value)));
     }
-    let mut wait = Duration::from_millis(100);
-    for attempt in 1u32.. {
-        let sent = match rt.partitions(spec).await {
-            Ok(n) => {
-                // One partition unless the user made more: then the source's partition's.
-                let partition = Some(m.partition % n.max(1));
-                let (key, value) = (m.key.clone(), m.value.clone());
-                rt.produce(spec, partition, key, value, headers.clone())
-                    .await
+    let letter = DeadLetter {
+        ctx,
+        spec,
+        r,
+        headers,
+        copy: Copy::Whole,
+    };
+    let (agent, at) = (letter.ctx.agent.clone(), letter.at());
+    let mut writing = tokio::spawn(letter.write());
+    if tokio::time::timeout(INLINE_WAIT, &mut writing)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            agent = %agent,
+            "the dead-letter copy of {at} is not written yet; the agent goes on, and the event \
+             is committed once its copy is"
+        );
+    }
+}
+
+/// The dead-letter copy of a rejected message, being written.
+struct DeadLetter {
+    ctx: Arc<ActorCtx>,
+    spec: TopicSpec,
+    r: Rejected,
+    headers: Vec<(String, Bytes)>,
+    copy: Copy,
+}
+
+/// What a dead-letter copy holds of the original key and value.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Copy {
+    Whole,
+    /// At most [`TRUNCATED_BYTES`] of each.
+    Truncated,
+    /// Neither: only the headers.
+    Bare,
+}
+
+impl DeadLetter {
+    /// `topic[partition]@offset` of the original message.
+    fn at(&self) -> String {
+        let m = &self.r.message;
+        format!("{}[{}]@{}", m.topic, m.partition, m.offset)
+    }
+
+    /// Writes a copy (a smaller one after each refusal for its size), retrying other errors
+    /// with backoff, then acks the event; gives the event up if the worker stops first.
+    async fn write(mut self) {
+        let rt = self.ctx.runtime.clone();
+        let mut wait = Duration::from_millis(100);
+        let mut retrying = false;
+        for attempt in 1u32.. {
+            // A retry gives up when the worker stops; a first attempt of a copy is made even
+            // then, as the agent's other events are finished.
+            let sent = tokio::select! {
+                sent = self.send() => sent,
+                () = rt.stop.cancelled(), if retrying => Err(crate::Error::ShuttingDown {
+                    app: rt.app_id.to_string(),
+                }),
+            };
+            let e = match sent {
+                Ok(()) => return drop(self.r.acks),
+                Err(e) => e.to_string(),
+            };
+            if is_permanent(&e) {
+                self.refused(&e);
+                match self.copy {
+                    Copy::Whole => self.copy = Copy::Truncated,
+                    Copy::Truncated => self.copy = Copy::Bare,
+                    Copy::Bare => return drop(self.r.acks),
+                }
+                retrying = false;
+                continue;
             }
-            Err(e) => Err(e),
-        };
-        let Err(e) = sent else {
-            return drop(r.acks);
-        };
-        let stopping = rt.stop.is_cancelled();
-        tracing::error!(
-            agent = %ctx.agent,
-            dead_letter = %spec.name,
-            attempt,
-            error = %e,
-            "cannot write the dead-letter record of {}[{}]@{}; {}",
-            m.topic,
-            m.partition,
-            m.offset,
+            retrying = true;
+            let stopping = rt.stop.is_cancelled();
+            tracing::error!(
+                agent = %self.ctx.agent,
+                dead_letter = %self.spec.name,
+                attempt,
+                error = %e,
+                "cannot write the dead-letter record of {}; {}",
+                self.at(),
+                if stopping {
+                    "the worker is stopping: the event is not committed and is read again after a restart"
+                } else {
+                    "retrying (the event is not committed until it is written)"
+                }
+            );
             if stopping {
-                "the worker is stopping: the event is not committed and is read again after a restart"
-            } else {
-                "retrying (the partition waits)"
+                return self.r.acks.abandon();
+            }
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = rt.stop.cancelled() => {}
+            }
+            wait = (wait * 2).min(MAX_RETRY_WAIT);
+        }
+    }
+
+    /// Logs and counts a copy the brokers will never take.
+    fn refused(&self, error: &str) {
+        let m = &self.r.message;
+        let rt = &self.ctx.runtime;
+        if self.copy == Copy::Whole {
+            crate::metrics::dead_letter_error(&rt.app_id, &self.ctx.agent);
+        }
+        tracing::error!(
+            agent = %self.ctx.agent,
+            dead_letter = %self.spec.name,
+            topic = %m.topic,
+            partition = m.partition,
+            offset = m.offset,
+            error = %error,
+            "cannot write the dead-letter record of {}; {}",
+            self.at(),
+            match self.copy {
+                Copy::Whole => "it is refused for good: writing a truncated copy instead",
+                Copy::Truncated => "its truncated copy is refused too: writing one without key and value",
+                Copy::Bare => "no copy can be written: the event is skipped",
             }
         );
-        if stopping {
-            return r.acks.abandon();
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = rt.stop.cancelled() => {}
-        }
-        wait = (wait * 2).min(MAX_RETRY_WAIT);
     }
+
+    /// One attempt to write the current copy.
+    async fn send(&self) -> crate::Result<()> {
+        let rt = &self.ctx.runtime;
+        let m = &self.r.message;
+        // One partition unless the user made more: then the source's partition's.
+        let n = rt.partitions(&self.spec).await?;
+        let partition = Some(m.partition % n.max(1));
+        let (key, value, headers) = match self.copy {
+            Copy::Whole => (m.key.clone(), m.value.clone(), self.headers.clone()),
+            Copy::Truncated => (
+                m.key.as_ref().map(truncated),
+                m.value.as_ref().map(truncated),
+                self.truncated_headers(),
+            ),
+            Copy::Bare => (None, None, self.truncated_headers()),
+        };
+        rt.produce(&self.spec, partition, key, value, headers)
+            .await
+            .map(drop)
+    }
+
+    /// The headers of a copy that does not hold the whole message: the original ones and
+    /// rill's, plus `rill.truncated` and `rill.original-size` (bytes of key and value).
+    fn truncated_headers(&self) -> Vec<(String, Bytes)> {
+        let len = |b: &Option<Bytes>| b.as_ref().map_or(0, Bytes::len);
+        let size = len(&self.r.message.key) + len(&self.r.message.value);
+        let mut headers = self.headers.clone();
+        headers.push((TRUNCATED.to_owned(), Bytes::from_static(b"true")));
+        headers.push((ORIGINAL_SIZE.to_owned(), Bytes::from(size.to_string())));
+        headers
+    }
+}
+
+fn truncated(bytes: &Bytes) -> Bytes {
+    bytes.slice(..bytes.len().min(TRUNCATED_BYTES))
+}
+
+/// Whether a failed write failed because of the record itself (too large, or refused as
+/// invalid), so that writing it again cannot succeed.
+fn is_permanent(error: &str) -> bool {
+    let error: String = error
+        .chars()
+        .filter(|c| c.is_alphanumeric())
+        .flat_map(char::to_lowercase)
+        .collect();
+    ["toolarge", "invalidrecord", "corruptmessage"]
+        .iter()
+        .any(|what| error.contains(what))
 }
 
 #[cfg(test)]

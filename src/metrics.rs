@@ -12,6 +12,7 @@
 //! | `rill_events_out_total` | counter | `app`, `agent`, `topic` |
 //! | `rill_agent_errors_total` | counter | `app`, `agent`, `topic` |
 //! | `rill_decode_errors_total` | counter | `app`, `topic` (counted where bad input is handled) |
+//! | `rill_dead_letter_errors_total` | counter | `app`, `agent` |
 //! | `rill_agent_process_seconds` | histogram | `app`, `agent` |
 //! | `rill_commit_seconds` | histogram | `app` |
 //! | `rill_consumer_lag` | gauge | `app`, `topic`, `partition` |
@@ -38,6 +39,7 @@ const EVENTS_IN: &str = "rill_events_in_total";
 const EVENTS_OUT: &str = "rill_events_out_total";
 const AGENT_ERRORS: &str = "rill_agent_errors_total";
 const DECODE_ERRORS: &str = "rill_decode_errors_total";
+const DEAD_LETTER_ERRORS: &str = "rill_dead_letter_errors_total";
 const PROCESS_SECONDS: &str = "rill_agent_process_seconds";
 const COMMIT_SECONDS: &str = "rill_commit_seconds";
 const CONSUMER_LAG: &str = "rill_consumer_lag";
@@ -54,7 +56,7 @@ enum Kind {
     Histogram,
 }
 
-const DESCRIPTIONS: [(&str, Kind, &str); 13] = [
+const DESCRIPTIONS: [(&str, Kind, &str); 14] = [
     (EVENTS_IN, Kind::Counter, "Records handed to an agent, by source topic."),
     (EVENTS_OUT, Kind::Counter, "Values an agent yielded, by source topic."),
     (
@@ -66,6 +68,11 @@ const DESCRIPTIONS: [(&str, Kind, &str); 13] = [
         DECODE_ERRORS,
         Kind::Counter,
         "Messages an agent could not read (bad input), by topic.",
+    ),
+    (
+        DEAD_LETTER_ERRORS,
+        Kind::Counter,
+        "Dead-letter copies that could not be written whole (too large, or refused for good): a truncated copy went instead, or none.",
     ),
     (
         PROCESS_SECONDS,
@@ -168,6 +175,11 @@ pub(crate) fn agent_error(app: &str, agent: &str, topic: &str) {
 /// Counts a message of `topic` that an agent could not read (bad input).
 pub(crate) fn decode_error(app: &str, topic: &str) {
     metrics::counter!(DECODE_ERRORS, labels(app, &[("topic", topic)])).increment(1);
+}
+
+/// Counts a dead-letter copy of `agent` that could not be written whole.
+pub(crate) fn dead_letter_error(app: &str, agent: &str) {
+    metrics::counter!(DEAD_LETTER_ERRORS, labels(app, &[("agent", agent)])).increment(1);
 }
 
 /// The histogram of an agent's processing time per event.

@@ -3,7 +3,7 @@
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot};
 
 /// Header naming the topic a reply goes to.
@@ -59,6 +59,11 @@ impl Replies {
         self.pending().remove(id);
     }
 
+    /// How many requests wait for a reply.
+    pub(crate) fn len(&self) -> usize {
+        self.pending().len()
+    }
+
     /// Hands a reply to its waiter; returns false when nobody waits for it (a late reply).
     pub(crate) fn complete(&self, id: &str, value: Bytes) -> bool {
         let waiter = self.pending().remove(id);
@@ -66,6 +71,83 @@ impl Replies {
             Some(Waiter::One(tx)) => tx.send(value).is_ok(),
             Some(Waiter::Many(tx)) => tx.send((id.to_owned(), value)).is_ok(),
             None => false,
+        }
+    }
+}
+
+/// The correlation id of an `ask` that waits for its reply, given up when this is dropped: an
+/// `ask` future dropped before its reply came leaves no waiter behind, and a reply that comes
+/// later is ignored (see [`Replies::complete`]).
+pub(crate) struct WaitingOne {
+    owner: Arc<crate::worker::Runtime>,
+    pub(crate) id: String,
+}
+
+impl WaitingOne {
+    /// Registers the request `id`; its reply comes through the receiver.
+    pub(crate) fn new(
+        owner: Arc<crate::worker::Runtime>,
+        id: String,
+    ) -> (Self, oneshot::Receiver<Bytes>) {
+        let reply = owner.replies.expect_one(id.clone());
+        (Self { owner, id }, reply)
+    }
+}
+
+impl Drop for WaitingOne {
+    fn drop(&mut self) {
+        // A no-op when the reply came (its waiter was removed then) or the ask gave up.
+        self.owner.replies.cancel(&self.id);
+    }
+}
+
+/// The correlation ids of `map`/`join` requests that wait for a reply, given up when this is
+/// dropped: a stream dropped before all its replies came leaves no waiter behind, and a reply
+/// that comes later is ignored (see [`Replies::complete`]).
+pub(crate) struct Waiting<T> {
+    owner: Arc<crate::worker::Runtime>,
+    ids: std::collections::HashMap<String, T>,
+}
+
+impl<T> Waiting<T> {
+    pub(crate) fn new(owner: Arc<crate::worker::Runtime>) -> Self {
+        Self {
+            owner,
+            ids: std::collections::HashMap::new(),
+        }
+    }
+
+    /// A new request: its id, and the waiter the reply goes to.
+    pub(crate) fn insert(&mut self, id: String, data: T) {
+        self.ids.insert(id, data);
+    }
+
+    /// The request `id` got its reply (its waiter is gone already): forget it.
+    pub(crate) fn remove(&mut self, id: &str) -> Option<T> {
+        self.ids.remove(id)
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    pub(crate) fn contains(&self, id: &str) -> bool {
+        self.ids.contains_key(id)
+    }
+}
+
+impl<T> Drop for Waiting<T> {
+    fn drop(&mut self) {
+        if self.ids.is_empty() {
+            return;
+        }
+        let mut pending = self.owner.replies.pending();
+        for id in self.ids.keys() {
+            pending.remove(id);
         }
     }
 }

@@ -374,3 +374,157 @@ async fn talking_to_an_agent_of_an_app_that_is_not_running_fails_with_not_runnin
     );
     Ok(())
 }
+
+/// How many asks each part of the leak test drops.
+const DROPPED: usize = 1000;
+
+/// An `ask` future or a `map`/`join` stream dropped before its reply came leaves nothing behind:
+/// the worker stops waiting for those replies, and one that comes later is ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_asks_and_map_streams_leave_no_waiter_behind() -> anyhow::Result<()> {
+    let app = App::new("ask-dropped");
+    let silent = app.agent(silent).named("silent");
+    let answered: Recorder<i64> = Recorder::new();
+    let rec = answered.clone();
+    let echo = app
+        .agent(move |mut s: Stream<i64>| {
+            let rec = rec.clone();
+            stream! {
+                while let Some(v) = s.next().await {
+                    rec.push(v);
+                    yield v;
+                }
+            }
+        })
+        .named("echo");
+    let worker = app.start().await?;
+    assert_eq!(app.pending_replies(), 0);
+
+    // Asks polled once, so sent and waiting, then dropped.
+    let mut asks = Vec::new();
+    for v in 0..DROPPED as i64 {
+        let mut ask = silent.ask(v).into_future();
+        assert!(
+            futures::poll!(&mut ask).is_pending(),
+            "a silent agent answered"
+        );
+        asks.push(ask);
+    }
+    assert_eq!(
+        app.pending_replies(),
+        DROPPED,
+        "precondition: every ask waits"
+    );
+    drop(asks);
+    assert_eq!(
+        app.pending_replies(),
+        0,
+        "dropped asks still wait for a reply"
+    );
+
+    // An ask dropped by a timeout around it.
+    let gave_up = tokio::time::timeout(Duration::from_millis(1), silent.ask(1).into_future());
+    assert!(gave_up.await.is_err(), "a silent agent answered");
+    assert_eq!(
+        app.pending_replies(),
+        0,
+        "an ask dropped by a timeout still waits"
+    );
+
+    // A map stream and a join dropped with requests in flight.
+    let mut mapped = silent.map(0..100);
+    tokio::select! {
+        reply = mapped.next() => panic!("a silent agent answered: {reply:?}"),
+        () = wait_until_state(WAIT, "map sent its values", || app.pending_replies(), |n| *n == 100) => {}
+    }
+    drop(mapped);
+    assert_eq!(app.pending_replies(), 0, "a dropped map stream still waits");
+    let joined = silent.join(0..100);
+    tokio::select! {
+        reply = joined => panic!("a silent agent answered: {reply:?}"),
+        () = wait_until_state(WAIT, "join sent its values", || app.pending_replies(), |n| *n == 100) => {}
+    }
+    assert_eq!(app.pending_replies(), 0, "a dropped join still waits");
+
+    // Replies that come after their ask was dropped are ignored, and asking goes on.
+    let mut asks = Vec::new();
+    for v in 0..DROPPED as i64 {
+        let mut ask = echo.ask(v).into_future();
+        if futures::poll!(&mut ask).is_pending() {
+            asks.push(ask);
+        }
+    }
+    drop(asks);
+    assert_eq!(app.pending_replies(), 0);
+    wait_until_state(
+        WAIT,
+        "the agent answered every dropped ask",
+        || answered.len(),
+        |n| *n >= DROPPED,
+    )
+    .await;
+    assert_eq!(echo.ask(7).await?, 7);
+    assert_eq!(echo.join([1, 2, 3]).await?, vec![1, 2, 3]);
+    assert_eq!(app.pending_replies(), 0);
+    worker.shutdown().await?;
+    Ok(())
+}
+
+/// An agent that answers every value but 0.
+fn all_but_zero(mut stream: Stream<i64>) -> impl AsyncIterable<i64> {
+    stream! {
+        while let Some(v) = stream.next().await {
+            if v != 0 {
+                yield v;
+            }
+        }
+    }
+}
+
+// Virtual time: values go out every 100 ms for ever, and all but the first are answered.
+#[tokio::test(start_paused = true)]
+async fn maps_timeout_counts_from_when_each_request_was_sent() -> anyhow::Result<()> {
+    let app = App::new("ask-map-timeout");
+    app.configure(|s| s.ask_timeout = Duration::from_millis(500));
+    let agent = app.agent(all_but_zero).named("all-but-zero");
+    let worker = app.start().await?;
+    let values = futures::stream::unfold(0i64, |v| async move {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        Some((v, v + 1))
+    });
+
+    let started = tokio::time::Instant::now();
+    let mut mapped = agent.map(values);
+    let mut answered = Vec::new();
+    let err = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match mapped.next().await {
+                Some(Ok(v)) => answered.push(v),
+                Some(Err(e)) => return e,
+                None => panic!("map ended without an error"),
+            }
+        }
+    })
+    .await
+    .map_err(|_| {
+        anyhow::anyhow!("the request for 0 did not time out while the others were answered")
+    })?;
+    let waited = started.elapsed();
+    assert!(
+        matches!(err, Error::AskTimeout { timeout, .. } if timeout == Duration::from_millis(500)),
+        "unexpected: {err:?}"
+    );
+    // 0 went out after 100 ms and gave up 500 ms later.
+    assert!(
+        waited >= Duration::from_millis(600) && waited < Duration::from_millis(700),
+        "gave up after {waited:?}"
+    );
+    assert!(
+        answered.len() >= 3 && answered.iter().all(|v| *v > 0),
+        "the others were answered meanwhile: {answered:?}"
+    );
+    drop(mapped);
+    assert_eq!(app.pending_replies(), 0);
+    worker.shutdown().await?;
+    Ok(())
+}

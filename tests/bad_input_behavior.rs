@@ -801,9 +801,12 @@ async fn kafka_a_refused_dead_letter_record_is_retried_before_its_event_is_commi
     };
     let offset = h.send(&app, &topic, &bad).await?;
     send_values(&h, &app, &topic, &[2]).await?;
+    // The broker's "unknown server error": a refusal that is not about the record, which
+    // librdkafka does not retry itself. One about the record, such as "too large", gets a
+    // truncated copy instead (see the next test).
     cluster.request_errors(
         RDKafkaApiKey::Produce,
-        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE; REFUSALS],
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN; REFUSALS],
     );
 
     let worker = tokio::time::timeout(WAIT, app.start()).await??;
@@ -826,6 +829,226 @@ async fn kafka_a_refused_dead_letter_record_is_retried_before_its_event_is_commi
         REFUSALS,
         "each refusal is logged: {refused:#?}"
     );
+    common::assert_group_committed_to_end(&app, &topic).await?;
+    Ok(())
+}
+
+/// A bad record too large for its dead-letter copy (larger than the producer's
+/// `message.max.bytes`, 1,000,000 bytes by default, but within `max_payload_bytes`, 1 MiB)
+/// does not hold up the agent: its other partitions are processed, the refusal is logged and
+/// counted, and the dead-letter topic gets a truncated copy that says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_a_bad_record_too_large_for_its_dead_letter_copy_gets_a_truncated_one(
+) -> anyhow::Result<()> {
+    const BAD_SIZE: usize = 1_010_000;
+    let h = Harness::kafka();
+    let Broker::Kafka { cluster, .. } = &h.broker else {
+        unreachable!("a Kafka harness")
+    };
+    let app = h.app("dead-letter-too-large", BadInput::DeadLetter);
+    app.configure(|s| {
+        s.max_payload_bytes = 1024 * 1024;
+        s.web_port = Some(0);
+    });
+    // The web server (for the metrics) comes with the membership topic, of one partition.
+    cluster.create_topic(&format!("{}-workers", app.id()), 1, 1)?;
+    let topic = format!("{}-numbers", app.id());
+    let seen = recorder(&app, &topic, "numbers");
+    // Written by a producer that takes larger messages than rill's.
+    let large: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", cluster.bootstrap_servers())
+        .set("message.max.bytes", "2000000")
+        .create()?;
+    let payload = vec![b'x'; BAD_SIZE];
+    let record = FutureRecord::<[u8], [u8]>::to(&topic)
+        .partition(0)
+        .payload(&payload[..])
+        .headers(OwnedHeaders::new().insert(Header {
+            key: "trace-id",
+            value: Some(&b"t1"[..]),
+        }));
+    let offset = large
+        .send(record, Duration::from_secs(10))
+        .await
+        .map_err(|(e, _)| anyhow::anyhow!("cannot produce the large record: {e}"))?
+        .offset;
+
+    let worker = tokio::time::timeout(WAIT, app.start()).await??;
+    wait_until_state(
+        PROCESSED,
+        "the agent met the large bad record",
+        || worker.decode_errors(&topic),
+        |n| *n == 1,
+    )
+    .await;
+    // Sent only now, so that the agent has the bad record first.
+    let valid: Vec<u64> = (1..=20).collect();
+    for v in &valid {
+        let m = Produced {
+            partition: 1,
+            key: None,
+            value: Some(json(v)),
+            headers: Vec::new(),
+        };
+        h.send(&app, &topic, &m).await?;
+    }
+    wait_until_state(
+        PROCESSED,
+        "the 20 valid events of partition 1 were processed",
+        || seen.snapshot(),
+        |s| *s == valid,
+    )
+    .await;
+
+    let dead_letter = format!("{}-numbers-dead-letter", app.id());
+    let got = h.read(&app, &dead_letter, 1).await?;
+    let (_, metrics) = tokio::task::spawn_blocking({
+        let addr = worker.web_addr().expect("the worker serves the web");
+        move || common::http_get(addr, "/metrics")
+    })
+    .await?;
+    shutdown(worker).await?;
+
+    assert_eq!(got.len(), 1, "one dead letter");
+    let m = &got[0];
+    let header = |name: &str| {
+        m.header(name)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    };
+    let value = m.value.as_deref().unwrap_or_default();
+    assert!(
+        !value.is_empty() && value.len() < 1_000_000 && payload.starts_with(value),
+        "the copy holds the start of the value ({} bytes)",
+        value.len()
+    );
+    assert_eq!(
+        m.headers.first(),
+        Some(&("trace-id".to_owned(), Bytes::from_static(b"t1"))),
+        "the original headers first"
+    );
+    assert_eq!(header("rill.truncated").as_deref(), Some("true"));
+    assert_eq!(
+        header("rill.original-size"),
+        Some(BAD_SIZE.to_string()),
+        "the original size"
+    );
+    assert_eq!(header("rill.topic").as_deref(), Some(topic.as_str()));
+    assert_eq!(header("rill.partition").as_deref(), Some("0"));
+    assert_eq!(header("rill.offset"), Some(offset.to_string()));
+    assert_eq!(header("rill.agent").as_deref(), Some("numbers"));
+
+    let refused = format!("cannot write the dead-letter record of {topic}[0]@{offset};");
+    let refused = log_lines(&[&refused, "writing a truncated copy instead"]);
+    assert_eq!(refused.len(), 1, "the refusal is logged once: {refused:#?}");
+    assert!(
+        refused[0].contains("too large"),
+        "the log line says why: {}",
+        refused[0]
+    );
+    let app_label = format!("app=\"{}\"", app.id());
+    let counted: Vec<&str> = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("rill_dead_letter_errors_total{")
+                && l.contains(&app_label)
+                && l.contains("agent=\"numbers\"")
+        })
+        .collect();
+    assert_eq!(
+        counted
+            .iter()
+            .map(|l| l.rsplit(' ').next())
+            .collect::<Vec<_>>(),
+        vec![Some("1")],
+        "counted once: {counted:?}"
+    );
+    common::assert_group_committed_to_end(&app, &topic).await?;
+    Ok(())
+}
+
+/// A dead-letter copy the brokers keep refusing (for a reason that is not the record's) does not
+/// hold up the agent: the events after the bad one, on its partition and the others, are
+/// processed meanwhile, but the bad event is not committed until its copy is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_a_dead_letter_copy_that_keeps_failing_does_not_hold_up_the_agent(
+) -> anyhow::Result<()> {
+    let h = Harness::kafka();
+    let Broker::Kafka { cluster, .. } = &h.broker else {
+        unreachable!("a Kafka harness")
+    };
+    let app = h.app("dead-letter-refused", BadInput::DeadLetter);
+    let topic = format!("{}-numbers", app.id());
+    let seen = recorder(&app, &topic, "numbers");
+    let bad = Produced {
+        partition: 0,
+        key: None,
+        value: Some(Bytes::from_static(b"not a number")),
+        headers: Vec::new(),
+    };
+    let offset = h.send(&app, &topic, &bad).await?;
+    // After the bad record on its partition (so read after it), and on another one.
+    let mut valid = Vec::new();
+    for partition in [0, 1] {
+        for v in 1..=10 {
+            let v = partition * 100 + v;
+            let m = Produced {
+                partition,
+                key: None,
+                value: Some(json(&v)),
+                headers: Vec::new(),
+            };
+            h.send(&app, &topic, &m).await?;
+            valid.push(u64::from(v));
+        }
+    }
+    // From now on every write is refused, until the errors are cleared.
+    cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN; 1000],
+    );
+
+    let worker = tokio::time::timeout(WAIT, app.start()).await??;
+    wait_until_state(
+        PROCESSED,
+        "the valid events after the bad one were processed while its copy is refused",
+        || {
+            let mut s = seen.snapshot();
+            s.sort_unstable();
+            s
+        },
+        |s| *s == valid,
+    )
+    .await;
+    let committed = app.committed_offsets().await?;
+    assert!(
+        committed
+            .iter()
+            .all(|(tp, c)| !(*tp.topic == *topic && tp.partition == 0 && *c > offset)),
+        "the bad event is committed before its copy is written: {committed:?}"
+    );
+
+    cluster.clear_request_errors(RDKafkaApiKey::Produce);
+    let dead_letter = format!("{}-numbers-dead-letter", app.id());
+    let got = h.read(&app, &dead_letter, 1).await?;
+    assert_eq!(got.len(), 1, "one dead letter");
+    assert_eq!(got[0].value, bad.value, "the whole value");
+    // Committed by the worker once the copy is written (not just by the final commit).
+    let deadline = tokio::time::Instant::now() + PROCESSED;
+    loop {
+        let committed = app.committed_offsets().await?;
+        if committed
+            .iter()
+            .any(|(tp, c)| *tp.topic == *topic && tp.partition == 0 && *c > offset)
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the bad event is not committed after its copy was written: {committed:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    shutdown(worker).await?;
     common::assert_group_committed_to_end(&app, &topic).await?;
     Ok(())
 }

@@ -3,7 +3,7 @@
 use super::{marker, Agent, Source};
 use crate::channel::Channel;
 use crate::error::{Error, Result};
-use crate::reply::{CORRELATION_ID, REPLY_TO};
+use crate::reply::{Waiting, WaitingOne, CORRELATION_ID, REPLY_TO};
 use crate::topic::Topic;
 use crate::transport::Headers;
 use bytes::Bytes;
@@ -12,11 +12,12 @@ use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::fmt;
 use std::future::IntoFuture;
 use std::time::Duration;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 /// Where a reply can be sent: a topic name, a topic, or an agent (its topic).
 pub trait ReplyTo {
@@ -151,7 +152,9 @@ where
     }
 
     /// Streams `values` to the agent and yields the replies as they come, in no particular
-    /// order. Values are sent while replies arrive, so `values` may be endless.
+    /// order. Values are sent while replies arrive, so `values` may be endless. A request
+    /// without a reply within the app's `ask_timeout` from when it was sent ends the stream
+    /// with [`Error::AskTimeout`]. Dropping the stream gives up every request still waiting.
     pub fn map<I, M>(&self, values: I) -> BoxStream<'static, Result<R>>
     where
         I: IntoValues<T, M>,
@@ -210,7 +213,12 @@ where
                 }
             };
             let (tx, mut rx) = mpsc::unbounded_channel::<(String, Bytes)>();
-            let mut waiting: HashMap<String, usize> = HashMap::new();
+            // The requests that wait for a reply, with their index among the values; given up
+            // when the stream is dropped.
+            let mut waiting: Waiting<usize> = Waiting::new(rt.clone());
+            // When each request gives up: every one waits `timeout` from when it was sent, so
+            // the first one sent is the first to give up.
+            let mut deadlines: VecDeque<(Instant, String)> = VecDeque::new();
             let mut next_index = 0usize;
             let mut input_done = false;
             let limit = rt.settings.map_max_inflight.max(1);
@@ -219,39 +227,37 @@ where
                 if input_done && waiting.is_empty() {
                     break;
                 }
+                while deadlines.front().is_some_and(|(_, id)| !waiting.contains(id)) {
+                    deadlines.pop_front();
+                }
+                let expiry = deadlines.front().map(|(at, _)| *at);
                 tokio::select! {
                     biased;
-                    reply = tokio::time::timeout(timeout, rx.recv()), if !waiting.is_empty() => match reply {
-                        Ok(Some((id, bytes))) => {
+                    reply = rx.recv(), if !waiting.is_empty() => match reply {
+                        Some((id, bytes)) => {
                             if let Some(index) = waiting.remove(&id) {
                                 yield decode_reply::<R>(&rt.reply_topic, &bytes).map(|v| (index, v));
                             }
                         }
-                        Ok(None) => break,
-                        Err(_) => {
-                            let id = waiting.keys().next().cloned().unwrap_or_default();
-                            for id in waiting.keys() {
-                                rt.replies.cancel(id);
-                            }
-                            yield Err(Error::AskTimeout { agent: agent.name(), timeout, correlation_id: id });
-                            break;
-                        }
+                        None => break,
+                    },
+                    () = tokio::time::sleep_until(expiry.unwrap_or_else(Instant::now)), if expiry.is_some() => {
+                        let id = deadlines.pop_front().map(|(_, id)| id).unwrap_or_default();
+                        yield Err(Error::AskTimeout { agent: agent.name(), timeout, correlation_id: id });
+                        break;
                     },
                     item = items.next(), if !input_done && waiting.len() < limit => match item {
                         Some((key, value)) => {
                             let id = rt.replies.new_id();
                             rt.replies.expect_many(id.clone(), tx.clone());
+                            waiting.insert(id.clone(), next_index);
+                            next_index += 1;
                             let headers = request_headers(&rt.reply_topic, &id);
                             if let Err(e) = agent.deliver(value, key, None, headers, false).await {
-                                rt.replies.cancel(&id);
-                                for id in waiting.keys() {
-                                    rt.replies.cancel(id);
-                                }
                                 yield Err(e);
                                 break;
                             }
-                            waiting.insert(id, next_index);
-                            next_index += 1;
+                            deadlines.push_back((Instant::now() + timeout, id));
                         }
                         None => input_done = true,
                     },
@@ -437,31 +443,23 @@ where
     fn into_future(self) -> Self::IntoFuture {
         async move {
             let rt = self.agent.inner.core.runtime()?;
-            let id = rt.replies.new_id();
-            let reply = rt.replies.expect_one(id.clone());
-            let headers = request_headers(&rt.reply_topic, &id);
-            if let Err(e) = self
-                .agent
+            // Given up when this future is dropped, whether it was sent or not.
+            let (waiting, reply) = WaitingOne::new(rt.clone(), rt.replies.new_id());
+            let headers = request_headers(&rt.reply_topic, &waiting.id);
+            self.agent
                 .deliver(self.value, self.key, self.partition, headers, false)
-                .await
-            {
-                rt.replies.cancel(&id);
-                return Err(e);
-            }
+                .await?;
             let timeout = self.timeout.unwrap_or(rt.settings.ask_timeout);
             match tokio::time::timeout(timeout, reply).await {
                 Ok(Ok(bytes)) => decode_reply(&rt.reply_topic, &bytes),
                 Ok(Err(_)) => Err(Error::ShuttingDown {
                     app: rt.app_id.to_string(),
                 }),
-                Err(_) => {
-                    rt.replies.cancel(&id);
-                    Err(Error::AskTimeout {
-                        agent: self.agent.name(),
-                        timeout,
-                        correlation_id: id,
-                    })
-                }
+                Err(_) => Err(Error::AskTimeout {
+                    agent: self.agent.name(),
+                    timeout,
+                    correlation_id: waiting.id.clone(),
+                }),
             }
         }
         .boxed()
