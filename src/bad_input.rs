@@ -216,9 +216,11 @@ impl DeadLetter {
             };
             let e = match sent {
                 Ok(()) => return drop(self.r.acks),
-                Err(e) => e.to_string(),
+                Err(e) => e,
             };
-            if is_permanent(&e) {
+            let permanent = matches!(&e, crate::Error::Transport(t) if t.is_permanent());
+            let e = e.to_string();
+            if permanent {
                 self.refused(&e);
                 match self.copy {
                     Copy::Whole => self.copy = Copy::Truncated,
@@ -313,19 +315,6 @@ impl DeadLetter {
 
 fn truncated(bytes: &Bytes) -> Bytes {
     bytes.slice(..bytes.len().min(TRUNCATED_BYTES))
-}
-
-/// Whether a failed write failed because of the record itself (too large, or refused as
-/// invalid), so that writing it again cannot succeed.
-fn is_permanent(error: &str) -> bool {
-    let error: String = error
-        .chars()
-        .filter(|c| c.is_alphanumeric())
-        .flat_map(char::to_lowercase)
-        .collect();
-    ["toolarge", "invalidrecord", "corruptmessage"]
-        .iter()
-        .any(|what| error.contains(what))
 }
 
 #[cfg(test)]
