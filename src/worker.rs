@@ -498,6 +498,10 @@ pub(crate) struct Dispatcher {
     /// records that could not be delivered): nothing is committed, and the table partitions
     /// are dropped, until the group has assigned partitions again from the last commit.
     rolling_back: bool,
+    /// Set once the partitions were revoked after a roll back began: the next assignment is
+    /// the one from the last commit, and ends it (an assignment already on its way when the
+    /// roll back began does not).
+    rolled_back: bool,
     /// Set when the worker stops after an error it cannot go on from: nothing more is
     /// committed.
     fatal: bool,
@@ -563,6 +567,7 @@ impl Dispatcher {
             control,
             actors,
             rolling_back: false,
+            rolled_back: false,
             fatal: false,
             backlog: Vec::new(),
             held_back: false,
@@ -728,7 +733,8 @@ impl Dispatcher {
                     return;
                 }
                 tracing::info!(partitions = %list(&tps), "partitions assigned");
-                if std::mem::take(&mut self.rolling_back) {
+                if self.rolling_back && std::mem::take(&mut self.rolled_back) {
+                    self.rolling_back = false;
                     tracing::info!("rolled back to the last commit; processing resumes");
                 }
                 self.rt.ops.assigned(&tps);
@@ -745,6 +751,9 @@ impl Dispatcher {
                 self.sync_tables().await;
             }
             ConsumerEvent::Revoked(mut tps) => {
+                if self.rolling_back {
+                    self.rolled_back = true;
+                }
                 self.rt.leadership.take_from(&mut tps, false);
                 if tps.is_empty() {
                     return;
@@ -757,6 +766,9 @@ impl Dispatcher {
                     .filter_map(|tp| self.trackers.get(tp).cloned())
                     .collect();
                 finish_in_flight(trackers, self.rt.settings.shutdown_timeout).await;
+                // Read while the partitions are still this worker's: once the commit lets them
+                // go, a new owner may write to their changelogs.
+                let ends = changelog_ends(&self.rt).await;
                 self.commit().await;
                 for tp in &tps {
                     self.trackers.remove(tp);
@@ -768,7 +780,7 @@ impl Dispatcher {
                     // the changelog when the partitions come back.
                     self.drop_tables();
                 } else {
-                    self.park_tables().await;
+                    self.park_tables(ends).await;
                 }
             }
             ConsumerEvent::Ended(_) => {}
@@ -834,14 +846,17 @@ impl Dispatcher {
         }
         tracing::error!(reason = why, "rolling back to the last commit: partitions are revoked and assigned again, and their events since that commit processed again");
         self.rolling_back = true;
+        // With nothing assigned, no revocation comes before the next assignment.
+        self.rolled_back = self.assigned.is_empty();
         if let Err(e) = self.consumer.abort().await {
             tracing::error!(error = %e, "stopping the worker");
             self.rt.stop.cancel();
         }
     }
 
-    /// Sets aside the table partitions no assigned partition needs any more (just committed).
-    async fn park_tables(&mut self) {
+    /// Sets aside the table partitions no assigned partition needs any more (just committed),
+    /// with the changelog ends read before the commit.
+    async fn park_tables(&mut self, ends: Vec<Option<Vec<i64>>>) {
         if self.rt.tables.is_empty() {
             return;
         }
@@ -850,8 +865,12 @@ impl Dispatcher {
         if gone.is_empty() {
             return;
         }
-        for table in &self.rt.tables {
-            if let Err(e) = table.park(&gone).await {
+        for (table, ends) in self.rt.tables.iter().zip(ends) {
+            let parked = match &ends {
+                Some(ends) => table.park(&gone, ends).await,
+                None => Err(Error::Store("no changelog end offsets".into())),
+            };
+            if let Err(e) = parked {
                 tracing::warn!(table = table.name(), error = %e, "cannot set revoked table partitions aside; they will be restored in full");
                 table.release(&gone);
             }
@@ -1146,6 +1165,21 @@ impl Dispatcher {
             }
         }
     }
+}
+
+/// The changelog end offsets of each table (`None` where they cannot be read).
+async fn changelog_ends(rt: &Runtime) -> Vec<Option<Vec<i64>>> {
+    let mut ends = Vec::with_capacity(rt.tables.len());
+    for table in &rt.tables {
+        ends.push(match table.changelog_ends().await {
+            Ok(e) => Some(e),
+            Err(e) => {
+                tracing::warn!(table = table.name(), error = %e, "cannot read the changelog's end offsets; revoked partitions will be restored in full");
+                None
+            }
+        });
+    }
+    ends
 }
 
 /// Lets the agents finish the events they hold from revoked partitions (bounded), so the

@@ -1037,3 +1037,43 @@ async fn a_standby_copy_taken_over_is_kept_in_the_local_store() {
     let _ = std::fs::remove_dir_all(&dir_a);
     let _ = std::fs::remove_dir_all(&dir_b);
 }
+
+/// A write from outside an agent (a timer, a task, the test itself) to a partition another
+/// worker owns would race with the owner's writes in the changelog: it is refused, naming the
+/// table and the partition; writes to the worker's own partitions go through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_cannot_write_a_table_partition_another_worker_owns() {
+    let (a, ta, _) = squares("foreign-write", 2, 0);
+    let (b, tb, _) = squares("foreign-write", 2, 0);
+    let wa = a.start().await.expect("start a");
+    let wb = b.start().await.expect("start b");
+    wait_until(WAIT, "each worker holds one partition", || {
+        ta.local_partitions().len() == 1 && tb.local_partitions().len() == 1
+    })
+    .await;
+    let mine = ta.local_partitions()[0];
+    let key_in = |p: u32| {
+        (0u64..)
+            .find(|k| {
+                let bytes = serde_json::to_vec(k).expect("json");
+                common::kafka_partition(&bytes, 2) == p
+            })
+            .expect("a key")
+    };
+    let (own, foreign) = (key_in(mine), key_in(1 - mine));
+    assert_eq!(ta.insert(own, 7), None);
+    assert_eq!(ta.get(&own), Some(7));
+    let refused = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ta.insert(foreign, 9)))
+        .expect_err("a write to the other worker's partition is refused");
+    let message = refused
+        .downcast_ref::<String>()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        message.contains("\"squares\"") && message.contains("not held by this worker"),
+        "{message}"
+    );
+    assert_eq!(ta.local_partitions(), vec![mine], "no partition taken on the side");
+    wa.shutdown().await.expect("stop a");
+    wb.shutdown().await.expect("stop b");
+}

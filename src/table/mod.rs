@@ -505,6 +505,29 @@ impl<K: TableKey, V: TableValue> Table<K, V> {
         }
     }
 
+    /// The partition a write goes to. A running worker writes only partitions it holds: a
+    /// write to another worker's partition (from a timer or a task, say) would race with its
+    /// owner's writes in the changelog, and is refused with a panic that names the table and
+    /// the partition (timers and agents log it and go on).
+    fn writable<'p>(&self, parts: &'p mut HashMap<u32, Part<K, V>>, p: u32) -> &'p mut Part<K, V> {
+        let running = self
+            .inner
+            .attached
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some();
+        if running && !parts.contains_key(&p) {
+            panic!(
+                "table {:?}: partition {p} is not held by this worker, so it cannot write it \
+                 (another worker owns it, or it is not restored yet); write a table from the \
+                 agent that reads its partitions, or from a timer only for keys whose \
+                 partitions this worker holds (Table::local_partitions)",
+                self.inner.name
+            );
+        }
+        parts.entry(p).or_default()
+    }
+
     fn key_partition(&self, key: &K) -> u32 {
         match self.inner.key_codec.encode(key) {
             Ok(bytes) => partition_for_key(&bytes, self.partition_count()),
@@ -569,7 +592,7 @@ impl<K: TableKey, V: TableValue> Table<K, V> {
     pub fn insert(&self, key: K, value: V) -> Option<V> {
         let p = self.write_partition(&key);
         self.with_parts(|parts| {
-            let part = parts.entry(p).or_default();
+            let part = self.writable(parts, p);
             part.dirty.insert(key.clone());
             part.data.insert(key, value)
         })
@@ -580,7 +603,7 @@ impl<K: TableKey, V: TableValue> Table<K, V> {
     pub fn update<R>(&self, key: K, f: impl FnOnce(&mut V) -> R) -> R {
         let p = self.write_partition(&key);
         self.with_parts(|parts| {
-            let part = parts.entry(p).or_default();
+            let part = self.writable(parts, p);
             if !part.dirty.contains(&key) {
                 part.dirty.insert(key.clone());
             }
@@ -600,7 +623,7 @@ impl<K: TableKey, V: TableValue> Table<K, V> {
     pub fn remove(&self, key: &K) -> Option<V> {
         let p = self.write_partition(key);
         self.with_parts(|parts| {
-            let part = parts.entry(p).or_default();
+            let part = self.writable(parts, p);
             let old = part.data.remove(key);
             part.dirty.insert(key.clone());
             old
@@ -747,9 +770,13 @@ pub(crate) trait TableRunner: Send + Sync {
     fn detach(&self);
     /// Restores `partitions` (from the store, then the changelog).
     fn recover<'a>(&'a self, partitions: &'a [u32]) -> BoxFuture<'a, Result<()>>;
+    /// The end offsets of the changelog's partitions, read before a revocation is committed
+    /// (and so before a new owner can write): where copies set aside then stand at most.
+    fn changelog_ends(&self) -> BoxFuture<'_, Result<Vec<i64>>>;
     /// Sets revoked partitions aside (after they were committed): they are no longer read,
-    /// and are restored cheaply if they come back.
-    fn park<'a>(&'a self, partitions: &'a [u32]) -> BoxFuture<'a, Result<()>>;
+    /// and are restored cheaply if they come back, replaying the changelog from `ends` (see
+    /// [`changelog_ends`](TableRunner::changelog_ends)).
+    fn park<'a>(&'a self, partitions: &'a [u32], ends: &'a [i64]) -> BoxFuture<'a, Result<()>>;
     /// Drops partitions set aside by [`park`](TableRunner::park) that did not come back.
     fn drop_parked(&self);
     /// Drops partitions this worker no longer owns (after they were committed).
@@ -854,9 +881,16 @@ impl<K: TableKey, V: TableValue> TableRunner for Table<K, V> {
         async move { self.restore(partitions).await }.boxed()
     }
 
-    fn park<'a>(&'a self, partitions: &'a [u32]) -> BoxFuture<'a, Result<()>> {
+    fn changelog_ends(&self) -> BoxFuture<'_, Result<Vec<i64>>> {
         async move {
             let a = self.inner.attached()?;
+            Ok(a.rt.transport.end_offsets(&a.spec.name).await?)
+        }
+        .boxed()
+    }
+
+    fn park<'a>(&'a self, partitions: &'a [u32], ends: &'a [i64]) -> BoxFuture<'a, Result<()>> {
+        async move {
             let taken: Vec<(u32, Part<K, V>)> = self.with_parts(|parts| {
                 partitions
                     .iter()
@@ -866,9 +900,9 @@ impl<K: TableKey, V: TableValue> TableRunner for Table<K, V> {
             if taken.is_empty() {
                 return Ok(());
             }
-            // The changes were flushed by the commit before this: the changelog's end is
-            // where this data stands.
-            let ends = a.rt.transport.end_offsets(&a.spec.name).await?;
+            // The changes were flushed by the commit before this, and `ends` were read before
+            // that commit let the partitions go: the copy stands at or beyond them (replaying
+            // some of its own changes again is harmless; skipping a new owner's would not be).
             let mut parked = self.inner.parked.lock().unwrap_or_else(|e| e.into_inner());
             for (p, part) in taken {
                 if !part.dirty.is_empty() {
