@@ -649,7 +649,10 @@ async fn forward(
         Err(e) => Err(e),
     };
     if let Err(e) = result {
-        let what = format!("agent {} cannot forward a value to {}", ctx.agent, spec.name);
+        let what = format!(
+            "agent {} cannot forward a value to {}",
+            ctx.agent, spec.name
+        );
         if !ctx.runtime.output_error(&what, &e) {
             tracing::error!(agent = %ctx.agent, topic = %spec.name, error = %e, "cannot forward value");
         }

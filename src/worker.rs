@@ -1061,7 +1061,10 @@ impl Dispatcher {
                     // The changes stay to be written at the next commit; nothing is
                     // committed before they are.
                     drop(barrier);
-                    let what = format!("cannot write the changes of table {} to its changelog", table.name());
+                    let what = format!(
+                        "cannot write the changes of table {} to its changelog",
+                        table.name()
+                    );
                     self.write_failed(&what, &e, false).await;
                     return;
                 }

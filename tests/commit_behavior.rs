@@ -43,7 +43,12 @@ fn events() -> Vec<Sized> {
         .collect()
 }
 
-fn mock_cluster(topics: &[(&str, i32)]) -> (MockCluster<'static, rdkafka::producer::DefaultProducerContext>, String) {
+fn mock_cluster(
+    topics: &[(&str, i32)],
+) -> (
+    MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    String,
+) {
     let cluster = MockCluster::new(1).expect("mock cluster");
     for (topic, partitions) in topics {
         cluster
@@ -95,7 +100,12 @@ fn sizes(id: &str, url: &str, cap: usize, to_table: bool) -> Sizes {
 
 async fn send_events(s: &Sizes) {
     for e in events() {
-        s.input.send(e.clone()).key(e.id).partition(0).await.expect("send");
+        s.input
+            .send(e.clone())
+            .key(e.id)
+            .partition(0)
+            .await
+            .expect("send");
     }
 }
 
@@ -148,7 +158,12 @@ async fn a_table_value_the_changelog_refuses_stops_the_worker_and_loses_no_other
     wait_until(KAFKA_WAIT, "all 51 texts", || s.texts.len() == 51).await;
     for e in events() {
         let want = format!("{}:{}", e.id, "x".repeat(e.size.min(1000)));
-        assert_eq!(s.texts.get(&e.id).as_deref(), Some(want.as_str()), "text {}", e.id);
+        assert_eq!(
+            s.texts.get(&e.id).as_deref(),
+            Some(want.as_str()),
+            "text {}",
+            e.id
+        );
     }
     worker.shutdown().await.expect("stop");
 }
@@ -170,7 +185,10 @@ async fn a_sink_record_the_broker_refuses_stops_the_worker_with_its_event_uncomm
     assert!(why.to_lowercase().contains("too large"), "says why: {why}");
     worker.shutdown().await.expect("stop");
     let at = committed(&s.app, "sizes").await;
-    assert!(at <= 25, "event 25's output was never written, but offset {at} is committed");
+    assert!(
+        at <= 25,
+        "event 25's output was never written, but offset {at} is committed"
+    );
 
     // With the text capped, a new worker redoes the rest: no event is without its output.
     let s = sizes(id, &url, 1000, false);
@@ -200,7 +218,12 @@ async fn a_sink_record_the_broker_refuses_stops_the_worker_with_its_event_uncomm
     let worker = s.app.start().await.expect("restart");
     let reading = reader.start().await.expect("reader");
     wait_until(KAFKA_WAIT, "an output for every event", || {
-        outputs.snapshot().into_iter().collect::<BTreeSet<u64>>().len() == 51
+        outputs
+            .snapshot()
+            .into_iter()
+            .collect::<BTreeSet<u64>>()
+            .len()
+            == 51
     })
     .await;
     reading.shutdown().await.expect("stop reader");
@@ -235,7 +258,12 @@ fn held(id: &str, hold_at: u64) -> Held {
         Arc::new(tokio::sync::Notify::new()),
     );
     let processed = Arc::new(AtomicU64::new(0));
-    let (h, r, p, t) = (held.clone(), release.clone(), processed.clone(), seen.clone());
+    let (h, r, p, t) = (
+        held.clone(),
+        release.clone(),
+        processed.clone(),
+        seen.clone(),
+    );
     app.agent(move |mut numbers: Stream<u64, u64>| {
         let (held, release, processed, seen) = (h.clone(), r.clone(), p.clone(), t.clone());
         async move {
@@ -326,7 +354,11 @@ async fn a_full_agent_queue_does_not_hold_commits_back() {
     // the queue holds in its first poll.
     let producer = App::new(format!("{id}-producer"));
     producer.configure(|s| s.broker = format!("memory://{id}"));
-    let t = producer.topic("slow").partitions(1).key_type::<u64>().value_type::<u64>();
+    let t = producer
+        .topic("slow")
+        .partitions(1)
+        .key_type::<u64>()
+        .value_type::<u64>();
     let pw = producer.start().await.expect("producer");
     for n in 0..200u64 {
         t.send(n).key(n).await.expect("send");

@@ -940,6 +940,28 @@ async fn a_new_fjall_store_keeps_a_million_restored_keys() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `GET /tables/squares` once no partition is being restored: the JSON and its text.
+async fn restore_report(addr: std::net::SocketAddr) -> (serde_json::Value, String) {
+    common::within(WAIT, "the restore to finish", async {
+        loop {
+            let (status, body) =
+                tokio::task::spawn_blocking(move || common::http_get(addr, "/tables/squares"))
+                    .await
+                    .expect("get");
+            assert_eq!(status, 200, "{body}");
+            let detail: serde_json::Value = serde_json::from_str(&body).expect("json");
+            if detail["recovering_partitions"]
+                .as_array()
+                .is_some_and(Vec::is_empty)
+            {
+                return (detail, body);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+}
+
 /// A standby copy promoted to active on a failover is written to the new owner's local store:
 /// after one more commit and a restart on that store, every key the copy had is there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -987,14 +1009,8 @@ async fn a_standby_copy_taken_over_is_kept_in_the_local_store() {
         "the takeover used the warm copy"
     );
 
-    // What b's web server says of the takeover.
-    let addr = wb.web_addr().expect("web");
-    let (status, body) =
-        tokio::task::spawn_blocking(move || common::http_get(addr, "/tables/squares"))
-            .await
-            .expect("get");
-    assert_eq!(status, 200, "{body}");
-    let detail: serde_json::Value = serde_json::from_str(&body).expect("json");
+    // What b's web server says of the takeover, once it is over.
+    let (detail, body) = restore_report(wb.web_addr().expect("web")).await;
     for p in &taken_over {
         let r = &detail["restored"][p.to_string()];
         assert_eq!(r["source"], "standby", "partition {p}: {body}");
@@ -1021,11 +1037,7 @@ async fn a_standby_copy_taken_over_is_kept_in_the_local_store() {
     for n in 0..=keys {
         assert_eq!(tb.get(&n), Some(n * n), "key {n}");
     }
-    let addr = wb.web_addr().expect("web");
-    let (_, body) = tokio::task::spawn_blocking(move || common::http_get(addr, "/tables/squares"))
-        .await
-        .expect("get");
-    let detail: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let (detail, body) = restore_report(wb.web_addr().expect("web")).await;
     for p in 0..4 {
         assert_eq!(
             detail["restored"][p.to_string()]["source"],
@@ -1073,7 +1085,11 @@ async fn a_worker_cannot_write_a_table_partition_another_worker_owns() {
         message.contains("\"squares\"") && message.contains("not held by this worker"),
         "{message}"
     );
-    assert_eq!(ta.local_partitions(), vec![mine], "no partition taken on the side");
+    assert_eq!(
+        ta.local_partitions(),
+        vec![mine],
+        "no partition taken on the side"
+    );
     wa.shutdown().await.expect("stop a");
     wb.shutdown().await.expect("stop b");
 }

@@ -404,7 +404,11 @@ where
             if let Err(e) = delivered {
                 // A record the transport cannot take is a lost output: the event must not be
                 // committed. Other sink errors are the sink's own, logged as agent errors are.
-                let what = format!("agent {} cannot write to its sink {}", self.name, sink.describe());
+                let what = format!(
+                    "agent {} cannot write to its sink {}",
+                    self.name,
+                    sink.describe()
+                );
                 match e.downcast_ref::<crate::Error>() {
                     Some(e) if self.rt.output_error(&what, e) => {}
                     _ => {

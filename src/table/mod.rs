@@ -1087,7 +1087,13 @@ impl<K: TableKey, V: TableValue> Table<K, V> {
             if persistent {
                 // The position of the last record is the checkpoint; records of one partition
                 // are appended in order, so the others are before it.
-                lasts.push(Some(a.rt.produce(&a.spec, Some(*p), key, value, Vec::new())));
+                lasts.push(Some(a.rt.produce(
+                    &a.spec,
+                    Some(*p),
+                    key,
+                    value,
+                    Vec::new(),
+                )));
             } else {
                 a.rt.enqueue(&a.spec, Some(*p), key, value, Vec::new())
                     .await?;
