@@ -657,7 +657,9 @@ impl App {
         #[cfg(feature = "kafka")]
         if url.starts_with("kafka://") {
             use crate::transport::kafka::{KafkaConfig, KafkaTransport};
-            let mut config = KafkaConfig::from_url(url, &self.core.settings().kafka)?;
+            let settings = self.core.settings();
+            let mut config = KafkaConfig::from_url(url, &settings.kafka)?
+                .revocations_within(settings.shutdown_timeout);
             if let Some(id) = transactional_id {
                 config = config.transactional(id);
             }

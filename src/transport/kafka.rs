@@ -84,6 +84,9 @@ pub(crate) struct KafkaConfig {
     handoff_grace: Duration,
     /// With exactly-once processing: the producer's transactional id.
     transactional_id: Option<String>,
+    /// How long a revocation waits for the worker to commit the revoked partitions (see
+    /// [`KafkaConfig::revocations_within`]).
+    revoke_timeout: Duration,
 }
 
 impl fmt::Debug for KafkaConfig {
@@ -94,11 +97,26 @@ impl fmt::Debug for KafkaConfig {
             .field("settings", &self.extra.keys().collect::<Vec<_>>())
             .field("handoff_grace", &self.handoff_grace)
             .field("transactional_id", &self.transactional_id)
+            .field("revoke_timeout", &self.revoke_timeout)
             .finish()
     }
 }
 
 impl KafkaConfig {
+    /// Lets a revocation wait as long as the worker may take to hand its partitions over:
+    /// `shutdown_timeout` for the agents to finish their events, plus a transaction's commit;
+    /// but less than `max.poll.interval.ms`, past which the group would drop this member.
+    pub(crate) fn revocations_within(mut self, shutdown_timeout: Duration) -> Self {
+        let max_poll = self
+            .extra
+            .get("max.poll.interval.ms")
+            .and_then(|v| v.parse::<u64>().ok())
+            .map_or(Duration::from_secs(300), Duration::from_millis);
+        let wanted = shutdown_timeout + TXN_TIMEOUT;
+        self.revoke_timeout = wanted.min(max_poll.saturating_sub(Duration::from_secs(5)));
+        self
+    }
+
     /// Parses `kafka://host:port[,host:port]` and merges settings from the app and from
     /// `RILL_KAFKA_*` environment variables (`RILL_KAFKA_SASL_USERNAME` → `sasl.username`).
     pub(crate) fn from_url(
@@ -148,6 +166,7 @@ impl KafkaConfig {
             brokers: hosts.join(","),
             extra,
             handoff_grace,
+            revoke_timeout: Duration::from_secs(60),
             transactional_id: None,
         })
     }
@@ -607,7 +626,7 @@ impl KafkaTransport {
         for (k, v) in &self.inner.config.extra {
             c.set(k, v);
         }
-        KafkaConsumer::new(c, None, Duration::ZERO)
+        KafkaConsumer::new(c, None, Duration::ZERO, Duration::ZERO)
     }
 
     /// Queues a record, waiting while librdkafka's queue is full.
@@ -855,7 +874,12 @@ impl Transport for KafkaTransport {
             c.set(k, v);
         }
         let mut consumer =
-            KafkaConsumer::new(c, Some(group.to_owned()), self.inner.config.handoff_grace)?;
+            KafkaConsumer::new(
+                c,
+                Some(group.to_owned()),
+                self.inner.config.handoff_grace,
+                self.inner.config.revoke_timeout,
+            )?;
         if self.inner.txn.is_some() {
             consumer.txn = Some(self.inner.clone());
         }
@@ -1313,32 +1337,44 @@ fn rejoin(consumer: &BaseConsumer<GroupCtx>) {
     }
 }
 
+impl GroupCtx {
+    /// Hands revoked partitions to the worker and waits (bounded) until it has committed them.
+    fn revoke(&self, revoked: Vec<TopicPartition>) {
+        // Records polled before the revocation are processed (and committed) before the
+        // partitions are handed over, not after.
+        self.send_unsent();
+        if revoked.is_empty() {
+            return;
+        }
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        if self
+            .events
+            .blocking_send(Polled::Revoking(revoked, tx))
+            .is_ok()
+            && rx.recv_timeout(self.revoke_timeout).is_err()
+        {
+            tracing::warn!(
+                "revoked partitions were not committed within {:?}",
+                self.revoke_timeout
+            );
+        }
+    }
+}
+
 impl ConsumerContext for GroupCtx {
-    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
-            Rebalance::Revoke(list) => {
-                // Records polled before the revocation are processed (and committed) before
-                // the partitions are handed over, not after.
-                self.send_unsent();
-                let revoked = tps(list);
-                if revoked.is_empty() {
-                    return;
-                }
-                let (tx, rx) = std::sync::mpsc::sync_channel(1);
-                if self
-                    .events
-                    .blocking_send(Polled::Revoking(revoked, tx))
-                    .is_ok()
-                    && rx.recv_timeout(self.revoke_timeout).is_err()
-                {
-                    tracing::warn!(
-                        "revoked partitions were not committed within {:?}",
-                        self.revoke_timeout
-                    );
+            Rebalance::Revoke(list) => self.revoke(tps(list)),
+            Rebalance::Assign(_) => {}
+            Rebalance::Error(_) => {
+                *self.membership() = Membership::default();
+                // The whole assignment is dropped after a failed rebalance: the worker hears
+                // of it as a revocation, commits what it can and lets its tables go, instead
+                // of going on with partitions it no longer has.
+                if let Ok(list) = consumer.assignment() {
+                    self.revoke(tps(&list));
                 }
             }
-            Rebalance::Assign(_) => {}
-            Rebalance::Error(_) => *self.membership() = Membership::default(),
         }
     }
 
@@ -1401,12 +1437,13 @@ impl KafkaConsumer {
         config: ClientConfig,
         group: Option<String>,
         handoff_grace: Duration,
+        revoke_timeout: Duration,
     ) -> Result<Self, TransportError> {
         let (tx, events) = mpsc::channel(8);
         let consumer: BaseConsumer<GroupCtx> = config
             .create_with_context(GroupCtx {
                 events: tx.clone(),
-                revoke_timeout: Duration::from_secs(30),
+                revoke_timeout,
                 handoff_grace,
                 topics: Mutex::new(Vec::new()),
                 membership: Mutex::new(Membership::default()),
