@@ -243,10 +243,11 @@ struct Held {
     processed: Arc<AtomicU64>,
 }
 
-fn held(id: &str, hold_at: u64) -> Held {
+fn held(id: &str, hold_at: u64, guarantee: rill::ProcessingGuarantee) -> Held {
     let app = App::new(id);
     let broker = format!("memory://{id}");
     app.configure(|s| {
+        s.processing_guarantee = guarantee;
         s.broker = broker;
         s.topic_partitions = 1;
         s.commit_interval = Duration::from_millis(20);
@@ -291,7 +292,17 @@ fn held(id: &str, hold_at: u64) -> Held {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_never_takes_an_events_table_change_without_its_offset() {
-    let h = held("barrier", 10);
+    commit_waits_for_the_event_in_progress("barrier", rill::ProcessingGuarantee::AtLeastOnce).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exactly_once_commit_never_takes_an_events_table_change_without_its_offset() {
+    commit_waits_for_the_event_in_progress("barrier-eos", rill::ProcessingGuarantee::ExactlyOnce)
+        .await;
+}
+
+async fn commit_waits_for_the_event_in_progress(id: &str, guarantee: rill::ProcessingGuarantee) {
+    let h = held(id, 10, guarantee);
     let worker = h.app.start().await.expect("start");
     let held = h.held.notified();
     for n in 0..20u64 {
@@ -301,11 +312,11 @@ async fn a_commit_never_takes_an_events_table_change_without_its_offset() {
     // The agent is in the middle of event 10: its table change is made, its offset is not
     // done. For a while (many commit intervals), no commit may write that change to the
     // changelog while leaving its offset uncommitted.
-    let changelog = "barrier-seen-changelog";
+    let changelog = format!("{id}-seen-changelog");
     let deadline = tokio::time::Instant::now() + Duration::from_millis(600);
     while tokio::time::Instant::now() < deadline {
         let committed = committed(&h.app, "numbers").await;
-        let written: BTreeSet<u64> = common::read_all(&h.app, changelog)
+        let written: BTreeSet<u64> = common::read_all(&h.app, &changelog)
             .iter()
             .filter_map(|m| serde_json::from_slice(m.key.as_deref()?).ok())
             .collect();

@@ -873,13 +873,12 @@ impl Transport for KafkaTransport {
         for (k, v) in &self.inner.config.extra {
             c.set(k, v);
         }
-        let mut consumer =
-            KafkaConsumer::new(
-                c,
-                Some(group.to_owned()),
-                self.inner.config.handoff_grace,
-                self.inner.config.revoke_timeout,
-            )?;
+        let mut consumer = KafkaConsumer::new(
+            c,
+            Some(group.to_owned()),
+            self.inner.config.handoff_grace,
+            self.inner.config.revoke_timeout,
+        )?;
         if self.inner.txn.is_some() {
             consumer.txn = Some(self.inner.clone());
         }
