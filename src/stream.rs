@@ -90,15 +90,18 @@ pub(crate) struct QueueReader {
     queue: Pin<Box<Queue>>,
     local: std::collections::VecDeque<Delivery>,
     shared: Buffer,
+    /// Told each time a chunk is taken: the dispatcher may have chunks waiting for room.
+    room: Arc<Runtime>,
 }
 
 impl QueueReader {
-    pub(crate) fn new(queue: Queue, shared: Buffer) -> Self {
+    pub(crate) fn new(queue: Queue, shared: Buffer, rt: Arc<Runtime>) -> Self {
         let local = std::mem::take(&mut *shared.lock().unwrap_or_else(|e| e.into_inner()));
         Self {
             queue: Box::pin(queue),
             local,
             shared,
+            room: rt,
         }
     }
 
@@ -108,6 +111,7 @@ impl QueueReader {
         }
         match futures::Stream::poll_next(self.queue.as_mut(), cx) {
             Poll::Ready(Some(chunk)) => {
+                self.room.room.notify_one();
                 self.local.extend(chunk);
                 Poll::Ready(self.local.pop_front())
             }
@@ -680,7 +684,7 @@ where
                 return;
             }
         };
-        let mut reader = QueueReader::new(rx, ctx.buffers.get(&spec.name));
+        let mut reader = QueueReader::new(rx, ctx.buffers.get(&spec.name), ctx.runtime.clone());
         let mut upstream_done = false;
         let mut relayed_done = false;
         // Ends when both sides are done: at shutdown the internal queue closes first, and what

@@ -106,6 +106,8 @@ pub(crate) struct Runtime {
     pub(crate) leadership: crate::timer::Leadership,
     /// Holds the actors between two events while a commit takes its offsets.
     pub(crate) barrier: crate::ack::Barrier,
+    /// Told when an agent takes a chunk from its queue (room for chunks held back).
+    pub(crate) room: tokio::sync::Notify,
     /// The first output of a processed event that could not be written (see
     /// [`Runtime::output_failed`]); taken by the dispatcher.
     failure: Mutex<Option<Failure>>,
@@ -161,6 +163,7 @@ impl Runtime {
             timers: Default::default(),
             leadership: Default::default(),
             barrier: Default::default(),
+            room: tokio::sync::Notify::new(),
             failure: Mutex::new(None),
             failed: tokio::sync::Notify::new(),
             fatal: Mutex::new(None),
@@ -512,9 +515,6 @@ pub(crate) struct Dispatcher {
     held_back: bool,
 }
 
-/// How often chunks waiting for a full queue are offered again.
-const BACKLOG_RETRY: Duration = Duration::from_millis(1);
-
 /// How long a commit waits for the agents to finish the events they are in the middle of.
 const BARRIER_WAIT: Duration = Duration::from_secs(5);
 
@@ -640,7 +640,7 @@ impl Dispatcher {
                 biased;
                 _ = self.rt.stop.cancelled() => break,
                 Some(control) = self.control.recv() => self.on_control(control),
-                _ = tokio::time::sleep(BACKLOG_RETRY), if self.held_back => self.offer_backlog(),
+                _ = self.rt.room.notified(), if self.held_back => self.offer_backlog(),
                 _ = self.rt.failed.notified() => {
                     if let Some(f) = self.rt.take_failure() {
                         self.on_failure(f).await;

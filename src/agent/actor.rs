@@ -304,7 +304,7 @@ where
                 let decode_ctx = ctx.clone();
                 let inner: BoxStream<'static, Item<T>> = match &self.queue {
                     Some(q) => crate::metrics::Timed::new(
-                        QueueReader::new(q.clone(), self.buffers.get("")),
+                        QueueReader::new(q.clone(), self.buffers.get(""), self.rt.clone()),
                         crate::metrics::process_seconds(&self.rt.app_id, &self.name),
                     )
                     .filter_map(move |d| decode_delivery(&decode_ctx, &*codec, d))
