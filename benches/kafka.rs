@@ -58,7 +58,9 @@ fn broker() -> Broker {
         return Broker { addr, _kafka: None };
     }
     let dir = kafka::scratch_dir("bench-kafka");
-    let k = kafka::Kafka::single(&dir);
+    // The tests' broker starts fast (the client compiler only, a small heap); the bench's
+    // runs at full speed, as a deployed one.
+    let k = kafka::Kafka::single_with_jvm_flags(&dir, &["-XX:TieredStopAtLevel=4", "-Xmx1g"]);
     Broker {
         addr: k.addr(),
         _kafka: Some(k),
@@ -212,7 +214,6 @@ async fn rill_agent(
             }
         });
     let worker = app.start().await.expect("start");
-    eprintln!("TMP start took {:?}", start.elapsed());
     tokio::time::timeout(Duration::from_secs(300), done.notified())
         .await
         .expect("all events processed");
@@ -349,14 +350,7 @@ async fn exactly_once_overhead(addr: &str, run: u32) {
             let name = format!("{run}-{round}-{guarantee}");
             let (input, output) = (format!("bench-g-in-{name}"), format!("bench-g-out-{name}"));
             fill(addr, &input, &[&output]).await;
-            let t = rill_agent(
-                addr,
-                &input,
-                &output,
-                &format!("bench-g-{name}"),
-                guarantee,
-            )
-            .await;
+            let t = rill_agent(addr, &input, &output, &format!("bench-g-{name}"), guarantee).await;
             println!("round {round}: {guarantee:<13} {:>9.0} events/s", t.rate());
             rates.push(t.rate());
         }

@@ -36,6 +36,10 @@
 //!   at-least-once and with exactly-once.
 //!
 //! Run: `cargo test --test fault_harness -- --nocapture` (the scenarios run one at a time).
+//! With `RILL_FAULT_SUPERVISE=1`, the scenarios on three brokers start a worker that stopped by
+//! itself again, as a supervisor would, instead of failing: that checks their data alone (an
+//! exactly-once worker stops when the broker aborts its transaction on a timeout during a
+//! broker failure; see the README's Status).
 //! The worker and mock-cluster binaries are built first if needed. `RILL_FAULT_SEED` replays
 //! the kills of an earlier run (each scenario prints its seed).
 
@@ -1314,7 +1318,12 @@ fn a_worker_killed_between_producing_and_committing_is_redone_once() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let dir = scratch_dir("fault-eos-uncommitted");
     let kafka = Kafka::single(&dir);
-    let setup = exactly_once_setup("exactly_once_kafka_kill_before_commit", &dir, &kafka, 10_000);
+    let setup = exactly_once_setup(
+        "exactly_once_kafka_kill_before_commit",
+        &dir,
+        &kafka,
+        10_000,
+    );
     let s = run(&setup, Duration::from_secs(30), |workers| {
         for round in 1..=3 {
             // The scenario's schedule, not a wait for a condition.
@@ -1338,7 +1347,8 @@ fn a_worker_killed_between_producing_and_committing_is_redone_once() {
             );
             for i in 0..WORKERS {
                 workers.generations[i] += 1;
-                workers.list[i] = FaultWorker::start(&setup, &format!("w{i}"), workers.generations[i]);
+                workers.list[i] =
+                    FaultWorker::start(&setup, &format!("w{i}"), workers.generations[i]);
             }
         }
     });
@@ -1453,7 +1463,8 @@ fn cluster_setup(name: &'static str, dir: &Path, kafka: &Kafka, guarantee: &'sta
         idempotent_producer: guarantee == "exactly_once",
         events: 20_000,
         namespace: String::new(),
-        restart_stopped: false,
+        // A worker must not stop over a broker failure, unless asked to look at the data alone.
+        restart_stopped: std::env::var_os("RILL_FAULT_SUPERVISE").is_some(),
     }
 }
 
@@ -1503,7 +1514,10 @@ fn leader_broker_killed(name: &'static str, guarantee: &'static str) {
         workers.check_alive();
         let leader = busiest_leader(&setup);
         kafka.kill(kafka.index_of(leader));
-        println!("scenario={} SIGKILLed broker {leader}, the busiest leader", setup.name);
+        println!(
+            "scenario={} SIGKILLed broker {leader}, the busiest leader",
+            setup.name
+        );
     });
     assert_guarantee(&setup, &s);
     drop(kafka);
@@ -1536,7 +1550,10 @@ fn rolling_broker_restart(name: &'static str, guarantee: &'static str) {
             kafka.stop(i);
             kafka.restart(i);
             if let Err(behind) = kafka.wait_in_sync(&topics, Duration::from_secs(90)) {
-                panic!("scenario {}: replicas not back in sync: {behind}", setup.name);
+                panic!(
+                    "scenario {}: replicas not back in sync: {behind}",
+                    setup.name
+                );
             }
             println!(
                 "scenario={} broker {} restarted and in sync in {:.1} s",

@@ -39,7 +39,8 @@ pub(crate) fn kafka_libs() -> PathBuf {
         })
         .expect("neither RILL_KAFKA_LIBS nor HOME is set");
     assert!(
-        dir.join(format!("kafka_2.13-{KAFKA_VERSION}.jar")).is_file(),
+        dir.join(format!("kafka_2.13-{KAFKA_VERSION}.jar"))
+            .is_file(),
         "Apache Kafka {KAFKA_VERSION}'s jars are not in {}: fetch them with scripts/kafka-jars \
          (scripts/test does) or set RILL_KAFKA_LIBS",
         dir.display()
@@ -68,15 +69,14 @@ pub(crate) fn scratch_dir(name: &str) -> PathBuf {
     dir
 }
 
-/// Sends `signal` (`TERM`, `KILL`, `STOP`, `CONT`) to the process `pid`.
+/// Sends `signal` (`TERM`, `KILL`, `STOP`, `CONT`) to the process `pid`. A process that has
+/// exited already is not an error here.
 pub(crate) fn signal(pid: u32, signal: &str) {
-    let status = Command::new("kill")
+    Command::new("kill")
         .args([&format!("-{signal}"), &pid.to_string()])
         .stderr(Stdio::null())
         .status()
         .expect("run kill");
-    // A process that has exited already is not an error here.
-    let _ = status;
 }
 
 /// The last `lines` lines of a file, for failure messages.
@@ -176,9 +176,10 @@ impl Node {
         )
     }
 
-    fn java(&self, libs: &Path) -> Command {
+    fn java(&self, libs: &Path, jvm_flags: &[String]) -> Command {
         let mut cmd = Command::new(java());
         cmd.args(JVM_FLAGS)
+            .args(jvm_flags)
             .arg(format!(
                 "-Dlog4j2.configurationFile={}",
                 self.dir.join("log4j2.properties").display()
@@ -192,6 +193,7 @@ impl Node {
 
     /// Writes the configuration and formats the storage of a new node.
     fn format(&self, libs: &Path, cluster_id: &str, voters: &str, replicas: usize) {
+        let jvm_flags: &[String] = &[];
         std::fs::create_dir_all(&self.dir).expect("node dir");
         let _ = std::fs::remove_dir_all(self.dir.join("data"));
         std::fs::write(
@@ -201,7 +203,7 @@ impl Node {
         .expect("server.properties");
         std::fs::write(self.dir.join("log4j2.properties"), self.log4j()).expect("log4j2");
         let out = self
-            .java(libs)
+            .java(libs, jvm_flags)
             .args(["kafka.tools.StorageTool", "format", "--cluster-id"])
             .arg(cluster_id)
             .args(["--config", "server.properties", "--ignore-formatted"])
@@ -217,7 +219,7 @@ impl Node {
         );
     }
 
-    fn spawn(&mut self, libs: &Path) {
+    fn spawn(&mut self, libs: &Path, jvm_flags: &[String]) {
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -225,7 +227,7 @@ impl Node {
             .expect("stdout.log");
         let err = out.try_clone().expect("stdout.log");
         let child = self
-            .java(libs)
+            .java(libs, jvm_flags)
             .args(["kafka.Kafka", "server.properties"])
             .stdout(out)
             .stderr(err)
@@ -282,21 +284,30 @@ impl Node {
 /// A KRaft cluster of Apache Kafka nodes on loopback ports.
 pub(crate) struct Kafka {
     libs: PathBuf,
+    /// JVM flags after [`JVM_FLAGS`] (later flags win).
+    jvm_flags: Vec<String>,
     nodes: Vec<Node>,
 }
 
 impl Kafka {
     /// One node, replication factor 1.
     pub(crate) fn single(dir: &Path) -> Self {
-        Self::start(dir, 1)
+        Self::start(dir, 1, &[])
+    }
+
+    /// One node with `jvm_flags` after the tests' own: the bench gives the broker the full JIT
+    /// compiler and a larger heap, so that the broker does not bound what it measures.
+    pub(crate) fn single_with_jvm_flags(dir: &Path, jvm_flags: &[&str]) -> Self {
+        Self::start(dir, 1, jvm_flags)
     }
 
     /// Three nodes, replication factor 3, `min.insync.replicas=2`.
     pub(crate) fn cluster(dir: &Path) -> Self {
-        Self::start(dir, 3)
+        Self::start(dir, 3, &[])
     }
 
-    fn start(dir: &Path, n: usize) -> Self {
+    fn start(dir: &Path, n: usize, jvm_flags: &[&str]) -> Self {
+        let jvm_flags: Vec<String> = jvm_flags.iter().map(|f| f.to_string()).collect();
         let libs = kafka_libs();
         let started = Instant::now();
         // Free ports are found by binding and releasing them, so another process can take one
@@ -304,6 +315,7 @@ impl Kafka {
         for attempt in 1..=3 {
             let mut kafka = Kafka {
                 libs: libs.clone(),
+                jvm_flags: jvm_flags.clone(),
                 nodes: (0..n)
                     .map(|i| Node {
                         id: i as u32 + 1,
@@ -321,14 +333,14 @@ impl Kafka {
                 .collect::<Vec<_>>()
                 .join(",");
             // A cluster id is 16 bytes in URL-safe base64 without padding (22 characters).
-            let cluster_id = format!("rill{:018}", started.elapsed().as_nanos() % 10u128.pow(18));
+            let cluster_id = format!("rill{:018}", std::process::id());
             for node in &kafka.nodes {
                 std::fs::create_dir_all(&node.dir).expect("node dir");
                 let _ = std::fs::remove_file(node.log());
                 node.format(&libs, &cluster_id, &voters, n);
             }
             for node in &mut kafka.nodes {
-                node.spawn(&libs);
+                node.spawn(&libs, &jvm_flags);
             }
             match kafka.wait_ready(START_TIMEOUT) {
                 Ok(()) => {
@@ -435,11 +447,6 @@ impl Kafka {
             .unwrap_or_else(|| panic!("no node with id {id}"))
     }
 
-    /// The pid of node `i`'s process, if it runs.
-    pub(crate) fn pid(&self, i: usize) -> Option<u32> {
-        self.nodes[i].pid()
-    }
-
     /// SIGKILLs node `i`.
     pub(crate) fn kill(&mut self, i: usize) {
         self.nodes[i].kill();
@@ -455,8 +462,8 @@ impl Kafka {
     /// [`Kafka::stop`]), and waits until the cluster sees it.
     pub(crate) fn restart(&mut self, i: usize) {
         let started = Instant::now();
-        let libs = self.libs.clone();
-        self.nodes[i].spawn(&libs);
+        let (libs, jvm_flags) = (self.libs.clone(), self.jvm_flags.clone());
+        self.nodes[i].spawn(&libs, &jvm_flags);
         if let Err(e) = self.wait_ready(START_TIMEOUT) {
             panic!("{e}");
         }
@@ -465,11 +472,6 @@ impl Kafka {
             self.nodes[i].id,
             started.elapsed().as_secs_f64()
         );
-    }
-
-    /// The log of node `i`'s last lines, for failure messages.
-    pub(crate) fn describe(&self, i: usize) -> String {
-        self.nodes[i].describe()
     }
 }
 
