@@ -9,7 +9,7 @@
 //! ```
 //!
 //! The broker is started as the tests start it (`tests/common/kafka.rs`), from the jars
-//! `scripts/kafka-jars` fetches (`RILL_KAFKA_LIBS`).
+//! `scripts/kafka-jars` fetches (`RILL_TEST_KAFKA_LIBS`).
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};

@@ -21,8 +21,9 @@
 //! - `exactly_once_survives_ten_sigkills`: nothing lost, nothing duplicated, every count exact,
 //!   with the workers' `--processing-guarantee exactly_once` and a stable `--worker-id` per
 //!   worker slot (a restarted worker fences the one it replaces).
-//! - `a_paused_zombie_worker_is_fenced`, `a_worker_killed_between_producing_and_committing_is_redone_once`,
-//!   `an_aborted_transaction_leaves_no_output`: exactly-once at the moments it is built for.
+//! - `a_worker_killed_between_producing_and_committing_is_redone_once`,
+//!   `a_paused_zombie_worker_is_fenced` and `an_aborted_transaction_leaves_no_output`:
+//!   exactly-once at the moments it is built for.
 //! - `the_mock_cluster_does_not_implement_transaction_semantics` and
 //!   `kafka_implements_transaction_semantics`: the same probe on both: records of aborted
 //!   transactions hidden from `read_committed` readers, offsets sent to a transaction

@@ -422,6 +422,7 @@ fn run_with_broker_alive(body: impl std::future::Future<Output = ()>) {
 const AIOKAFKA_CLIENT: &str = r#"
 import asyncio, json, sys
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import TopicPartition
 
 
@@ -445,16 +446,28 @@ async def produce(bootstrap, topic, path):
         await producer.stop()
 
 
+async def partitions_of(bootstrap, topic):
+    # Asked of the cluster: a consumer's own metadata covers only the topics it subscribed to
+    # or was assigned (`consumer.topics()` does not fill it).
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        while True:
+            [t] = await admin.describe_topics([topic])
+            if t["error_code"] == 0 and t["partitions"]:
+                return sorted(p["partition"] for p in t["partitions"])
+            await asyncio.sleep(0.1)
+    finally:
+        await admin.close()
+
+
 async def consume(bootstrap, topic):
+    partitions = await partitions_of(bootstrap, topic)
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
                                 auto_offset_reset="earliest")
     await consumer.start()
     try:
-        partitions = None
-        while not partitions:
-            await consumer.topics()  # refreshes the metadata
-            partitions = consumer.partitions_for_topic(topic)
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        tps = [TopicPartition(topic, p) for p in partitions]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         end = await consumer.end_offsets(tps)

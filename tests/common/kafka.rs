@@ -2,8 +2,9 @@
 //! combined broker and controller) started with `java -cp '<libs>/*' kafka.Kafka` on free
 //! loopback ports in a scratch directory, stopped by pid when dropped.
 //!
-//! The broker's jars come from `RILL_KAFKA_LIBS`, else from the cache `scripts/kafka-jars`
-//! fills (`${XDG_CACHE_HOME:-$HOME/.cache}/rill/kafka-4.4.0/libs`); `scripts/test` runs it.
+//! The broker's jars come from `RILL_TEST_KAFKA_LIBS`, else from the cache that
+//! `scripts/kafka-jars` fills (`${XDG_CACHE_HOME:-$HOME/.cache}/rill/kafka-4.4.0/libs`);
+//! `scripts/test` runs it.
 //! Java is `$JAVA_HOME/bin/java`, else `java` on PATH.
 //!
 //! [`Kafka::single`] is one node (replication factor 1, for most tests);
@@ -29,7 +30,7 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The directory holding the broker's jars.
 pub(crate) fn kafka_libs() -> PathBuf {
-    let dir = std::env::var_os("RILL_KAFKA_LIBS")
+    let dir = std::env::var_os("RILL_TEST_KAFKA_LIBS")
         .map(PathBuf::from)
         .or_else(|| {
             let cache = std::env::var_os("XDG_CACHE_HOME")
@@ -37,12 +38,12 @@ pub(crate) fn kafka_libs() -> PathBuf {
                 .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")))?;
             Some(cache.join(format!("rill/kafka-{KAFKA_VERSION}/libs")))
         })
-        .expect("neither RILL_KAFKA_LIBS nor HOME is set");
+        .expect("neither RILL_TEST_KAFKA_LIBS nor HOME is set");
     assert!(
         dir.join(format!("kafka_2.13-{KAFKA_VERSION}.jar"))
             .is_file(),
         "Apache Kafka {KAFKA_VERSION}'s jars are not in {}: fetch them with scripts/kafka-jars \
-         (scripts/test does) or set RILL_KAFKA_LIBS",
+         (scripts/test does) or set RILL_TEST_KAFKA_LIBS",
         dir.display()
     );
     dir
