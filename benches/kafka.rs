@@ -2,11 +2,14 @@
 //! and `ask` round trips against a bare produce → consume round trip.
 //!
 //! ```console
-//! $ cargo bench --bench kafka                       # starts tansu (on PATH) on a free port
+//! $ cargo bench --bench kafka                       # starts Apache Kafka (one KRaft node)
 //! $ RILL_BENCH_BROKER=127.0.0.1:9092 cargo bench --bench kafka   # or use a running broker
-//! $ RILL_BENCH_ONLY=guarantees cargo bench --bench kafka   # only each guarantee, on the mock cluster
+//! $ RILL_BENCH_ONLY=guarantees cargo bench --bench kafka   # only at-least-once vs exactly-once
 //! $ RILL_BENCH_ONLY=adding cargo bench --bench kafka       # only the adding throughput
 //! ```
+//!
+//! The broker is started as the tests start it (`tests/common/kafka.rs`), from the jars
+//! `scripts/kafka-jars` fetches (`RILL_TEST_KAFKA_LIBS`).
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -14,7 +17,6 @@ use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use rdkafka::Message;
 use rill::prelude::*;
 use rill::ProcessingGuarantee;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -23,7 +25,7 @@ use tokio::sync::Notify;
 const EVENTS: u64 = 200_000;
 const PARTITIONS: u32 = 4;
 const ROUNDS: usize = 9;
-/// Rounds of the at-least-once against exactly-once comparison (the mock cluster is slow).
+/// Rounds of the at-least-once against exactly-once comparison.
 const GUARANTEE_ROUNDS: usize = 5;
 const ASKS: usize = 300;
 
@@ -41,52 +43,27 @@ fn adding(mut stream: Stream<Add>) -> impl AsyncIterable<i64> {
     }
 }
 
+#[path = "../tests/common/kafka.rs"]
+#[allow(dead_code)]
+mod kafka;
+
+/// The broker the bench runs against: one it starts, or `RILL_BENCH_BROKER`.
 struct Broker {
     addr: String,
-    child: Option<Child>,
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        if let Some(c) = &mut self.child {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
+    _kafka: Option<kafka::Kafka>,
 }
 
 fn broker() -> Broker {
     if let Ok(addr) = std::env::var("RILL_BENCH_BROKER") {
-        return Broker { addr, child: None };
+        return Broker { addr, _kafka: None };
     }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
-    let url = format!("tcp://127.0.0.1:{port}");
-    let child = Command::new("tansu")
-        .args([
-            "broker",
-            "--listener-url",
-            &url,
-            "--advertised-listener-url",
-            &url,
-            "--storage-engine",
-            "memory://tansu/",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start tansu (cargo install tansu --version 0.6.0 --locked --features dynostore,libsql)");
-    let addr = format!("127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(&addr).is_err() {
-        assert!(Instant::now() < deadline, "tansu did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let dir = kafka::scratch_dir("bench-kafka");
+    // The tests' broker starts fast (the client compiler only, a small heap); the bench's
+    // runs at full speed, as a deployed one.
+    let k = kafka::Kafka::single_with_jvm_flags(&dir, &["-XX:TieredStopAtLevel=4", "-Xmx1g"]);
     Broker {
-        addr,
-        child: Some(child),
+        addr: k.addr(),
+        _kafka: Some(k),
     }
 }
 
@@ -158,8 +135,8 @@ fn bare_loop(addr: &str, input: &str, output: &str, group: &str) -> Timing {
         .set("group.id", group)
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "true")
-        // As rill's consumers: brokers that hold a fetch for the whole wait (tansu does)
-        // would otherwise cap the loop at a few fetches a second.
+        // As rill's consumers: a broker holds a fetch for up to this long when it has nothing
+        // new (Kafka's default of 500 ms would cap the loop at a few fetches a second).
         .set("fetch.wait.max.ms", "20")
         .set("isolation.level", "read_committed")
         .create()
@@ -237,7 +214,6 @@ async fn rill_agent(
             }
         });
     let worker = app.start().await.expect("start");
-    eprintln!("TMP start took {:?}", start.elapsed());
     tokio::time::timeout(Duration::from_secs(300), done.notified())
         .await
         .expect("all events processed");
@@ -275,7 +251,7 @@ fn main() {
     rt.block_on(async {
         let run = std::process::id();
         if std::env::var("RILL_BENCH_ONLY").as_deref() == Ok("guarantees") {
-            exactly_once_overhead(run).await;
+            exactly_once_overhead(&addr, run).await;
             return;
         }
         let (mut bare, mut rill) = (Vec::new(), Vec::new());
@@ -359,15 +335,12 @@ fn main() {
         println!("  bare produce → consume:  p50 {:>7.2} ms   p99 {:>7.2} ms", pct(&bare_samples, 0.5), pct(&bare_samples, 0.99));
         println!("  rill adding.ask:         p50 {:>7.2} ms   p99 {:>7.2} ms", pct(&samples, 0.5), pct(&samples, 0.99));
 
-        exactly_once_overhead(run).await;
+        exactly_once_overhead(&addr, run).await;
     });
 }
 
-/// The adding agent with each processing guarantee on librdkafka's mock cluster (tansu 0.6.0
-/// has no transactions), alternating, in one process.
-async fn exactly_once_overhead(run: u32) {
-    let cluster = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
-    let addr = cluster.bootstrap_servers();
+/// The adding agent with each processing guarantee on the same broker, alternating.
+async fn exactly_once_overhead(addr: &str, run: u32) {
     let (mut alo, mut eos) = (Vec::new(), Vec::new());
     for round in 0..GUARANTEE_ROUNDS {
         for (guarantee, rates) in [
@@ -376,21 +349,14 @@ async fn exactly_once_overhead(run: u32) {
         ] {
             let name = format!("{run}-{round}-{guarantee}");
             let (input, output) = (format!("bench-g-in-{name}"), format!("bench-g-out-{name}"));
-            fill(&addr, &input, &[&output]).await;
-            let t = rill_agent(
-                &addr,
-                &input,
-                &output,
-                &format!("bench-g-{name}"),
-                guarantee,
-            )
-            .await;
+            fill(addr, &input, &[&output]).await;
+            let t = rill_agent(addr, &input, &output, &format!("bench-g-{name}"), guarantee).await;
             println!("round {round}: {guarantee:<13} {:>9.0} events/s", t.rate());
             rates.push(t.rate());
         }
     }
     let (a, e) = (median(alo), median(eos));
-    println!("adding on the mock cluster, {EVENTS} keyed JSON events, {PARTITIONS} partitions, median of {GUARANTEE_ROUNDS} rounds:");
+    println!("adding on Kafka ({addr}), {EVENTS} keyed JSON events, {PARTITIONS} partitions, median of {GUARANTEE_ROUNDS} rounds:");
     println!(
         "  at-least-once {a:>10.0} events/s   exactly-once {e:>10.0} events/s   ratio {:.2}",
         e / a

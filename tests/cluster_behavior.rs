@@ -1,13 +1,14 @@
-//! Several worker processes of one app on a real Kafka-protocol broker (tansu, a separate
+//! Several worker processes of one app on Apache Kafka (a KRaft broker in a separate
 //! process): they share the partitions of a topic, survive a worker killed with SIGKILL and a
 //! worker joining, stop gracefully without duplicates, and ride out a broker restart.
 //!
-//! The broker is `tansu` 0.6.0 from PATH (or `RILL_TANSU`); `.ci/run` installs it. Workers are
+//! The broker is started by `tests/common/kafka.rs` from the jars `scripts/kafka-jars` fetches
+//! (`scripts/test` does). Workers are
 //! `tests/support/test_worker.rs`, built by `cargo test` as the `test_worker` example.
 
 mod common;
 
-use common::tansu::{scratch_dir, Tansu};
+use common::kafka::{scratch_dir, Kafka};
 use common::{wait_until_state, Recorder};
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
@@ -85,10 +86,6 @@ impl WorkerProcess {
             .env("RILL_WEB_PORT", "0")
             .env("RILL_KAFKA_SESSION_TIMEOUT_MS", "6000")
             .env("RILL_KAFKA_HEARTBEAT_INTERVAL_MS", "500")
-            // tansu completes a rebalance as soon as its leader rejoins, before the other
-            // members have heard of it (on their next heartbeat) and handed their partitions
-            // over: a worker waits this long before reading partitions it did not hold.
-            .env("RILL_KAFKA_RILL_HANDOFF_GRACE_MS", "3000")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("worker log"))
             .spawn()
@@ -334,20 +331,14 @@ fn check_order_and_duplicates(seen: &[Processed]) -> BTreeMap<u64, Vec<String>> 
     by_seq.into_iter().filter(|(_, v)| v.len() > 1).collect()
 }
 
-/// On tansu 0.6.0 this relies on two workarounds in the Kafka transport: a worker assigned
-/// partitions again without a new generation (tansu drops a member whose session expired
-/// without telling the others) rejoins as a new member, so the whole group rebalances; and the
-/// handoff grace set in `WorkerProcess::start` (tansu completes a rebalance before the other
-/// members have handed their partitions over).
+/// Kafka's group coordinator completes a rebalance only once every member has rejoined (and so
+/// handed its partitions over): no handoff grace is set here.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_share_partitions_survive_sigkill_and_stop_gracefully() {
     let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     let dir = scratch_dir("cluster");
-    // tansu 0.6.0's memory storage answers a fetch from an offset inside a record batch
-    // with the batches after it only, skipping the rest of that batch: a worker resuming
-    // from a committed offset would lose events. Its SQLite storage fetches from the offset.
-    let tansu = Tansu::start(&dir, "sqlite://tansu.db".into());
-    let broker = tansu.addr();
+    let kafka = Kafka::single(&dir);
+    let broker = kafka.addr();
     let seen = Recorder::new();
     let check = checker(&broker, &seen).await;
 
@@ -426,9 +417,9 @@ async fn workers_share_partitions_survive_sigkill_and_stop_gracefully() {
 async fn a_worker_rides_out_a_20_second_broker_restart() {
     let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     let dir = scratch_dir("restart");
-    // A file in the broker's working directory: the data survives a restart.
-    let mut tansu = Tansu::start(&dir, "sqlite://tansu.db".into());
-    let broker = tansu.addr();
+    // The broker's log directories outlive its process: the data survives a restart.
+    let mut kafka = Kafka::single(&dir);
+    let broker = kafka.addr();
     let seen = Recorder::new();
     let check = checker(&broker, &seen).await;
     let w = WorkerProcess::start(&dir, &broker, "solo");
@@ -441,10 +432,10 @@ async fn a_worker_rides_out_a_20_second_broker_restart() {
 
     // The broker goes away for 20 s (the scenario itself, not a wait for a condition); events
     // produced meanwhile wait in the producer.
-    tansu.stop();
+    kafka.stop(0);
     producer.send(2_000..3_000);
     tokio::time::sleep(Duration::from_secs(20)).await;
-    tansu.spawn();
+    tokio::task::block_in_place(|| kafka.restart(0));
     producer.send(3_000..5_000);
     producer.flush();
     wait_for_seqs(&seen, 5_000, Duration::from_secs(240)).await;

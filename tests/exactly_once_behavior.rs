@@ -18,7 +18,7 @@
 //! - the embedded transport accepts exactly-once and processes normally.
 //!
 //! What a `read_committed` consumer sees on a real broker is checked by the exactly-once
-//! scenario of `tests/fault_harness.rs`, which needs one (`RILL_TEST_TXN_BROKER`).
+//! scenarios of `tests/fault_harness.rs`, on Apache Kafka.
 
 mod common;
 

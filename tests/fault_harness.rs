@@ -14,28 +14,39 @@
 //! wrong: below the number of events of the key (at-least-once), or different from it
 //! (exactly-once).
 //!
-//! - `at_least_once_on_tansu_survives_ten_sigkills`: nothing lost; duplicates printed.
+//! Every scenario runs against Apache Kafka brokers it starts (`tests/common/kafka.rs`): one
+//! KRaft node, or three (replication factor 3, `min.insync.replicas=2`) for broker failures.
+//!
+//! - `at_least_once_on_kafka_survives_ten_sigkills`: nothing lost; duplicates printed.
 //! - `exactly_once_survives_ten_sigkills`: nothing lost, nothing duplicated, every count exact,
 //!   with the workers' `--processing-guarantee exactly_once` and a stable `--worker-id` per
-//!   worker slot (a restarted worker fences the one it replaces). Needs a broker that
-//!   implements transactions, given by `RILL_TEST_TXN_BROKER=host:port`, so it is `#[ignore]`d:
-//!   neither tansu 0.6.0 (no EndTxn) nor librdkafka's mock cluster implements them.
-//! - `the_mock_cluster_does_not_implement_transaction_semantics`: checks what the mock cluster
-//!   (hosted in a process of its own, `tests/support/mock_cluster.rs`) lacks: records of
-//!   aborted transactions stay visible to `read_committed` readers, offsets sent to a
-//!   transaction are dropped, and a second producer with the same transactional id does not
-//!   fence the first. A correct exactly-once worker fails the scenario there.
-//! - `nothing_is_lost_when_tansu_restarts_after_20_seconds`: the broker (SQLite storage) is
-//!   stopped for 20 s while events flow.
+//!   worker slot (a restarted worker fences the one it replaces).
+//! - `a_worker_killed_between_producing_and_committing_is_redone_once`,
+//!   `a_paused_zombie_worker_is_fenced` and `an_aborted_transaction_leaves_no_output`:
+//!   exactly-once at the moments it is built for.
+//! - `the_mock_cluster_does_not_implement_transaction_semantics` and
+//!   `kafka_implements_transaction_semantics`: the same probe on both: records of aborted
+//!   transactions hidden from `read_committed` readers, offsets sent to a transaction
+//!   committed, and a second producer with the same transactional id fencing the first. The
+//!   mock cluster (hosted in a process of its own, `tests/support/mock_cluster.rs`) implements
+//!   none of them, so exactly-once is verified on Kafka only.
+//! - `nothing_is_lost_when_kafka_restarts_after_20_seconds`: the broker is SIGKILLed and away
+//!   for 20 s while events flow.
+//! - `leader_broker_killed_*` and `rolling_broker_restart_*` (three brokers): the leader of the
+//!   most partitions SIGKILLed mid-stream, and each broker restarted in turn under load, with
+//!   at-least-once and with exactly-once.
 //!
-//! Run: `cargo test --test fault_harness -- --nocapture` (the scenarios run one at a time);
-//! add `--ignored exactly_once` with `RILL_TEST_TXN_BROKER` set for the exactly-once one.
+//! Run: `cargo test --test fault_harness -- --nocapture` (the scenarios run one at a time).
+//! With `RILL_FAULT_SUPERVISE=1`, the scenarios on three brokers start a worker that stopped by
+//! itself again, as a supervisor would, instead of failing: that checks their data alone (an
+//! exactly-once worker stops when the broker aborts its transaction on a timeout during a
+//! broker failure; see the README's Status).
 //! The worker and mock-cluster binaries are built first if needed. `RILL_FAULT_SEED` replays
 //! the kills of an earlier run (each scenario prints its seed).
 
 mod common;
 
-use common::tansu::{scratch_dir, Tansu};
+use common::kafka::{leader_of, scratch_dir, signal, Kafka};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
@@ -115,6 +126,7 @@ impl Rng {
 }
 
 /// What a scenario runs against.
+#[derive(Clone)]
 struct Setup {
     name: &'static str,
     dir: PathBuf,
@@ -130,6 +142,9 @@ struct Setup {
     /// Appended to the app id and the topic names (the workers' `RILL_FAULT_NAMESPACE`): empty
     /// on a broker the scenario starts, unique per run on one that outlives it.
     namespace: String,
+    /// Whether a worker may stop by itself (an exactly-once worker whose producer was fenced
+    /// does): it is then started again, as its supervisor would. Otherwise that fails the test.
+    restart_stopped: bool,
 }
 
 impl Setup {
@@ -275,9 +290,14 @@ impl FaultWorker {
         }
     }
 
+    /// The exit status, if the worker exited without being killed.
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     /// Fails the test if the worker exited without being killed.
     fn check_alive(&mut self) {
-        if let Ok(Some(status)) = self.child.try_wait() {
+        if let Some(status) = self.exited() {
             panic!(
                 "worker {} exited by itself with {status}; {}:\n{}",
                 self.name,
@@ -302,8 +322,11 @@ impl Drop for FaultWorker {
 
 /// The three workers of a scenario.
 struct Workers {
+    setup: Setup,
     list: Vec<FaultWorker>,
     generations: Vec<usize>,
+    /// Workers that stopped by themselves and were started again (`Setup::restart_stopped`).
+    stopped_by_themselves: Vec<String>,
 }
 
 impl Workers {
@@ -312,14 +335,32 @@ impl Workers {
             .map(|i| FaultWorker::start(setup, &format!("w{i}"), 0))
             .collect();
         Workers {
+            setup: setup.clone(),
             list,
             generations: vec![0; WORKERS],
+            stopped_by_themselves: Vec::new(),
         }
     }
 
+    /// Fails the test if a worker exited without being killed, unless the scenario lets
+    /// workers stop by themselves: then starts it again.
     fn check_alive(&mut self) {
-        for w in &mut self.list {
-            w.check_alive();
+        for i in 0..self.list.len() {
+            if !self.setup.restart_stopped {
+                self.list[i].check_alive();
+                continue;
+            }
+            if let Some(status) = self.list[i].exited() {
+                let why = tail(&self.list[i].log, 3);
+                println!(
+                    "scenario={} w{i} stopped by itself ({status}), started again; its log \
+                     ends with:\n{why}",
+                    self.setup.name
+                );
+                self.stopped_by_themselves.push(format!("w{i}: {status}"));
+                let setup = self.setup.clone();
+                self.kill_and_restart(&setup, i);
+            }
         }
     }
 
@@ -673,6 +714,8 @@ struct Summary {
     input_duplicates: u64,
     /// Where the checker gave up waiting, if it did.
     incomplete: Vec<String>,
+    /// Workers that stopped by themselves and were started again.
+    stopped_by_themselves: Vec<String>,
 }
 
 impl Summary {
@@ -791,7 +834,8 @@ fn run(setup: &Setup, produce_over: Duration, faults: impl FnOnce(&mut Workers))
             .unwrap_or_else(|e| std::panic::resume_unwind(e))
     });
     workers.check_alive();
-    let summary = check(setup, &mut workers, sent);
+    let mut summary = check(setup, &mut workers, sent);
+    summary.stopped_by_themselves = workers.stopped_by_themselves.clone();
     println!(
         "{} ({:.1} s)",
         summary.line(setup.name),
@@ -825,12 +869,11 @@ fn kill_rounds(setup: &Setup, interval: Duration) -> impl FnOnce(&mut Workers) +
     }
 }
 
-/// The settings the cluster tests use on tansu 0.6.0 (see the README's tansu section).
-const TANSU_ENV: [(&str, &str); 3] = [
+/// The workers' client settings: a short session, so that the partitions of a SIGKILLed
+/// worker move on after 6 s.
+const KAFKA_ENV: [(&str, &str); 2] = [
     ("RILL_KAFKA_SESSION_TIMEOUT_MS", "6000"),
     ("RILL_KAFKA_HEARTBEAT_INTERVAL_MS", "500"),
-    // tansu completes a rebalance before every member has handed its partitions over.
-    ("RILL_KAFKA_RILL_HANDOFF_GRACE_MS", "3000"),
 ];
 
 fn assert_nothing_lost(setup: &Setup, s: &Summary) {
@@ -855,26 +898,24 @@ fn assert_nothing_lost(setup: &Setup, s: &Summary) {
 }
 
 #[test]
-fn at_least_once_on_tansu_survives_ten_sigkills() {
+fn at_least_once_on_kafka_survives_ten_sigkills() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let dir = scratch_dir("fault-alo");
-    // tansu 0.6.0's memory storage loses records when a fetch starts inside a batch.
-    let tansu = Tansu::start(&dir, "sqlite://tansu.db".into());
+    let kafka = Kafka::single(&dir);
     let setup = Setup {
-        name: "at_least_once_tansu_sigkill",
+        name: "at_least_once_kafka_sigkill",
         dir: dir.clone(),
-        bootstrap: tansu.addr(),
+        bootstrap: kafka.addr(),
         guarantee: "at_least_once",
-        env: TANSU_ENV.to_vec(),
+        env: KAFKA_ENV.to_vec(),
         idempotent_producer: false,
         events: 30_000,
         namespace: String::new(),
+        restart_stopped: false,
     };
-    // Longer than the session timeout (6 s): tansu 0.6.0's group coordinator can leave the
-    // partitions of a member killed in the middle of a rebalance assigned to it and tell no
-    // other member (seen once in about five runs at 4 s: two partitions never read again).
-    // Kafka's coordinator rebalances when that member's session expires.
-    let interval = Duration::from_secs(7);
+    // Shorter than the session timeout (6 s): a worker may be killed while the group still
+    // waits for the last one killed.
+    let interval = Duration::from_secs(5);
     let s = run(
         &setup,
         interval * KILL_ROUNDS as u32,
@@ -889,7 +930,7 @@ fn at_least_once_on_tansu_survives_ten_sigkills() {
         s.details(),
         dir.display()
     );
-    drop(tansu);
+    drop(kafka);
 }
 
 /// A `mock_cluster` process (librdkafka's mock cluster, as a process of its own serves
@@ -1083,53 +1124,37 @@ fn the_mock_cluster_does_not_implement_transaction_semantics() {
     drop(mock);
 }
 
-/// The address of a broker with transactions, for the exactly-once scenario.
-const TXN_BROKER: &str = "RILL_TEST_TXN_BROKER";
-
-/// Exactly-once under SIGKILLs: nothing lost, nothing duplicated in what `read_committed`
-/// readers see, every count exact. Needs a broker that implements transactions (Apache Kafka;
-/// a single broker needs `transaction.state.log.replication.factor=1` and
-/// `transaction.state.log.min.isr=1`):
-///
-/// ```console
-/// $ RILL_TEST_TXN_BROKER=127.0.0.1:9092 cargo test --test fault_harness -- --ignored exactly_once --nocapture
-/// ```
-///
-/// The broker outlives the run: the app id and topic names get a suffix unique to the run.
+/// Kafka implements what the mock cluster lacks (the same probe): the exactly-once scenarios
+/// below check rill against transactions that take effect.
 #[test]
-#[ignore = "needs a Kafka broker with transactions: set RILL_TEST_TXN_BROKER (the mock cluster and tansu 0.6.0 do not implement them)"]
-fn exactly_once_survives_ten_sigkills() {
-    let bootstrap = std::env::var(TXN_BROKER).unwrap_or_else(|_| {
-        panic!("set {TXN_BROKER}=host:port to a Kafka broker that implements transactions")
-    });
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = scratch_dir("fault-eos");
-    let run_id = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or_default();
-    let setup = Setup {
-        name: "exactly_once_sigkill",
-        dir: dir.clone(),
-        bootstrap,
-        guarantee: "exactly_once",
-        // A short session: the partitions of a SIGKILLed worker move on after 6 s (Kafka's
-        // smallest by default, `group.min.session.timeout.ms`).
-        env: vec![
-            ("RILL_KAFKA_SESSION_TIMEOUT_MS", "6000"),
-            ("RILL_KAFKA_HEARTBEAT_INTERVAL_MS", "1000"),
-        ],
-        idempotent_producer: true,
-        events: 20_000,
-        namespace: format!("-{run_id}"),
-    };
-    let interval = Duration::from_secs(4);
-    let s = run(
-        &setup,
-        interval * KILL_ROUNDS as u32,
-        kill_rounds(&setup, interval),
+fn kafka_implements_transaction_semantics() {
+    let dir = scratch_dir("fault-txn-probe-kafka");
+    let kafka = Kafka::single(&dir);
+    let seen = probe_transactions(&kafka.addr())
+        .unwrap_or_else(|e| panic!("Kafka refuses a transaction: {e}"));
+    assert_eq!(
+        seen,
+        Transactions {
+            aborted_records_hidden: true,
+            offsets_committed: true,
+            same_id_fences: true,
+        },
+        "Kafka does not implement the transactions' effects as expected"
     );
-    assert_nothing_lost(&setup, &s);
+    drop(kafka);
+}
+
+/// The workers' settings with exactly-once: a short session (the partitions of a SIGKILLed
+/// worker move on after 6 s).
+const EOS_ENV: [(&str, &str); 2] = [
+    ("RILL_KAFKA_SESSION_TIMEOUT_MS", "6000"),
+    ("RILL_KAFKA_HEARTBEAT_INTERVAL_MS", "1000"),
+];
+
+/// Asserts the exactly-once outcome: nothing lost, nothing duplicated in what `read_committed`
+/// readers see, every count exact.
+fn assert_exactly_once(setup: &Setup, s: &Summary) {
+    assert_nothing_lost(setup, s);
     assert_eq!(
         s.duplicated,
         0,
@@ -1137,7 +1162,7 @@ fn exactly_once_survives_ten_sigkills() {
         setup.name,
         s.duplicated,
         s.details(),
-        dir.display()
+        setup.dir.display()
     );
     assert_eq!(
         s.table_mismatches,
@@ -1145,35 +1170,64 @@ fn exactly_once_survives_ten_sigkills() {
         "scenario {}: table counts differ from the events under exactly-once; {} (logs in {})",
         setup.name,
         s.details(),
-        dir.display()
+        setup.dir.display()
     );
 }
 
+/// Exactly-once under SIGKILLs: nothing lost, nothing duplicated in what `read_committed`
+/// readers see, every count exact.
 #[test]
-fn nothing_is_lost_when_tansu_restarts_after_20_seconds() {
+fn exactly_once_survives_ten_sigkills() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = scratch_dir("fault-eos");
+    let kafka = Kafka::single(&dir);
+    let setup = Setup {
+        name: "exactly_once_kafka_sigkill",
+        dir: dir.clone(),
+        bootstrap: kafka.addr(),
+        guarantee: "exactly_once",
+        env: EOS_ENV.to_vec(),
+        idempotent_producer: true,
+        events: 20_000,
+        namespace: String::new(),
+        restart_stopped: false,
+    };
+    let interval = Duration::from_secs(4);
+    let s = run(
+        &setup,
+        interval * KILL_ROUNDS as u32,
+        kill_rounds(&setup, interval),
+    );
+    assert_exactly_once(&setup, &s);
+    drop(kafka);
+}
+
+#[test]
+fn nothing_is_lost_when_kafka_restarts_after_20_seconds() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let dir = scratch_dir("fault-restart");
-    // A file in the broker's working directory: the data survives the restart.
-    let mut tansu = Tansu::start(&dir, "sqlite://tansu.db".into());
+    // The broker's log directories outlive its process: the data survives the restart.
+    let mut kafka = Kafka::single(&dir);
     let setup = Setup {
-        name: "at_least_once_tansu_restart",
+        name: "at_least_once_kafka_restart",
         dir: dir.clone(),
-        bootstrap: tansu.addr(),
+        bootstrap: kafka.addr(),
         guarantee: "at_least_once",
-        env: TANSU_ENV.to_vec(),
+        env: KAFKA_ENV.to_vec(),
         idempotent_producer: false,
         events: 20_000,
         namespace: String::new(),
+        restart_stopped: false,
     };
     let s = run(&setup, Duration::from_secs(40), |workers| {
         // The scenario's schedule: 10 s of events, the broker away for 20 s (events produced
         // meanwhile wait in the producer), then the rest.
         std::thread::sleep(Duration::from_secs(10));
         workers.check_alive();
-        tansu.stop();
-        println!("scenario={} broker stopped", setup.name);
+        kafka.kill(0);
+        println!("scenario={} broker SIGKILLed", setup.name);
         std::thread::sleep(Duration::from_secs(20));
-        tansu.spawn();
+        kafka.restart(0);
         println!("scenario={} broker restarted", setup.name);
     });
     assert_nothing_lost(&setup, &s);
@@ -1185,5 +1239,341 @@ fn nothing_is_lost_when_tansu_restarts_after_20_seconds() {
         s.details(),
         dir.display()
     );
-    drop(tansu);
+    drop(kafka);
+}
+
+/// Per partition of the output topic, how many offsets lie beyond its last stable offset:
+/// records of transactions still open (what `read_uncommitted` readers see beyond what
+/// `read_committed` readers may read yet).
+fn open_transaction_offsets(setup: &Setup) -> BTreeMap<i32, i64> {
+    let topic = setup.out_topic();
+    let committed = client(setup, "rill-fault-lso");
+    let uncommitted: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &setup.bootstrap)
+        .set("isolation.level", "read_uncommitted")
+        .create()
+        .expect("read_uncommitted client");
+    let Ok(md) = committed.fetch_metadata(Some(&topic), Duration::from_secs(5)) else {
+        return BTreeMap::new();
+    };
+    let partitions = md
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .map(|t| t.partitions().len() as i32)
+        .unwrap_or(0);
+    let mut open = BTreeMap::new();
+    for p in 0..partitions {
+        let timeout = Duration::from_secs(5);
+        // ListOffsets answers the last stable offset to a `read_committed` client.
+        let stable = committed.fetch_watermarks(&topic, p, timeout);
+        let high = uncommitted.fetch_watermarks(&topic, p, timeout);
+        if let (Ok((_, stable)), Ok((_, high))) = (stable, high) {
+            if high > stable {
+                open.insert(p, high - stable);
+            }
+        }
+    }
+    open
+}
+
+/// Waits (bounded) until records of an open transaction are in the output topic.
+fn wait_for_open_transaction(setup: &Setup, workers: &mut Workers) -> BTreeMap<i32, i64> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        workers.check_alive();
+        let open = open_transaction_offsets(setup);
+        if !open.is_empty() {
+            return open;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "scenario {}: no open transaction with records in {} within 30 s",
+            setup.name,
+            setup.out_topic()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A setup for the exactly-once scenarios on one broker.
+fn exactly_once_setup(name: &'static str, dir: &Path, kafka: &Kafka, events: u64) -> Setup {
+    Setup {
+        name,
+        dir: dir.to_owned(),
+        bootstrap: kafka.bootstrap(),
+        guarantee: "exactly_once",
+        env: EOS_ENV.to_vec(),
+        idempotent_producer: true,
+        events,
+        namespace: String::new(),
+        restart_stopped: false,
+    }
+}
+
+/// Workers SIGKILLed while a transaction of theirs has records in the output topic and is not
+/// committed: the transaction stays open after the kill (it was never committed), the
+/// restarted workers abort it, and its events are processed again exactly once.
+#[test]
+fn a_worker_killed_between_producing_and_committing_is_redone_once() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = scratch_dir("fault-eos-uncommitted");
+    let kafka = Kafka::single(&dir);
+    let setup = exactly_once_setup(
+        "exactly_once_kafka_kill_before_commit",
+        &dir,
+        &kafka,
+        10_000,
+    );
+    let s = run(&setup, Duration::from_secs(30), |workers| {
+        for round in 1..=3 {
+            // The scenario's schedule, not a wait for a condition.
+            std::thread::sleep(Duration::from_secs(5));
+            let open = wait_for_open_transaction(&setup, workers);
+            for w in &mut workers.list {
+                w.kill();
+            }
+            // Nobody can commit it now: still open means it was killed before committing.
+            let still_open = open_transaction_offsets(&setup);
+            println!(
+                "scenario={} round {round}: SIGKILLed every worker with transactions open in \
+                 {} (offsets per partition: {open:?}; after the kill: {still_open:?})",
+                setup.name,
+                setup.out_topic()
+            );
+            assert!(
+                !still_open.is_empty(),
+                "scenario {}: the open transaction was committed in the moment before the kill",
+                setup.name
+            );
+            for i in 0..WORKERS {
+                workers.generations[i] += 1;
+                workers.list[i] =
+                    FaultWorker::start(&setup, &format!("w{i}"), workers.generations[i]);
+            }
+        }
+    });
+    assert_exactly_once(&setup, &s);
+    drop(kafka);
+}
+
+/// A worker paused (SIGSTOP) past its session timeout while its transaction is open: the
+/// group moves its partitions to the others, which process its events; resumed (SIGCONT), the
+/// zombie's transaction must not commit (it is fenced: its group generation is stale), so
+/// nothing is duplicated. It may stop by itself when fenced; it is then started again.
+#[test]
+fn a_paused_zombie_worker_is_fenced() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = scratch_dir("fault-eos-zombie");
+    let kafka = Kafka::single(&dir);
+    let mut setup = exactly_once_setup("exactly_once_kafka_zombie", &dir, &kafka, 10_000);
+    setup.restart_stopped = true;
+    let s = run(&setup, Duration::from_secs(30), |workers| {
+        // The scenario's schedule, not a wait for a condition.
+        std::thread::sleep(Duration::from_secs(6));
+        wait_for_open_transaction(&setup, workers);
+        let zombie = workers.list[0].child.id();
+        signal(zombie, "STOP");
+        let paused = Instant::now();
+        println!("scenario={} SIGSTOPped w0 (pid {zombie})", setup.name);
+        // Until the two others hold every partition: w0's session expired and the group
+        // rebalanced without it.
+        let others = workers.webs()[1..].to_vec();
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while holders(&others).len() < PARTITIONS as usize {
+            if Instant::now() >= deadline {
+                signal(zombie, "CONT");
+                panic!(
+                    "scenario {}: the other workers did not take over w0's partitions within \
+                     90 s",
+                    setup.name
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        println!(
+            "scenario={} w1 and w2 hold every partition {:.1} s after the pause; SIGCONT w0",
+            setup.name,
+            paused.elapsed().as_secs_f64()
+        );
+        signal(zombie, "CONT");
+    });
+    assert_exactly_once(&setup, &s);
+    drop(kafka);
+}
+
+/// Transactions aborted mid-way by the broker: while they have records in the output topic,
+/// producers with the workers' transactional ids (`<app id>-<worker id>`) start, which aborts
+/// the open transactions and fences the workers. Their records must stay invisible to
+/// `read_committed` readers and their events be processed again, once; the fenced workers
+/// stop by themselves and are started again.
+#[test]
+fn an_aborted_transaction_leaves_no_output() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = scratch_dir("fault-eos-abort");
+    let kafka = Kafka::single(&dir);
+    let mut setup = exactly_once_setup("exactly_once_kafka_aborted", &dir, &kafka, 10_000);
+    setup.restart_stopped = true;
+    let s = run(&setup, Duration::from_secs(30), |workers| {
+        // The scenario's schedule, not a wait for a condition.
+        std::thread::sleep(Duration::from_secs(8));
+        let open = wait_for_open_transaction(&setup, workers);
+        let fencers: Vec<BaseProducer> = (0..WORKERS)
+            .map(|i| {
+                let fencer: BaseProducer = ClientConfig::new()
+                    .set("bootstrap.servers", &setup.bootstrap)
+                    .set("transactional.id", format!("{}-w{i}", setup.app()))
+                    .create()
+                    .expect("a transactional producer");
+                fencer
+                    .init_transactions(Duration::from_secs(30))
+                    .unwrap_or_else(|e| panic!("fencing w{i}'s transactional id: {e}"));
+                fencer
+            })
+            .collect();
+        let after = open_transaction_offsets(&setup);
+        println!(
+            "scenario={} aborted the workers' open transactions (offsets per partition: \
+             {open:?}; open after: {after:?})",
+            setup.name
+        );
+        drop(fencers);
+    });
+    println!(
+        "scenario={} workers that stopped by themselves: {:?}",
+        setup.name, s.stopped_by_themselves
+    );
+    assert_exactly_once(&setup, &s);
+    drop(kafka);
+}
+
+/// The setup of a scenario on the three-broker cluster.
+fn cluster_setup(name: &'static str, dir: &Path, kafka: &Kafka, guarantee: &'static str) -> Setup {
+    let mut env = if guarantee == "exactly_once" {
+        EOS_ENV.to_vec()
+    } else {
+        KAFKA_ENV.to_vec()
+    };
+    env.push(("RILL_FAULT_REPLICATION", "3"));
+    Setup {
+        name,
+        dir: dir.to_owned(),
+        bootstrap: kafka.bootstrap(),
+        guarantee,
+        env,
+        idempotent_producer: guarantee == "exactly_once",
+        events: 20_000,
+        namespace: String::new(),
+        // A worker must not stop over a broker failure, unless asked to look at the data alone.
+        restart_stopped: std::env::var_os("RILL_FAULT_SUPERVISE").is_some(),
+    }
+}
+
+/// The broker id that leads the most partitions of the scenario's topics.
+fn busiest_leader(setup: &Setup) -> i32 {
+    let mut led: BTreeMap<i32, usize> = BTreeMap::new();
+    for topic in [setup.events_topic(), setup.out_topic()] {
+        for p in 0..PARTITIONS as i32 {
+            if let Some(leader) = leader_of(&setup.bootstrap, &topic, p) {
+                *led.entry(leader).or_default() += 1;
+            }
+        }
+    }
+    led.into_iter()
+        .max_by_key(|&(_, n)| n)
+        .map(|(id, _)| id)
+        .expect("the topics have leaders")
+}
+
+/// Asserts the outcome for `guarantee`.
+fn assert_guarantee(setup: &Setup, s: &Summary) {
+    if setup.exactly_once() {
+        assert_exactly_once(setup, s);
+    } else {
+        assert_nothing_lost(setup, s);
+        assert_eq!(
+            s.table_mismatches,
+            0,
+            "scenario {}: keys counted fewer times than they have events; {} (logs in {})",
+            setup.name,
+            s.details(),
+            setup.dir.display()
+        );
+    }
+}
+
+/// The broker leading the most partitions is SIGKILLed mid-stream and stays down: the other
+/// two (still `min.insync.replicas`) take over its leaderships and coordinators.
+fn leader_broker_killed(name: &'static str, guarantee: &'static str) {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = scratch_dir(name);
+    let mut kafka = Kafka::cluster(&dir);
+    let setup = cluster_setup(name, &dir, &kafka, guarantee);
+    let s = run(&setup, Duration::from_secs(30), |workers| {
+        // The scenario's schedule, not a wait for a condition.
+        std::thread::sleep(Duration::from_secs(10));
+        workers.check_alive();
+        let leader = busiest_leader(&setup);
+        kafka.kill(kafka.index_of(leader));
+        println!(
+            "scenario={} SIGKILLed broker {leader}, the busiest leader",
+            setup.name
+        );
+    });
+    assert_guarantee(&setup, &s);
+    drop(kafka);
+}
+
+#[test]
+fn leader_broker_killed_at_least_once() {
+    leader_broker_killed("leader_broker_killed", "at_least_once");
+}
+
+#[test]
+fn leader_broker_killed_exactly_once() {
+    leader_broker_killed("leader_broker_killed_exactly_once", "exactly_once");
+}
+
+/// Each broker in turn stopped (SIGTERM: a controlled shutdown) and started again under load,
+/// the next one once every partition is back in sync, as operators roll a cluster.
+fn rolling_broker_restart(name: &'static str, guarantee: &'static str) {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = scratch_dir(name);
+    let mut kafka = Kafka::cluster(&dir);
+    let setup = cluster_setup(name, &dir, &kafka, guarantee);
+    let topics = [setup.events_topic(), setup.out_topic()];
+    let s = run(&setup, Duration::from_secs(45), |workers| {
+        for i in 0..kafka.len() {
+            // The scenario's schedule, not a wait for a condition.
+            std::thread::sleep(Duration::from_secs(3));
+            workers.check_alive();
+            let t = Instant::now();
+            kafka.stop(i);
+            kafka.restart(i);
+            if let Err(behind) = kafka.wait_in_sync(&topics, Duration::from_secs(90)) {
+                panic!(
+                    "scenario {}: replicas not back in sync: {behind}",
+                    setup.name
+                );
+            }
+            println!(
+                "scenario={} broker {} restarted and in sync in {:.1} s",
+                setup.name,
+                i + 1,
+                t.elapsed().as_secs_f64()
+            );
+        }
+    });
+    assert_guarantee(&setup, &s);
+    drop(kafka);
+}
+
+#[test]
+fn rolling_broker_restart_at_least_once() {
+    rolling_broker_restart("rolling_broker_restart", "at_least_once");
+}
+
+#[test]
+fn rolling_broker_restart_exactly_once() {
+    rolling_broker_restart("rolling_broker_restart_exactly_once", "exactly_once");
 }

@@ -2,17 +2,17 @@
 //! keyed JSON records they produce are consumed by a rill agent, the agent's output topic is
 //! read back by them, and a key lands in the same partition whichever client produced it.
 //!
-//! - aiokafka (Python, pinned to [`AIOKAFKA_VERSION`]) against a tansu broker process. Its
+//! - aiokafka (Python, pinned to [`AIOKAFKA_VERSION`]) against an Apache Kafka broker process. Its
 //!   default partitioner is murmur2 of the key bytes, as Kafka's Java client.
 //! - kcat (librdkafka 2.0.2, Debian's package) against librdkafka's mock cluster, run in this
-//!   test process on real loopback ports. (kcat fails the version handshake with tansu 0.6.0.)
+//!   test process on real loopback ports.
 //!
 //! `scripts/test` installs both when missing; a test whose client is missing fails saying how
 //! to install it. `RILL_PYTHON` and `RILL_KCAT` override the programs run.
 
 mod common;
 
-use common::tansu::{scratch_dir, Tansu};
+use common::kafka::{scratch_dir, Kafka};
 use common::{kafka_partition, wait_until_state, within, Recorder, WAIT};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
@@ -414,7 +414,7 @@ fn run_with_broker_alive(body: impl std::future::Future<Output = ()>) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// aiokafka on tansu
+// aiokafka on Apache Kafka
 
 /// The independent Python client: `produce BOOTSTRAP TOPIC FILE` sends the JSON lines of FILE
 /// (`{"key": .., "value": ..}`) in order and prints where each went; `consume BOOTSTRAP TOPIC`
@@ -422,6 +422,7 @@ fn run_with_broker_alive(body: impl std::future::Future<Output = ()>) {
 const AIOKAFKA_CLIENT: &str = r#"
 import asyncio, json, sys
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import TopicPartition
 
 
@@ -445,16 +446,28 @@ async def produce(bootstrap, topic, path):
         await producer.stop()
 
 
+async def partitions_of(bootstrap, topic):
+    # Asked of the cluster: a consumer's own metadata covers only the topics it subscribed to
+    # or was assigned (`consumer.topics()` does not fill it).
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        while True:
+            [t] = await admin.describe_topics([topic])
+            if t["error_code"] == 0 and t["partitions"]:
+                return sorted(p["partition"] for p in t["partitions"])
+            await asyncio.sleep(0.1)
+    finally:
+        await admin.close()
+
+
 async def consume(bootstrap, topic):
+    partitions = await partitions_of(bootstrap, topic)
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
                                 auto_offset_reset="earliest")
     await consumer.start()
     try:
-        partitions = None
-        while not partitions:
-            await consumer.topics()  # refreshes the metadata
-            partitions = consumer.partitions_for_topic(topic)
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        tps = [TopicPartition(topic, p) for p in partitions]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         end = await consumer.end_offsets(tps)
@@ -536,18 +549,18 @@ struct Produced {
 }
 
 #[test]
-fn aiokafka_on_tansu_produces_to_and_reads_back_from_an_agent() {
+fn aiokafka_on_kafka_produces_to_and_reads_back_from_an_agent() {
     require_aiokafka();
     let dir = scratch_dir("interop-aiokafka");
-    let tansu = Tansu::start(&dir, "memory://tansu/".into());
-    run_with_broker_alive(aiokafka_on_tansu(&dir, tansu.addr()));
-    drop(tansu);
+    let kafka = Kafka::single(&dir);
+    run_with_broker_alive(aiokafka_on_kafka(&dir, kafka.addr()));
+    drop(kafka);
 }
 
-async fn aiokafka_on_tansu(dir: &Path, broker: String) {
+async fn aiokafka_on_kafka(dir: &Path, broker: String) {
     let p = pipeline("rill-interop-aiokafka", format!("kafka://{broker}"), &[]);
-    let worker = within(WAIT, "the worker to start on tansu", p.app.start()).await;
-    let worker = worker.expect("the worker starts on tansu");
+    let worker = within(WAIT, "the worker to start on Kafka", p.app.start()).await;
+    let worker = worker.expect("the worker starts on Kafka");
     let rill_partitions = p.send_own_records().await;
 
     // aiokafka produces its records, each key to the partition rill used for it.

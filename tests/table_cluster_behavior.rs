@@ -1,11 +1,11 @@
-//! Tables on a real Kafka-protocol broker (tansu, a separate process) with several worker
+//! Tables on Apache Kafka (a KRaft broker in a separate process) with several worker
 //! processes of `examples/word_count.rs`: counts stay exact when a worker is killed with
 //! SIGKILL and its partitions fail over, and when a worker joins and partitions move; every
 //! worker answers `GET /tables/word_counts/<word>` with the same count.
 
 mod common;
 
-use common::tansu::{scratch_dir, Tansu};
+use common::kafka::{scratch_dir, Kafka};
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use rill::prelude::*;
@@ -42,9 +42,6 @@ impl WordCountWorker {
             .args(["--web-port", "0", "-l", "info"])
             .env("RILL_KAFKA_SESSION_TIMEOUT_MS", "6000")
             .env("RILL_KAFKA_HEARTBEAT_INTERVAL_MS", "500")
-            // tansu completes a rebalance before every member has handed its partitions over:
-            // a worker waits this long before reading partitions it did not hold.
-            .env("RILL_KAFKA_RILL_HANDOFF_GRACE_MS", "3000")
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
@@ -212,9 +209,8 @@ async fn wait_for_commits(broker: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn word_counts_stay_exact_through_failover_and_rebalance() {
     let dir = scratch_dir("table-cluster");
-    // tansu's memory storage loses records when a fetch starts inside a batch; sqlite does not.
-    let tansu = Tansu::start(&dir, "sqlite://tansu.db".into());
-    let broker = tansu.addr();
+    let kafka = Kafka::single(&dir);
+    let broker = kafka.addr();
     let producer: ThreadedProducer<_> = ClientConfig::new()
         .set("bootstrap.servers", &broker)
         .set("linger.ms", "5")

@@ -460,6 +460,28 @@ fn partitions_of(inner: &Inner, topic: &str) -> Result<Option<u32>, TransportErr
     lookup(inner, topic, false)
 }
 
+/// How long a topic that should exist may stay unknown to the broker asked before it is taken
+/// not to exist (see [`partitions_of_known`]).
+const METADATA_PROPAGATION: Duration = Duration::from_secs(3);
+
+/// The partition count of `topic`, which should exist (rill created or checked it a moment
+/// ago). In a cluster of several brokers each answers metadata from its own cache, which learns
+/// of a new topic a moment after the controller: a worker that created its reply topic through
+/// one broker could be told by another that it does not exist. So an unknown topic is asked
+/// about again, for up to [`METADATA_PROPAGATION`], before it is taken not to exist.
+fn partitions_of_known(inner: &Inner, topic: &str) -> Result<u32, TransportError> {
+    let deadline = Instant::now() + METADATA_PROPAGATION;
+    loop {
+        if let Some(n) = partitions_of(inner, topic)? {
+            return Ok(n);
+        }
+        if Instant::now() >= deadline {
+            return Err(TransportError::UnknownTopic(topic.to_owned()));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn lookup(inner: &Inner, topic: &str, auto_create: bool) -> Result<Option<u32>, TransportError> {
     let md = if auto_create {
         inner
@@ -840,8 +862,7 @@ impl Transport for KafkaTransport {
         let topic = topic.to_owned();
         async move {
             blocking(&self.inner, move |i| {
-                let n = partitions_of(i, &topic)?
-                    .ok_or_else(|| TransportError::UnknownTopic(topic.clone()))?;
+                let n = partitions_of_known(i, &topic)?;
                 (0..n as i32)
                     .map(|p| {
                         i.producer
@@ -895,8 +916,7 @@ impl Transport for KafkaTransport {
             let consumer = self.reader(&[])?;
             let t = topic.clone();
             let tpl = blocking(&self.inner, move |i| -> Result<_, TransportError> {
-                let n =
-                    partitions_of(i, &t)?.ok_or_else(|| TransportError::UnknownTopic(t.clone()))?;
+                let n = partitions_of_known(i, &t)?;
                 let mut tpl = TopicPartitionList::new();
                 for p in 0..n as i32 {
                     let offset = match start {

@@ -4,7 +4,7 @@
 //! Every test file uses only part of this module.
 #![allow(dead_code)]
 
-pub(crate) mod tansu;
+pub(crate) mod kafka;
 
 use rill::transport::{MemoryBroker, TopicPartition};
 use rill::App;

@@ -14,6 +14,7 @@
 //! `RILL_FAULT_PARTITIONS` (default 6) sets the partition count of both topics and of the
 //! table; `RILL_FAULT_NAMESPACE` (default empty) is appended to the app id and to both topic
 //! names, so runs against a broker that outlives them do not see each other's records.
+//! `RILL_FAULT_REPLICATION` (default 1) is the replication factor of the topics it creates.
 
 use rill::prelude::*;
 
@@ -30,7 +31,12 @@ fn main() {
         .and_then(|p| p.parse().ok())
         .unwrap_or(6);
     let namespace = std::env::var("RILL_FAULT_NAMESPACE").unwrap_or_default();
+    let replication = std::env::var("RILL_FAULT_REPLICATION")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(1);
     let app = App::new(format!("rill-fault{namespace}"));
+    app.configure(|s| s.topic_replication_factor = replication);
     // The producer keys each event with the decimal text of its key, which is also the key's
     // JSON encoding: an event's partition is the partition of its key in `counts`, so a
     // lookup by key finds the worker that counted it.
