@@ -751,39 +751,47 @@ impl Dispatcher {
                 self.sync_tables().await;
             }
             ConsumerEvent::Revoked(mut tps) => {
-                if self.rolling_back {
-                    self.rolled_back = true;
-                }
                 self.rt.leadership.take_from(&mut tps, false);
-                if tps.is_empty() {
-                    return;
+                if !tps.is_empty() {
+                    self.revoke(tps).await;
                 }
-                tracing::info!(partitions = %list(&tps), "partitions revoked");
-                self.rt.ops.revoked(&tps);
-                self.retract_backlog(Some(&tps));
-                let trackers = tps
-                    .iter()
-                    .filter_map(|tp| self.trackers.get(tp).cloned())
-                    .collect();
-                finish_in_flight(trackers, self.rt.settings.shutdown_timeout).await;
-                // Read while the partitions are still this worker's: once the commit lets them
-                // go, a new owner may write to their changelogs.
-                let ends = changelog_ends(&self.rt).await;
-                self.commit().await;
-                for tp in &tps {
-                    self.trackers.remove(tp);
-                    self.committed.remove(tp);
-                    self.assigned.remove(tp);
-                }
-                if self.rolling_back {
-                    // Their state holds changes that were never committed: restore it from
-                    // the changelog when the partitions come back.
-                    self.drop_tables();
-                } else {
-                    self.park_tables(ends).await;
+                // A roll back ends with the first assignment once the worker holds nothing,
+                // whether the revocation came after the roll back began or the roll back began
+                // in this revocation's commit.
+                if self.rolling_back && self.assigned.is_empty() {
+                    self.rolled_back = true;
                 }
             }
             ConsumerEvent::Ended(_) => {}
+        }
+    }
+
+    /// Lets `tps` go: waits (bounded) for the events in flight, commits what was processed of
+    /// them, and sets their table partitions aside (dropped when rolling back).
+    async fn revoke(&mut self, tps: Vec<TopicPartition>) {
+        tracing::info!(partitions = %list(&tps), "partitions revoked");
+        self.rt.ops.revoked(&tps);
+        self.retract_backlog(Some(&tps));
+        let trackers = tps
+            .iter()
+            .filter_map(|tp| self.trackers.get(tp).cloned())
+            .collect();
+        finish_in_flight(trackers, self.rt.settings.shutdown_timeout).await;
+        // Read while the partitions are still this worker's: once the commit lets them
+        // go, a new owner may write to their changelogs.
+        let ends = changelog_ends(&self.rt).await;
+        self.commit().await;
+        for tp in &tps {
+            self.trackers.remove(tp);
+            self.committed.remove(tp);
+            self.assigned.remove(tp);
+        }
+        if self.rolling_back {
+            // Their state holds changes that were never committed: restore it from
+            // the changelog when the partitions come back.
+            self.drop_tables();
+        } else {
+            self.park_tables(ends).await;
         }
     }
 

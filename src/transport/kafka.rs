@@ -39,8 +39,8 @@ use rdkafka::{ClientContext, Message as _};
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::c_void;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
@@ -341,7 +341,13 @@ impl ProducerContext for ProducerCtx {
 
 struct Inner {
     config: KafkaConfig,
-    producer: ThreadedProducer<ProducerCtx>,
+    /// The producer. With exactly-once processing, a producer the brokers fence is replaced
+    /// by a new one (see [`renew_producer`]); otherwise it lives as long as the transport.
+    producer: RwLock<Arc<ThreadedProducer<ProducerCtx>>>,
+    /// What a producer is made from.
+    producer_config: ClientConfig,
+    /// Producers fenced since the last committed transaction (see [`renew_producer`]).
+    fenced: AtomicU32,
     admin: AdminClient<DefaultClientContext>,
     failures: Arc<AtomicU64>,
     /// The last failed delivery of an enqueued record, and whether it can never succeed.
@@ -363,10 +369,11 @@ const TXN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Ends the open transaction, with `offsets` consumed by `consumer` in it (none: only what
 /// was produced), and begins the next. A transaction that cannot be committed is aborted.
 fn commit_transaction(
-    producer: &ThreadedProducer<ProducerCtx>,
+    inner: &Inner,
     consumer: &BaseConsumer<GroupCtx>,
     offsets: &TopicPartitionList,
 ) -> Result<(), TransportError> {
+    let producer = inner.producer();
     let committed = (|| {
         if offsets.count() > 0 {
             let group = consumer
@@ -381,38 +388,108 @@ fn commit_transaction(
             .map_err(|e| e.to_string())
     })();
     match committed {
-        Ok(()) => begin_transaction(producer),
-        // A producer in a fatal state cannot abort either.
-        Err(_) if producer.client().fatal_error().is_some() => Err(fatal_error(producer)),
+        Ok(()) => {
+            inner.fenced.store(0, Ordering::Relaxed);
+            begin_transaction(&producer)
+        }
+        // A producer in a fatal state cannot abort either: its transaction is gone.
+        Err(e) if producer.client().fatal_error().is_some() => {
+            renew_producer(inner, &producer)?;
+            Err(TransportError::TransactionAborted(e))
+        }
         Err(e) => {
             tracing::error!(target: "rill::kafka", error = %e, "cannot commit the transaction; aborting it");
-            abort_transaction(producer)?;
+            abort_transaction(inner)?;
             Err(TransportError::TransactionAborted(e))
         }
     }
 }
 
 /// Aborts the open transaction and begins the next.
-fn abort_transaction(producer: &ThreadedProducer<ProducerCtx>) -> Result<(), TransportError> {
-    producer.abort_transaction(TXN_TIMEOUT).map_err(|e| {
+fn abort_transaction(inner: &Inner) -> Result<(), TransportError> {
+    let producer = inner.producer();
+    if let Err(e) = producer.abort_transaction(TXN_TIMEOUT) {
         if producer.client().fatal_error().is_some() {
-            return fatal_error(producer);
+            // The brokers ended the transaction themselves; a new producer begins the next.
+            return renew_producer(inner, &producer);
         }
-        err(format!(
+        return Err(err(format!(
             "cannot abort the transaction ({e}); the producer cannot go on: restart the worker"
-        ))
-    })?;
-    begin_transaction(producer)
+        )));
+    }
+    begin_transaction(&producer)
 }
 
-/// Says why a transactional producer in a fatal state cannot go on. Fenced: a producer started
-/// with the same transactional id, so a newer worker with this `worker_id` has taken over
-/// (restarting this one would fence that one in turn).
-fn fatal_error(producer: &ThreadedProducer<ProducerCtx>) -> TransportError {
+/// How many times in a row, with no transaction committed between, a worker's producer may be
+/// fenced and replaced before the worker takes it that another worker has its `worker_id`.
+const FENCED_IN_A_ROW: u32 = 3;
+
+/// Replaces a producer the brokers fenced by a new one with the same transactional id, with its
+/// first transaction begun; the worker then rolls back to its last commit.
+///
+/// The brokers fence a producer in two cases they do not tell apart (librdkafka reports both
+/// as `Fenced`): its transaction outlived `transaction.timeout.ms` (the coordinator aborted it
+/// and bumped the producer's epoch; this happens when partition leaders or the coordinator move
+/// in a broker failure, or when the worker was paused), or another producer with the same
+/// transactional id started (a newer worker with this `worker_id`). As Kafka Streams does, the
+/// worker goes on with a new producer: the aborted transaction's records are never visible to
+/// `read_committed` readers, and a worker that lost its partitions meanwhile is fenced by its
+/// stale group generation when it sends offsets. Two live workers with one `worker_id` would
+/// fence each other for ever, so after [`FENCED_IN_A_ROW`] fencings without a commit the
+/// worker stops with an error that says so. Other fatal producer errors stop the worker.
+fn renew_producer(
+    inner: &Inner,
+    fenced: &ThreadedProducer<ProducerCtx>,
+) -> Result<(), TransportError> {
+    let Some((code, reason)) = fenced.client().fatal_error() else {
+        return Err(fatal_error(fenced, 0));
+    };
+    if !matches!(
+        code,
+        RDKafkaErrorCode::Fenced
+            | RDKafkaErrorCode::InvalidProducerEpoch
+            | RDKafkaErrorCode::ProducerFenced
+    ) {
+        return Err(fatal_error(fenced, 0));
+    }
+    let times = inner.fenced.fetch_add(1, Ordering::Relaxed) + 1;
+    if times >= FENCED_IN_A_ROW {
+        return Err(fatal_error(fenced, times));
+    }
+    tracing::warn!(
+        target: "rill::kafka",
+        reason = %reason,
+        "the brokers fenced this worker's transactional producer (its transaction outlived \
+         transaction.timeout.ms, or another producer with its transactional id started); \
+         the transaction is aborted, a new producer takes over"
+    );
+    let fresh: ThreadedProducer<ProducerCtx> = inner
+        .producer_config
+        .create_with_context(ProducerCtx {
+            failures: inner.failures.clone(),
+            last_failure: inner.last_failure.clone(),
+        })
+        .map_err(|e| err(format!("cannot create a new Kafka producer: {e}")))?;
+    fresh
+        .init_transactions(TXN_TIMEOUT)
+        .map_err(|e| err(format!("cannot start Kafka transactions again: {e}")))?;
+    begin_transaction(&fresh)?;
+    let old = std::mem::replace(
+        &mut *inner.producer.write().unwrap_or_else(|e| e.into_inner()),
+        Arc::new(fresh),
+    );
+    // Dropped here, off the async threads: it purges what it still holds.
+    drop(old);
+    Ok(())
+}
+
+/// Says why a transactional producer in a fatal state cannot go on, fenced `times` in a row.
+fn fatal_error(producer: &ThreadedProducer<ProducerCtx>, times: u32) -> TransportError {
     match producer.client().fatal_error() {
-        Some((RDKafkaErrorCode::Fenced, reason)) => err(format!(
-            "this worker was fenced: a newer worker with the same worker_id (transactional id) \
-             has taken over ({reason})"
+        Some((_, reason)) if times > 0 => err(format!(
+            "this worker's transactional producer was fenced {times} times in a row with no \
+             transaction committed between: another worker with the same worker_id \
+             (transactional id) is running ({reason}); give each worker its own worker_id"
         )),
         Some((code, reason)) => err(format!(
             "the transactional producer cannot go on ({code}: {reason}): restart the worker"
@@ -427,6 +504,16 @@ fn begin_transaction(producer: &ThreadedProducer<ProducerCtx>) -> Result<(), Tra
             "cannot begin a transaction ({e}); the producer cannot go on: restart the worker"
         ))
     })
+}
+
+impl Inner {
+    /// The current producer.
+    fn producer(&self) -> Arc<ThreadedProducer<ProducerCtx>> {
+        self.producer
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
 }
 
 /// The Kafka transport: one producer and an admin client, and consumers on demand.
@@ -485,7 +572,7 @@ fn partitions_of_known(inner: &Inner, topic: &str) -> Result<u32, TransportError
 fn lookup(inner: &Inner, topic: &str, auto_create: bool) -> Result<Option<u32>, TransportError> {
     let md = if auto_create {
         inner
-            .producer
+            .producer()
             .client()
             .fetch_metadata(Some(topic), REQUEST_TIMEOUT)
     } else {
@@ -539,6 +626,7 @@ impl KafkaTransport {
             pc.set(k, v);
         }
         let producer: ThreadedProducer<ProducerCtx> = pc
+            .clone()
             .create_with_context(ProducerCtx {
                 failures: failures.clone(),
                 last_failure: last_failure.clone(),
@@ -555,7 +643,9 @@ impl KafkaTransport {
             .then(|| Arc::new(tokio::sync::RwLock::new(())));
         let inner = Arc::new(Inner {
             config,
-            producer,
+            producer: RwLock::new(Arc::new(producer)),
+            producer_config: pc,
+            fenced: AtomicU32::new(0),
             admin,
             failures,
             last_failure,
@@ -563,7 +653,7 @@ impl KafkaTransport {
             no_create_topics: AtomicBool::new(false),
             txn,
         });
-        let reached = blocking(&inner, |i| brokers_reached(&i.producer, CONNECT_TIMEOUT)).await?;
+        let reached = blocking(&inner, |i| brokers_reached(&i.producer(), CONNECT_TIMEOUT)).await?;
         if let Err(e) = reached {
             return Err(err(format!(
                 "cannot reach Kafka at {brokers} within {CONNECT_TIMEOUT:?}: {e}"
@@ -573,10 +663,11 @@ impl KafkaTransport {
             // Fences an earlier producer with the same transactional id (aborting what it
             // left open), then opens the first transaction.
             blocking(&inner, |i| {
-                i.producer
+                let producer = i.producer();
+                producer
                     .init_transactions(TXN_TIMEOUT)
                     .map_err(|e| err(format!("cannot start Kafka transactions: {e}")))?;
-                begin_transaction(&i.producer)
+                begin_transaction(&producer)
             })
             .await??;
         }
@@ -680,7 +771,8 @@ impl KafkaTransport {
         record: &OutgoingRecord,
         opaque: Delivery,
     ) -> Result<Result<(), TransportError>, Delivery> {
-        match self.inner.producer.send(Self::record(record, opaque)) {
+        let producer = self.inner.producer.read().unwrap_or_else(|e| e.into_inner());
+        match producer.send(Self::record(record, opaque)) {
             Ok(()) => Ok(Ok(())),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                 Err(r.delivery_opaque)
@@ -818,7 +910,7 @@ impl Transport for KafkaTransport {
             // librdkafka's flush waits in steps of 100 ms when another thread (the threaded
             // producer's) serves the delivery reports, and every commit waits for a flush:
             // ask librdkafka to send what lingers, then watch the queue drain.
-            let producer = &self.inner.producer;
+            let producer = self.inner.producer();
             let _ = producer.flush(Duration::ZERO);
             let deadline = Instant::now() + FLUSH_TIMEOUT;
             while producer.in_flight_count() > 0 {
@@ -865,7 +957,7 @@ impl Transport for KafkaTransport {
                 let n = partitions_of_known(i, &topic)?;
                 (0..n as i32)
                     .map(|p| {
-                        i.producer
+                        i.producer()
                             .client()
                             .fetch_watermarks(&topic, p, REQUEST_TIMEOUT)
                             .map(|(_, high)| high)
@@ -923,7 +1015,7 @@ impl Transport for KafkaTransport {
                         StartAt::Earliest => Offset::Beginning,
                         StartAt::Latest => {
                             let (_, high) = i
-                                .producer
+                                .producer()
                                 .client()
                                 .fetch_watermarks(&t, p, REQUEST_TIMEOUT)
                                 .map_err(|e| {
@@ -973,7 +1065,7 @@ impl Transport for KafkaTransport {
             blocking(&self.inner, move |i| {
                 let consumer: BaseConsumer<Ctx> = c.create_with_context(Ctx).map_err(err)?;
                 let md = i
-                    .producer
+                    .producer()
                     .client()
                     .fetch_metadata(None, REQUEST_TIMEOUT)
                     .map_err(err)?;
@@ -1722,7 +1814,7 @@ impl Consumer for KafkaConsumer {
             let consumer = self.consumer.clone();
             let result = match self.txn.clone() {
                 Some(_) => {
-                    self.end_transaction(move |i| commit_transaction(&i.producer, &consumer, &tpl))
+                    self.end_transaction(move |i| commit_transaction(i, &consumer, &tpl))
                         .await
                 }
                 None if offsets.is_empty() => Ok(()),
@@ -1744,7 +1836,7 @@ impl Consumer for KafkaConsumer {
             if self.txn.is_none() {
                 return Ok(());
             }
-            self.end_transaction(|i| abort_transaction(&i.producer))
+            self.end_transaction(abort_transaction)
                 .await
         }
         .boxed()
