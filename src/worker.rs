@@ -543,8 +543,14 @@ impl Drop for Paused<'_> {
 /// visible to read-committed consumers only once committed.
 const EXACTLY_ONCE_COMMIT_INTERVAL: Duration = Duration::from_millis(100);
 /// With exactly-once processing, the next commit is at least this many times as far off as
-/// the last one took.
+/// the last one took...
 const EXACTLY_ONCE_COMMIT_SHARE: u32 = 5;
+/// ...but never further than this: a transaction must end well within the producer's
+/// `transaction.timeout.ms` (10 s), or the brokers abort it and fence the producer. (A commit
+/// that took 30 s while a broker restarted would otherwise put the next one 150 s off.)
+const EXACTLY_ONCE_COMMIT_MAX_WAIT: Duration = Duration::from_secs(2);
+/// A commit still waiting after this long says what for, and again every time as long.
+const SLOW_COMMIT: Duration = Duration::from_secs(10);
 
 impl Dispatcher {
     pub(crate) fn new(
@@ -653,7 +659,8 @@ impl Dispatcher {
                         // Processing stops while a transaction ends: keep that under a fifth
                         // of the time when the broker is slow to end them.
                         let took = started.elapsed();
-                        ticker.reset_after(interval.max(took * EXACTLY_ONCE_COMMIT_SHARE));
+                        let wait = (took * EXACTLY_ONCE_COMMIT_SHARE).min(EXACTLY_ONCE_COMMIT_MAX_WAIT);
+                        ticker.reset_after(interval.max(wait));
                     }
                 }
                 event = self.consumer.poll() => match event {
@@ -1063,7 +1070,7 @@ impl Dispatcher {
         }
         let mut flushed = Vec::with_capacity(self.rt.tables.len());
         for table in &self.rt.tables {
-            match table.flush().await {
+            match watched("the changelog writes of a table", table.flush()).await {
                 Ok(f) => flushed.push(f),
                 Err(e) => {
                     // The changes stay to be written at the next commit; nothing is
@@ -1084,7 +1091,12 @@ impl Dispatcher {
             // Outputs of processed events must be durable before their inputs are committed.
             // (A transaction's commit flushes them itself.) Records that could not be
             // delivered are lost outputs: their events must be processed again.
-            if let Err(e) = self.rt.transport.flush().await {
+            if let Err(e) = watched(
+                "produced records to be delivered",
+                self.rt.transport.flush(),
+            )
+            .await
+            {
                 self.write_failed("cannot deliver produced records", &e.into(), true)
                     .await;
                 return;
@@ -1103,7 +1115,7 @@ impl Dispatcher {
             }
         }
         offsets.sort();
-        let result = self.consumer.commit(offsets.clone()).await;
+        let result = watched("the offsets' commit", self.consumer.commit(offsets.clone())).await;
         drop(barrier);
         match result {
             Ok(()) => {
@@ -1191,6 +1203,21 @@ async fn changelog_ends(rt: &Runtime) -> Vec<Option<Vec<i64>>> {
         });
     }
     ends
+}
+
+/// Awaits `fut`, part of a commit, warning every [`SLOW_COMMIT`] that it still waits for `what`.
+async fn watched<F: std::future::Future>(what: &str, fut: F) -> F::Output {
+    let started = tokio::time::Instant::now();
+    tokio::pin!(fut);
+    loop {
+        match tokio::time::timeout(SLOW_COMMIT, &mut fut).await {
+            Ok(out) => return out,
+            Err(_) => tracing::warn!(
+                waited = ?started.elapsed(),
+                "a commit is slow: still waiting for {what}"
+            ),
+        }
+    }
 }
 
 /// Lets the agents finish the events they hold from revoked partitions (bounded), so the

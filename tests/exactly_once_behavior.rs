@@ -12,7 +12,9 @@
 //!
 //! - a clean run: every event's output exactly once, in per-key order, the table counts exact,
 //!   and the offsets committed in transactions only;
-//! - a fenced worker reports it and stops, and a worker with the same `worker_id` takes over;
+//! - a worker fenced once replaces its producer, rolls back and goes on; one fenced again and
+//!   again (another live worker with its `worker_id`) says so and stops, and a worker with the
+//!   same `worker_id` takes over;
 //! - an aborted transaction is rolled back: the worker says so, goes on, and processes the
 //!   events of the aborted transaction again;
 //! - the embedded transport accepts exactly-once and processes normally.
@@ -474,8 +476,92 @@ async fn a_clean_run_outputs_each_event_once_in_key_order_counts_exactly_and_com
     );
 }
 
+/// How many fencings within ten minutes make a worker stop (rill's `FENCED_LIMIT`).
+const FENCED_LIMIT: usize = 5;
+
+/// A producer fenced once (on Kafka: its transaction outlived `transaction.timeout.ms` while
+/// partition leaders moved in a broker failure, and the coordinator bumped its epoch) is
+/// replaced: the worker rolls back to its last commit and goes on, as Kafka Streams does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_fenced_worker_says_so_and_stops_and_a_worker_with_its_worker_id_takes_over() {
+async fn a_fenced_worker_takes_a_new_producer_rolls_back_and_goes_on() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let cluster = std::sync::Arc::new(Cluster::new("eos-fenced-once"));
+    let mark = log_mark();
+    let app = EosApp::new("eos-fenced-once", &cluster.url(), Some("w1"));
+    let worker = app.start().await;
+    blocking(&cluster, |c| c.send(0..100)).await;
+    wait_until_seen(&app, 0..100, "the first events are processed").await;
+
+    // What Kafka answers the next transaction request of a producer whose transaction the
+    // coordinator timed out (librdkafka reports it as fenced, a fatal error of the producer).
+    cluster.mock().request_errors(
+        RDKafkaApiKey::EndTxn,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_PRODUCER_FENCED],
+    );
+    blocking(&cluster, |c| c.send(100..200)).await;
+    let renewed = logged(
+        mark,
+        &[
+            "fenced this worker's transactional producer",
+            "new producer",
+        ],
+        "that the worker replaces its fenced producer",
+    )
+    .await;
+    assert!(
+        renewed.contains("WARN") && renewed.contains("transaction.timeout.ms"),
+        "the fence is reported with its likely causes: {renewed}"
+    );
+    logged(
+        mark,
+        &["rolled back to the last commit; processing resumes"],
+        "that processing resumes after the fence",
+    )
+    .await;
+
+    // The worker goes on with its new producer: later events are processed and output once.
+    blocking(&cluster, |c| c.send(200..300)).await;
+    let output = {
+        let deadline = tokio::time::Instant::now() + PROCESSED;
+        loop {
+            let output = blocking(&cluster, |c| c.read_output()).await;
+            if (0..300).all(|i| output.contains(&event(i))) {
+                break output;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "not every event is in {OUT} within {PROCESSED:?}; the log:\n{}",
+                log_tail(mark)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let copies = copies(&output);
+    let twice: Vec<Keyed> = (200..300).map(event).filter(|e| copies[e] > 1).collect();
+    assert!(
+        twice.is_empty(),
+        "events sent after the new producer took over were output more than once: {twice:?}"
+    );
+    assert_eq!(
+        health(&worker).await,
+        (200, "running".to_owned()),
+        "the worker runs on"
+    );
+    assert!(
+        log_lines(mark, &["stopping the worker"]).is_empty(),
+        "a worker fenced once stopped: {}",
+        log_tail(mark)
+    );
+    within(WAIT, "the worker to stop", worker.shutdown())
+        .await
+        .expect("the worker stops cleanly");
+}
+
+/// Two live workers with one `worker_id` fence each other's producers again and again: after
+/// `FENCED_LIMIT` fencings the worker says why and stops, and a worker with its `worker_id`
+/// takes over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_fenced_again_and_again_says_another_has_its_worker_id_and_stops() {
     let _one = ONE_AT_A_TIME.lock().await;
     let cluster = std::sync::Arc::new(Cluster::new("eos-fenced"));
     let mark = log_mark();
@@ -492,10 +578,11 @@ async fn a_fenced_worker_says_so_and_stops_and_a_worker_with_its_worker_id_takes
     // On Kafka, a worker started with the same `worker_id` gets the same transactional id, and
     // its InitProducerId fences the first worker: the broker answers the first worker's next
     // transaction request with PRODUCER_FENCED. The mock cluster gives every producer a new id
-    // and fences nobody, so that answer is injected here.
+    // and fences nobody, so those answers are injected here, one per transaction the worker
+    // tries to end.
     cluster.mock().request_errors(
         RDKafkaApiKey::EndTxn,
-        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_PRODUCER_FENCED],
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_PRODUCER_FENCED; FENCED_LIMIT],
     );
     blocking(&cluster, |c| c.send(100..200)).await;
     within(
@@ -511,7 +598,9 @@ async fn a_fenced_worker_says_so_and_stops_and_a_worker_with_its_worker_id_takes
     )
     .await;
     assert!(
-        stopping.contains("ERROR") && stopping.contains("worker_id"),
+        stopping.contains("ERROR")
+            && stopping.contains(&format!("fenced {FENCED_LIMIT} times"))
+            && stopping.contains("worker_id"),
         "the fence is reported as an error naming its cause: {stopping}"
     );
     let (code, status) = health(&first_worker).await;
@@ -543,11 +632,6 @@ async fn a_fenced_worker_says_so_and_stops_and_a_worker_with_its_worker_id_takes
         200,
         "the second worker runs"
     );
-    assert!(
-        log_lines(mark, &["rolling back"]).is_empty(),
-        "a fenced producer cannot roll back; it must stop: {}",
-        log_tail(mark)
-    );
     within(WAIT, "the second worker to stop", second_worker.shutdown())
         .await
         .expect("the second worker stops cleanly");
@@ -564,11 +648,11 @@ fn a_fenced_worker_command_exits_with_an_error() {
     let _one = ONE_AT_A_TIME.blocking_lock();
     let cluster = Cluster::new("eos-cli");
     let mark = log_mark();
-    // The first transaction the worker ends is refused as it would be after a newer worker
-    // with the same worker_id started (see the test above).
+    // The transactions the worker ends are refused as they would be while another worker
+    // with the same worker_id runs (see the test above).
     cluster.mock().request_errors(
         RDKafkaApiKey::EndTxn,
-        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_PRODUCER_FENCED],
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_PRODUCER_FENCED; FENCED_LIMIT],
     );
     cluster.send(0..10);
     let app = EosApp::new("eos-cli", &cluster.url(), None);

@@ -36,10 +36,10 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, T
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::util::IntoOpaque;
 use rdkafka::{ClientContext, Message as _};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::ffi::c_void;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
@@ -346,8 +346,9 @@ struct Inner {
     producer: RwLock<Arc<ThreadedProducer<ProducerCtx>>>,
     /// What a producer is made from.
     producer_config: ClientConfig,
-    /// Producers fenced since the last committed transaction (see [`renew_producer`]).
-    fenced: AtomicU32,
+    /// When the brokers fenced this worker's producers, within the last [`FENCED_WINDOW`]
+    /// (see [`renew_producer`]).
+    fenced: Mutex<VecDeque<Instant>>,
     admin: AdminClient<DefaultClientContext>,
     failures: Arc<AtomicU64>,
     /// The last failed delivery of an enqueued record, and whether it can never succeed.
@@ -365,6 +366,10 @@ struct Inner {
 
 /// How long a transaction's end (offsets, commit, abort) may take.
 const TXN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long rill waits for a transaction's end before it gives the producer up (librdkafka
+/// does not always keep to [`TXN_TIMEOUT`]). Twice the producer's `transaction.timeout.ms`: the
+/// brokers have aborted the transaction by then.
+const TXN_END_LIMIT: Duration = Duration::from_secs(20);
 
 /// Ends the open transaction, with `offsets` consumed by `consumer` in it (none: only what
 /// was produced), and begins the next. A transaction that cannot be committed is aborted.
@@ -388,10 +393,7 @@ fn commit_transaction(
             .map_err(|e| e.to_string())
     })();
     match committed {
-        Ok(()) => {
-            inner.fenced.store(0, Ordering::Relaxed);
-            begin_transaction(&producer)
-        }
+        Ok(()) => begin_transaction(&producer),
         // A producer in a fatal state cannot abort either: its transaction is gone.
         Err(e) if producer.client().fatal_error().is_some() => {
             renew_producer(inner, &producer)?;
@@ -399,7 +401,7 @@ fn commit_transaction(
         }
         Err(e) => {
             tracing::error!(target: "rill::kafka", error = %e, "cannot commit the transaction; aborting it");
-            abort_transaction(inner)?;
+            abort_with(inner, &producer)?;
             Err(TransportError::TransactionAborted(e))
         }
     }
@@ -407,7 +409,14 @@ fn commit_transaction(
 
 /// Aborts the open transaction and begins the next.
 fn abort_transaction(inner: &Inner) -> Result<(), TransportError> {
-    let producer = inner.producer();
+    abort_with(inner, &inner.producer())
+}
+
+/// Aborts the open transaction of `producer` and begins its next.
+fn abort_with(
+    inner: &Inner,
+    producer: &Arc<ThreadedProducer<ProducerCtx>>,
+) -> Result<(), TransportError> {
     if let Err(e) = producer.abort_transaction(TXN_TIMEOUT) {
         if producer.client().fatal_error().is_some() {
             // The brokers ended the transaction themselves; a new producer begins the next.
@@ -417,12 +426,16 @@ fn abort_transaction(inner: &Inner) -> Result<(), TransportError> {
             "cannot abort the transaction ({e}); the producer cannot go on: restart the worker"
         )));
     }
-    begin_transaction(&producer)
+    begin_transaction(producer)
 }
 
-/// How many times in a row, with no transaction committed between, a worker's producer may be
-/// fenced and replaced before the worker takes it that another worker has its `worker_id`.
-const FENCED_IN_A_ROW: u32 = 3;
+/// How many times within [`FENCED_WINDOW`] a worker's producer may be fenced before the worker
+/// takes it that another live worker has its `worker_id`. A broker failure fences a worker's
+/// producer once or twice; two workers with one transactional id fence each other every few
+/// seconds.
+const FENCED_LIMIT: usize = 5;
+/// See [`FENCED_LIMIT`].
+const FENCED_WINDOW: Duration = Duration::from_secs(600);
 
 /// Replaces a producer the brokers fenced by a new one with the same transactional id, with its
 /// first transaction begun; the worker then rolls back to its last commit.
@@ -435,12 +448,16 @@ const FENCED_IN_A_ROW: u32 = 3;
 /// worker goes on with a new producer: the aborted transaction's records are never visible to
 /// `read_committed` readers, and a worker that lost its partitions meanwhile is fenced by its
 /// stale group generation when it sends offsets. Two live workers with one `worker_id` would
-/// fence each other for ever, so after [`FENCED_IN_A_ROW`] fencings without a commit the
+/// fence each other for ever, so after [`FENCED_LIMIT`] fencings within [`FENCED_WINDOW`] the
 /// worker stops with an error that says so. Other fatal producer errors stop the worker.
 fn renew_producer(
     inner: &Inner,
-    fenced: &ThreadedProducer<ProducerCtx>,
+    fenced: &Arc<ThreadedProducer<ProducerCtx>>,
 ) -> Result<(), TransportError> {
+    if !Arc::ptr_eq(&inner.producer(), fenced) {
+        // Given up already (see `end_transaction`): another producer has taken over.
+        return Ok(());
+    }
     let Some((code, reason)) = fenced.client().fatal_error() else {
         return Err(fatal_error(fenced, 0));
     };
@@ -452,8 +469,19 @@ fn renew_producer(
     ) {
         return Err(fatal_error(fenced, 0));
     }
-    let times = inner.fenced.fetch_add(1, Ordering::Relaxed) + 1;
-    if times >= FENCED_IN_A_ROW {
+    let times = {
+        let mut times = inner.fenced.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        while times
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > FENCED_WINDOW)
+        {
+            times.pop_front();
+        }
+        times.push_back(now);
+        times.len()
+    };
+    if times >= FENCED_LIMIT {
         return Err(fatal_error(fenced, times));
     }
     tracing::warn!(
@@ -463,6 +491,12 @@ fn renew_producer(
          transaction.timeout.ms, or another producer with its transactional id started); \
          the transaction is aborted, a new producer takes over"
     );
+    replace_producer(inner)
+}
+
+/// Makes a new producer with the same transactional id (which fences the current one), begins
+/// its first transaction and puts it in the current one's place.
+fn replace_producer(inner: &Inner) -> Result<(), TransportError> {
     let fresh: ThreadedProducer<ProducerCtx> = inner
         .producer_config
         .create_with_context(ProducerCtx {
@@ -478,18 +512,21 @@ fn renew_producer(
         &mut *inner.producer.write().unwrap_or_else(|e| e.into_inner()),
         Arc::new(fresh),
     );
-    // Dropped here, off the async threads: it purges what it still holds.
+    // Dropped here, off the async threads, unless a call still holds it: it purges what it
+    // still holds.
     drop(old);
     Ok(())
 }
 
-/// Says why a transactional producer in a fatal state cannot go on, fenced `times` in a row.
-fn fatal_error(producer: &ThreadedProducer<ProducerCtx>, times: u32) -> TransportError {
+/// Says why a transactional producer in a fatal state cannot go on, fenced `times` times
+/// within [`FENCED_WINDOW`].
+fn fatal_error(producer: &ThreadedProducer<ProducerCtx>, times: usize) -> TransportError {
     match producer.client().fatal_error() {
         Some((_, reason)) if times > 0 => err(format!(
-            "this worker's transactional producer was fenced {times} times in a row with no \
-             transaction committed between: another worker with the same worker_id \
-             (transactional id) is running ({reason}); give each worker its own worker_id"
+            "this worker was fenced {times} times in {} minutes: another worker with the same \
+             worker_id (transactional id) is running ({reason}); give each worker its own \
+             worker_id",
+            FENCED_WINDOW.as_secs() / 60
         )),
         Some((code, reason)) => err(format!(
             "the transactional producer cannot go on ({code}: {reason}): restart the worker"
@@ -645,7 +682,7 @@ impl KafkaTransport {
             config,
             producer: RwLock::new(Arc::new(producer)),
             producer_config: pc,
-            fenced: AtomicU32::new(0),
+            fenced: Mutex::new(VecDeque::new()),
             admin,
             failures,
             last_failure,
@@ -771,7 +808,11 @@ impl KafkaTransport {
         record: &OutgoingRecord,
         opaque: Delivery,
     ) -> Result<Result<(), TransportError>, Delivery> {
-        let producer = self.inner.producer.read().unwrap_or_else(|e| e.into_inner());
+        let producer = self
+            .inner
+            .producer
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
         match producer.send(Self::record(record, opaque)) {
             Ok(()) => Ok(Ok(())),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
@@ -1610,9 +1651,31 @@ impl KafkaConsumer {
             return Ok(());
         };
         let _closed = gate.write_owned().await;
-        tokio::task::spawn_blocking(move || end(&inner))
-            .await
-            .map_err(|e| err(format!("transaction task failed: {e}")))?
+        let ending = tokio::task::spawn_blocking({
+            let inner = inner.clone();
+            move || end(&inner)
+        });
+        match tokio::time::timeout(TXN_END_LIMIT, ending).await {
+            Ok(ended) => ended.map_err(|e| err(format!("transaction task failed: {e}")))?,
+            Err(_) => {
+                // librdkafka can block past the timeout it was given, for good when the group
+                // coordinator's broker went away (confluentinc/librdkafka#5456, #5511). By now
+                // the brokers have aborted the transaction (it outlived transaction.timeout.ms):
+                // a new producer takes over, which fences the stuck one; the call left behind
+                // ends when librdkafka lets it, and the old producer is dropped then.
+                tracing::warn!(
+                    target: "rill::kafka",
+                    limit = ?TXN_END_LIMIT,
+                    "the transaction did not end in time; a new producer takes over"
+                );
+                tokio::task::spawn_blocking(move || replace_producer(&inner))
+                    .await
+                    .map_err(|e| err(format!("transaction task failed: {e}")))??;
+                Err(TransportError::TransactionAborted(format!(
+                    "the transaction did not end within {TXN_END_LIMIT:?}"
+                )))
+            }
+        }
     }
 
     fn release_revocation(&mut self) {
@@ -1836,8 +1899,11 @@ impl Consumer for KafkaConsumer {
             if self.txn.is_none() {
                 return Ok(());
             }
-            self.end_transaction(abort_transaction)
-                .await
+            match self.end_transaction(abort_transaction).await {
+                // Gone either way.
+                Err(TransportError::TransactionAborted(_)) => Ok(()),
+                ended => ended,
+            }
         }
         .boxed()
     }
