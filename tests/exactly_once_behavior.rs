@@ -557,6 +557,74 @@ async fn a_fenced_worker_takes_a_new_producer_rolls_back_and_goes_on() {
         .expect("the worker stops cleanly");
 }
 
+/// A transaction whose end hangs (librdkafka can block in `send_offsets_to_transaction` past
+/// its timeout when the group coordinator's broker went away) is given up after 20 s: a new
+/// producer takes over, the worker rolls back and goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_that_does_not_end_is_given_up_for_a_new_producer() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let cluster = std::sync::Arc::new(Cluster::new("eos-stuck"));
+    let mark = log_mark();
+    let app = EosApp::new("eos-stuck", &cluster.url(), Some("w1"));
+    let worker = app.start().await;
+    blocking(&cluster, |c| c.send(0..100)).await;
+    wait_until_seen(&app, 0..100, "the first events are processed").await;
+
+    blocking(&cluster, |c| c.send(100..200)).await;
+    wait_until_seen(&app, 100..200, "the next events are processed").await;
+    // The broker answers nothing for a minute: the transaction's end waits on it past the
+    // 20 s rill allows it.
+    cluster
+        .mock()
+        .broker_round_trip_time(1, Duration::from_secs(60))
+        .expect("the mock broker slows down");
+    logged(
+        mark,
+        &["a commit is slow", "the offsets' commit"],
+        "that the slow commit says what it waits for",
+    )
+    .await;
+    logged(
+        mark,
+        &["the transaction did not end in time", "new producer"],
+        "that the worker gives the transaction up",
+    )
+    .await;
+    cluster
+        .mock()
+        .broker_round_trip_time(1, Duration::ZERO)
+        .expect("the mock broker answers again");
+    logged(
+        mark,
+        &["rolled back to the last commit; processing resumes"],
+        "that processing resumes with the new producer",
+    )
+    .await;
+
+    blocking(&cluster, |c| c.send(200..300)).await;
+    let deadline = tokio::time::Instant::now() + PROCESSED;
+    loop {
+        let output = blocking(&cluster, |c| c.read_output()).await;
+        if (0..300).all(|i| output.contains(&event(i))) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not every event is in {OUT} within {PROCESSED:?}; the log:\n{}",
+            log_tail(mark)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        health(&worker).await,
+        (200, "running".to_owned()),
+        "the worker runs on"
+    );
+    within(WAIT, "the worker to stop", worker.shutdown())
+        .await
+        .expect("the worker stops cleanly");
+}
+
 /// Two live workers with one `worker_id` fence each other's producers again and again: after
 /// `FENCED_LIMIT` fencings the worker says why and stops, and a worker with its `worker_id`
 /// takes over.

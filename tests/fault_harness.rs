@@ -38,9 +38,9 @@
 //!
 //! Run: `cargo test --test fault_harness -- --nocapture` (the scenarios run one at a time).
 //! With `RILL_FAULT_SUPERVISE=1`, the scenarios on three brokers start a worker that stopped by
-//! itself again, as a supervisor would, instead of failing: that checks their data alone (an
-//! exactly-once worker stops when the broker aborts its transaction on a timeout during a
-//! broker failure; see the README's Status).
+//! itself again, as a supervisor would, instead of failing: that checks their data alone. (No
+//! worker should stop: one whose producer the brokers fence in a broker failure replaces it and
+//! rolls back.)
 //! The worker and mock-cluster binaries are built first if needed. `RILL_FAULT_SEED` replays
 //! the kills of an earlier run (each scenario prints its seed).
 

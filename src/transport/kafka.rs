@@ -420,7 +420,7 @@ fn abort_with(
     if let Err(e) = producer.abort_transaction(TXN_TIMEOUT) {
         if producer.client().fatal_error().is_some() {
             // The brokers ended the transaction themselves; a new producer begins the next.
-            return renew_producer(inner, &producer);
+            return renew_producer(inner, producer);
         }
         return Err(err(format!(
             "cannot abort the transaction ({e}); the producer cannot go on: restart the worker"
@@ -603,6 +603,39 @@ fn partitions_of_known(inner: &Inner, topic: &str) -> Result<u32, TransportError
             return Err(TransportError::UnknownTopic(topic.to_owned()));
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The end offset of a partition of `topic`, which exists. A partition created a moment ago
+/// may be unknown for a moment to the broker asked, or have no leader yet: it is asked about
+/// again for up to [`METADATA_PROPAGATION`].
+fn high_watermark(inner: &Inner, topic: &str, partition: i32) -> Result<i64, TransportError> {
+    let deadline = Instant::now() + METADATA_PROPAGATION;
+    loop {
+        match inner
+            .producer()
+            .client()
+            .fetch_watermarks(topic, partition, REQUEST_TIMEOUT)
+        {
+            Ok((_, high)) => return Ok(high),
+            Err(e) => {
+                let propagating = matches!(
+                    e.rdkafka_error_code(),
+                    Some(
+                        RDKafkaErrorCode::UnknownPartition
+                            | RDKafkaErrorCode::UnknownTopicOrPartition
+                            | RDKafkaErrorCode::LeaderNotAvailable
+                            | RDKafkaErrorCode::NotLeaderForPartition
+                    )
+                );
+                if !propagating || Instant::now() >= deadline {
+                    return Err(err(format!(
+                        "cannot read offsets of {topic}[{partition}]: {e}"
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
     }
 }
 
@@ -997,13 +1030,7 @@ impl Transport for KafkaTransport {
             blocking(&self.inner, move |i| {
                 let n = partitions_of_known(i, &topic)?;
                 (0..n as i32)
-                    .map(|p| {
-                        i.producer()
-                            .client()
-                            .fetch_watermarks(&topic, p, REQUEST_TIMEOUT)
-                            .map(|(_, high)| high)
-                            .map_err(|e| err(format!("cannot read offsets of {topic}[{p}]: {e}")))
-                    })
+                    .map(|p| high_watermark(i, &topic, p))
                     .collect()
             })
             .await?
@@ -1054,16 +1081,7 @@ impl Transport for KafkaTransport {
                 for p in 0..n as i32 {
                     let offset = match start {
                         StartAt::Earliest => Offset::Beginning,
-                        StartAt::Latest => {
-                            let (_, high) = i
-                                .producer()
-                                .client()
-                                .fetch_watermarks(&t, p, REQUEST_TIMEOUT)
-                                .map_err(|e| {
-                                    err(format!("cannot read offsets of {t}[{p}]: {e}"))
-                                })?;
-                            Offset::Offset(high)
-                        }
+                        StartAt::Latest => Offset::Offset(high_watermark(i, &t, p)?),
                     };
                     tpl.add_partition_offset(&t, p, offset).map_err(err)?;
                 }
