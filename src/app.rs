@@ -279,6 +279,18 @@ impl App {
     /// rebuilds its partitions from the changelogs.
     pub(crate) fn reset(&self, confirmed: bool) -> Result<()> {
         let settings = self.core.settings();
+        if let Some(dir) = crate::table::store::directory(&settings.store, &self.core.id) {
+            // A mistyped path must not pass for a reset: nothing is created where nothing was.
+            if !dir.is_dir() {
+                return Err(Error::Config(format!(
+                    "no local table state of app {:?} in {} ({} does not exist): nothing to \
+                     reset; check --store",
+                    self.core.id,
+                    settings.store,
+                    dir.display()
+                )));
+            }
+        }
         let store = crate::table::store::open(&settings.store, &self.core.id)?;
         if !store.is_persistent() {
             println!(

@@ -583,6 +583,23 @@ async fn reset_refuses_without_yes_and_with_it_removes_the_local_table_state() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `reset` on a store path where the app has no state (a typo, say) says so and fails,
+/// and creates nothing there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_of_a_store_that_does_not_exist_fails_and_creates_nothing() {
+    let dir = std::env::temp_dir().join(format!("rill-cli-no-store-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let store = format!("fjall://{}", dir.display());
+    let out = run_named("word_count", &["--store", &store, "reset", "--yes"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("nothing to reset") && stderr.contains(&dir.display().to_string()),
+        "the error names the store and says nothing was reset: {stderr}"
+    );
+    assert!(!dir.exists(), "reset created {}", dir.display());
+}
+
 /// `send --key` encodes the key with the key codec of the agent's topic: a JSON string key
 /// typed bare on the command line reaches the agent as that string (it used to be sent as raw
 /// UTF-8, which the agent's JSON key codec could not read).

@@ -53,17 +53,20 @@ pub(crate) trait Store: Send + Sync + fmt::Debug + 'static {
     fn clear(&self, table: &str, partition: u32) -> Result<()>;
 }
 
+/// The directory of the app's state in a persistent store (`None` for an in-memory one).
+pub(crate) fn directory(url: &str, app_id: &str) -> Option<PathBuf> {
+    let path = url.strip_prefix("fjall://")?;
+    let path = if path.is_empty() { "." } else { path };
+    Some(PathBuf::from(path).join(app_id))
+}
+
 /// Opens the store a `store` setting names.
 pub(crate) fn open(url: &str, app_id: &str) -> Result<std::sync::Arc<dyn Store>> {
     if url.is_empty() || url.starts_with("memory:") {
         return Ok(std::sync::Arc::new(MemoryStore));
     }
-    if let Some(path) = url.strip_prefix("fjall://") {
-        let path = if path.is_empty() { "." } else { path };
-        return Ok(std::sync::Arc::new(FjallStore::open(
-            url,
-            PathBuf::from(path).join(app_id),
-        )?));
+    if let Some(dir) = directory(url, app_id) {
+        return Ok(std::sync::Arc::new(FjallStore::open(url, dir)?));
     }
     Err(Error::Config(format!(
         "unknown table store {url:?}: use memory:// or fjall://PATH"
