@@ -600,6 +600,31 @@ async fn reset_of_a_store_that_does_not_exist_fails_and_creates_nothing() {
     assert!(!dir.exists(), "reset created {}", dir.display());
 }
 
+/// A broker nobody answers at: the command says so once per condition, not once per
+/// reconnection attempt of every client (it printed 1,615 lines in 10 s), then fails with an
+/// error naming the address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_broker_is_reported_in_a_few_lines_then_a_clear_error() {
+    // A port nobody listens on: bound, then closed.
+    let address = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port");
+    let broker = format!("kafka://{address}");
+    let out = run_example(&["send_value", "1", "2", "--broker", &broker]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    let stderr = text(&out.stderr);
+    let lines = stderr.lines().count();
+    assert!(
+        lines <= 12,
+        "{lines} lines on stderr for one unreachable broker:\n{stderr}"
+    );
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("cannot reach Kafka") && last.contains(&address.to_string()),
+        "the last line is the error naming the broker: {last:?}"
+    );
+}
+
 /// `send --key` encodes the key with the key codec of the agent's topic: a JSON string key
 /// typed bare on the command line reaches the agent as that string (it used to be sent as raw
 /// UTF-8, which the agent's JSON key codec could not read).

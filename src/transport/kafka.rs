@@ -215,6 +215,11 @@ impl ClientContext for Ctx {
             tracing::debug!(target: "rill::kafka", fac, "{message}");
             return;
         }
+        let important = !matches!(level, RDKafkaLogLevel::Debug);
+        if important && !first_in_a_while(message) {
+            tracing::debug!(target: "rill::kafka", fac, repeated = true, "{message}");
+            return;
+        }
         match level {
             RDKafkaLogLevel::Emerg
             | RDKafkaLogLevel::Alert
@@ -229,7 +234,46 @@ impl ClientContext for Ctx {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        tracing::warn!(target: "rill::kafka", error = %error, "{reason}");
+        // Mostly the same event as a log line (above): said once.
+        if first_in_a_while(reason) {
+            tracing::warn!(target: "rill::kafka", error = %error, "{reason}");
+        } else {
+            tracing::debug!(target: "rill::kafka", error = %error, repeated = true, "{reason}");
+        }
+    }
+}
+
+/// How long a condition librdkafka reports again and again (a broker it cannot reach: every
+/// reconnection attempt of every client, and `1/1 brokers are down` after each) is logged
+/// once; its repeats go to the debug level.
+const REPEATS_QUIET: Duration = Duration::from_secs(60);
+
+/// Whether `message` says something not said in the last [`REPEATS_QUIET`]. Messages are
+/// compared without their thread prefix (`[thrd:main]: `; the error callback reports the same
+/// event as the log line without it) and their timing suffix (`(after 0ms in state CONNECT, 1
+/// identical error(s) suppressed)`).
+fn first_in_a_while(message: &str) -> bool {
+    static SAID: Mutex<BTreeMap<String, Instant>> = Mutex::new(BTreeMap::new());
+    let message = match message.strip_prefix("[thrd:") {
+        Some(rest) => rest.split_once("]: ").map_or(message, |(_, m)| m),
+        None => message,
+    };
+    let key = message.split(" (after ").next().unwrap_or(message);
+    let now = Instant::now();
+    let mut said = SAID.lock().unwrap_or_else(|e| e.into_inner());
+    if said.len() > 1_000 {
+        said.retain(|_, at| now.duration_since(*at) < REPEATS_QUIET);
+    }
+    match said.get_mut(key) {
+        Some(at) if now.duration_since(*at) < REPEATS_QUIET => false,
+        Some(at) => {
+            *at = now;
+            true
+        }
+        None => {
+            said.insert(key.to_owned(), now);
+            true
+        }
     }
 }
 
