@@ -322,6 +322,11 @@ struct ProducerCtx {
     failures: Arc<AtomicU64>,
     /// The last failed delivery of an enqueued record, and whether it can never succeed.
     last_failure: Arc<Mutex<Option<(String, bool)>>>,
+    /// Which producer of the transport this is, and which is current: the records of a
+    /// producer that was replaced (see [`replace_producer`]) belong to a transaction the
+    /// brokers aborted, so their failures are not lost outputs either.
+    generation: u64,
+    current: Arc<AtomicU64>,
 }
 
 impl ClientContext for ProducerCtx {
@@ -356,7 +361,7 @@ impl ProducerContext for ProducerCtx {
                     KafkaError::MessageProduction(
                         RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight
                     )
-                );
+                ) || self.current.load(Ordering::Relaxed) != self.generation;
                 // A `send` hands its failure to its caller; an enqueued record's failure is
                 // reported by the next flush.
                 if purged {
@@ -390,6 +395,8 @@ struct Inner {
     producer: RwLock<Arc<ThreadedProducer<ProducerCtx>>>,
     /// What a producer is made from.
     producer_config: ClientConfig,
+    /// Which producer is current (see [`ProducerCtx`]).
+    generation: Arc<AtomicU64>,
     /// When the brokers fenced this worker's producers, within the last [`FENCED_WINDOW`]
     /// (see [`renew_producer`]).
     fenced: Mutex<VecDeque<Instant>>,
@@ -541,11 +548,15 @@ fn renew_producer(
 /// Makes a new producer with the same transactional id (which fences the current one), begins
 /// its first transaction and puts it in the current one's place.
 fn replace_producer(inner: &Inner) -> Result<(), TransportError> {
+    // From now on the current producer's failures are those of an aborted transaction.
+    let generation = inner.generation.fetch_add(1, Ordering::Relaxed) + 1;
     let fresh: ThreadedProducer<ProducerCtx> = inner
         .producer_config
         .create_with_context(ProducerCtx {
             failures: inner.failures.clone(),
             last_failure: inner.last_failure.clone(),
+            generation,
+            current: inner.generation.clone(),
         })
         .map_err(|e| err(format!("cannot create a new Kafka producer: {e}")))?;
     fresh
@@ -739,11 +750,14 @@ impl KafkaTransport {
         for (k, v) in &config.extra {
             pc.set(k, v);
         }
+        let generation = Arc::new(AtomicU64::new(0));
         let producer: ThreadedProducer<ProducerCtx> = pc
             .clone()
             .create_with_context(ProducerCtx {
                 failures: failures.clone(),
                 last_failure: last_failure.clone(),
+                generation: 0,
+                current: generation.clone(),
             })
             .map_err(|e| err(format!("cannot create Kafka producer: {e}")))?;
         let admin: AdminClient<DefaultClientContext> = config
@@ -759,6 +773,7 @@ impl KafkaTransport {
             config,
             producer: RwLock::new(Arc::new(producer)),
             producer_config: pc,
+            generation,
             fenced: Mutex::new(VecDeque::new()),
             admin,
             failures,
