@@ -377,6 +377,29 @@ async fn blocking<R: Send + 'static>(
 }
 
 /// Waits until `app`'s agent has seen every event of `range`.
+/// Waits (bounded) until the output topic holds the outputs of `events`; returns all of it.
+async fn wait_for_output(
+    cluster: &std::sync::Arc<Cluster>,
+    events: std::ops::Range<u64>,
+    mark: usize,
+) -> Vec<Keyed> {
+    let deadline = tokio::time::Instant::now() + PROCESSED;
+    loop {
+        let range = events.clone();
+        let output = blocking(cluster, |c| c.read_output()).await;
+        if range.clone().all(|i| output.contains(&event(i))) {
+            return output;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the outputs of events {range:?} are not all in {OUT} within {PROCESSED:?}; the \
+             log:\n{}",
+            log_tail(mark)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn wait_until_seen(app: &EosApp, range: std::ops::Range<u64>, what: &str) {
     wait_until_state(
         PROCESSED,
@@ -521,21 +544,7 @@ async fn a_fenced_worker_takes_a_new_producer_rolls_back_and_goes_on() {
 
     // The worker goes on with its new producer: later events are processed and output once.
     blocking(&cluster, |c| c.send(200..300)).await;
-    let output = {
-        let deadline = tokio::time::Instant::now() + PROCESSED;
-        loop {
-            let output = blocking(&cluster, |c| c.read_output()).await;
-            if (0..300).all(|i| output.contains(&event(i))) {
-                break output;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "not every event is in {OUT} within {PROCESSED:?}; the log:\n{}",
-                log_tail(mark)
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    };
+    let output = wait_for_output(&cluster, 0..300, mark).await;
     let copies = copies(&output);
     let twice: Vec<Keyed> = (200..300).map(event).filter(|e| copies[e] > 1).collect();
     assert!(
@@ -602,19 +611,7 @@ async fn a_transaction_that_does_not_end_is_given_up_for_a_new_producer() {
     .await;
 
     blocking(&cluster, |c| c.send(200..300)).await;
-    let deadline = tokio::time::Instant::now() + PROCESSED;
-    loop {
-        let output = blocking(&cluster, |c| c.read_output()).await;
-        if (0..300).all(|i| output.contains(&event(i))) {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "not every event is in {OUT} within {PROCESSED:?}; the log:\n{}",
-            log_tail(mark)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_output(&cluster, 0..300, mark).await;
     assert_eq!(
         health(&worker).await,
         (200, "running".to_owned()),
@@ -810,22 +807,7 @@ async fn an_aborted_transaction_is_rolled_back_and_its_events_are_processed_agai
 
     // The worker goes on: events sent after the rollback are processed once.
     blocking(&cluster, |c| c.send(200..300)).await;
-    let output = {
-        let deadline = tokio::time::Instant::now() + PROCESSED;
-        loop {
-            let output = blocking(&cluster, |c| c.read_output()).await;
-            if (200..300).all(|i| output.contains(&event(i))) {
-                break output;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the events sent after the rollback are not all in {OUT} within \
-                 {PROCESSED:?}; the log:\n{}",
-                log_tail(mark)
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    };
+    let output = wait_for_output(&cluster, 200..300, mark).await;
     assert_eq!(health(&worker).await.0, 200, "the worker runs");
     let copies = copies(&output);
     // The events of the aborted transaction (and any processed after it, before the rollback
