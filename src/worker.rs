@@ -654,7 +654,7 @@ impl Dispatcher {
                 }
                 _ = ticker.tick() => {
                     let started = tokio::time::Instant::now();
-                    self.commit().await;
+                    let _ = self.commit().await;
                     if self.exactly_once() {
                         // Processing stops while a transaction ends: keep that under a fifth
                         // of the time when the broker is slow to end them.
@@ -709,7 +709,7 @@ impl Dispatcher {
         if !self.rt.tables.is_empty() {
             crate::web::publish(&self.rt, None).await;
         }
-        self.commit().await;
+        let _ = self.commit().await;
         // Closing a Kafka consumer blocks while it leaves the group: do it off the async
         // threads.
         let consumer = self.consumer;
@@ -769,6 +769,15 @@ impl Dispatcher {
                     self.rolled_back = true;
                 }
             }
+            ConsumerEvent::Lost(mut tps) => {
+                self.rt.leadership.take_from(&mut tps, false);
+                if !tps.is_empty() {
+                    self.lose(tps).await;
+                }
+                if self.rolling_back && self.assigned.is_empty() {
+                    self.rolled_back = true;
+                }
+            }
             ConsumerEvent::Ended(_) => {}
         }
     }
@@ -787,19 +796,63 @@ impl Dispatcher {
         // Read while the partitions are still this worker's: once the commit lets them
         // go, a new owner may write to their changelogs.
         let ends = changelog_ends(&self.rt).await;
-        self.commit().await;
+        let committed = self.commit().await;
         for tp in &tps {
             self.trackers.remove(tp);
             self.committed.remove(tp);
             self.assigned.remove(tp);
         }
-        if self.rolling_back {
-            // Their state holds changes that were never committed: restore it from
-            // the changelog when the partitions come back.
+        if self.rolling_back || !committed {
+            // Their state holds changes that were never committed (or, when the commit
+            // failed, the group may have given the partitions to another worker already,
+            // whose changelog writes the copy would not have): restore it from the changelog
+            // when the partitions come back.
             self.drop_tables();
+            crate::web::publish(&self.rt, Some(&self.owned)).await;
         } else {
             self.park_tables(ends).await;
         }
+    }
+
+    /// Lets `tps` go after the group took them without a handover (see
+    /// [`ConsumerEvent::Lost`]): their new owner may be processing them already, so nothing
+    /// is committed, what was processed of them since the last commit is given up (the
+    /// transport threw away what it had not delivered; an exactly-once transaction is
+    /// aborted), and their table partitions are dropped, to be restored from the changelog if
+    /// they come back.
+    async fn lose(&mut self, tps: Vec<TopicPartition>) {
+        tracing::warn!(partitions = %list(&tps), "partitions lost; what was processed of them since the last commit is given up");
+        self.rt.ops.revoked(&tps);
+        self.retract_backlog(Some(&tps));
+        let trackers = tps
+            .iter()
+            .filter_map(|tp| self.trackers.get(tp).cloned())
+            .collect();
+        // No agent may change a table partition once it is dropped.
+        finish_in_flight(trackers, self.rt.settings.shutdown_timeout).await;
+        for tp in &tps {
+            self.trackers.remove(tp);
+            self.committed.remove(tp);
+            self.assigned.remove(tp);
+        }
+        // Outputs that failed meanwhile were thrown away with the partitions' undelivered
+        // records: their events are processed again by the partitions' next owner.
+        if let Some(f) = self.rt.take_failure() {
+            if f.permanent {
+                self.on_failure(f).await;
+            } else {
+                tracing::debug!(reason = %f.reason, "an output of a lost partition's event failed");
+            }
+        }
+        if self.exactly_once() && !self.fatal {
+            // The open transaction holds what was processed of them.
+            if let Err(e) = self.consumer.abort().await {
+                tracing::error!(error = %e, "stopping the worker");
+                self.rt.stop.cancel();
+            }
+        }
+        self.drop_tables();
+        crate::web::publish(&self.rt, Some(&self.owned)).await;
     }
 
     /// Brings the table partitions in line with the assignment: restores those of newly
@@ -1034,12 +1087,13 @@ impl Dispatcher {
     /// Commits what the agents have processed. Behind the barrier (see
     /// [`crate::ack::Barrier`]), no agent is in the middle of an event while the offsets are
     /// taken and the table changes written, so both cover the same events; with exactly-once
-    /// the barrier stays up until the transaction is committed.
-    async fn commit(&mut self) {
+    /// the barrier stays up until the transaction is committed. Returns whether everything
+    /// processed is committed (false when it could not be, or was not meant to be).
+    async fn commit(&mut self) -> bool {
         if self.fatal {
             // Nothing after the failure counts; an open transaction is aborted.
             let _ = self.consumer.abort().await;
-            return;
+            return false;
         }
         if self.rolling_back {
             // Nothing since the last commit counts: what was produced meanwhile is discarded
@@ -1048,7 +1102,11 @@ impl Dispatcher {
                 tracing::error!(error = %e, "stopping the worker");
                 self.rt.stop.cancel();
             }
-            return;
+            return false;
+        }
+        if self.consumer.assignment_lost() {
+            // The partitions' new owners may be writing: the loss is handled next (`lose`).
+            return false;
         }
         let exactly_once = self.exactly_once();
         let started = std::time::Instant::now();
@@ -1058,7 +1116,7 @@ impl Dispatcher {
             // An agent is still in the middle of an event: its effects would be in the
             // transaction and its offset not. Try again at the next commit.
             tracing::warn!(wait = ?BARRIER_WAIT, "an agent is still in the middle of an event; commit postponed");
-            return;
+            return false;
         }
         let mut offsets = Vec::new();
         for (tp, tracker) in &self.trackers {
@@ -1081,9 +1139,15 @@ impl Dispatcher {
                         table.name()
                     );
                     self.write_failed(&what, &e, false).await;
-                    return;
+                    return false;
                 }
             }
+        }
+        if self.consumer.assignment_lost() {
+            // Lost while the changes were queued: those queued after the transport threw
+            // away its undelivered records must not reach the changelog either.
+            self.rt.transport.discard_undelivered();
+            return false;
         }
         if !exactly_once {
             // What the offsets cover is written or queued: agents may go on.
@@ -1099,19 +1163,22 @@ impl Dispatcher {
             {
                 self.write_failed("cannot deliver produced records", &e.into(), true)
                     .await;
-                return;
+                return false;
             }
+        }
+        if self.consumer.assignment_lost() {
+            return false;
         }
         if let Some(f) = self.rt.take_failure() {
             drop(barrier);
             self.on_failure(f).await;
-            return;
+            return false;
         }
         if !exactly_once {
             // The changelog has the table changes: the local stores may have them too.
             self.persist(std::mem::take(&mut flushed));
             if offsets.is_empty() {
-                return;
+                return true;
             }
         }
         offsets.sort();
@@ -1128,16 +1195,22 @@ impl Dispatcher {
                     self.committed.extend(offsets);
                     self.rt.ops.committed(started.elapsed());
                 }
+                true
             }
             Err(TransportError::TransactionAborted(e)) => {
                 self.roll_back(&format!("the transaction was aborted: {e}"))
                     .await;
+                false
             }
             Err(e) if exactly_once => {
                 tracing::error!(error = %e, "cannot commit; stopping the worker");
                 self.rt.stop.cancel();
+                false
             }
-            Err(e) => tracing::warn!(error = %e, "commit failed; will retry"),
+            Err(e) => {
+                tracing::warn!(error = %e, "commit failed; will retry");
+                false
+            }
         }
     }
 
@@ -1157,6 +1230,11 @@ impl Dispatcher {
 
     /// An agent's output could not be written (see [`Runtime::output_failed`]).
     async fn on_failure(&mut self, failure: Failure) {
+        if !failure.permanent && self.consumer.assignment_lost() {
+            // Thrown away with the lost partitions' undelivered records (see `lose`).
+            tracing::debug!(reason = %failure.reason, "an output of a lost partition's event failed");
+            return;
+        }
         if failure.permanent {
             self.stop_fatally(failure.reason);
         } else {

@@ -32,7 +32,9 @@ use rdkafka::consumer::{
 };
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers as _, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::producer::{
+    BaseRecord, DeliveryResult, Producer, ProducerContext, PurgeConfig, ThreadedProducer,
+};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::util::IntoOpaque;
 use rdkafka::{ClientContext, Message as _};
@@ -550,15 +552,7 @@ fn renew_producer(
 fn replace_producer(inner: &Inner) -> Result<(), TransportError> {
     // From now on the current producer's failures are those of an aborted transaction.
     let generation = inner.generation.fetch_add(1, Ordering::Relaxed) + 1;
-    let fresh: ThreadedProducer<ProducerCtx> = inner
-        .producer_config
-        .create_with_context(ProducerCtx {
-            failures: inner.failures.clone(),
-            last_failure: inner.last_failure.clone(),
-            generation,
-            current: inner.generation.clone(),
-        })
-        .map_err(|e| err(format!("cannot create a new Kafka producer: {e}")))?;
+    let fresh = new_producer(inner, generation)?;
     fresh
         .init_transactions(TXN_TIMEOUT)
         .map_err(|e| err(format!("cannot start Kafka transactions again: {e}")))?;
@@ -570,6 +564,41 @@ fn replace_producer(inner: &Inner) -> Result<(), TransportError> {
     // Dropped here, off the async threads, unless a call still holds it: it purges what it
     // still holds.
     drop(old);
+    Ok(())
+}
+
+/// A producer of the transport, the `generation`-th (see [`ProducerCtx`]).
+fn new_producer(
+    inner: &Inner,
+    generation: u64,
+) -> Result<ThreadedProducer<ProducerCtx>, TransportError> {
+    inner
+        .producer_config
+        .create_with_context(ProducerCtx {
+            failures: inner.failures.clone(),
+            last_failure: inner.last_failure.clone(),
+            generation,
+            current: inner.generation.clone(),
+        })
+        .map_err(|e| err(format!("cannot create a new Kafka producer: {e}")))
+}
+
+/// Throws away every record the (non-transactional) producer has not delivered yet, and puts a
+/// new producer in its place for what comes next. Called when the group took this worker's
+/// partitions without a handover (its session expired): what it had queued for them (table
+/// changes above all) must not reach the brokers after their new owners' writes, where it
+/// would overwrite newer state. Their events are processed again by the new owners.
+fn discard_undelivered(inner: &Inner) -> Result<(), TransportError> {
+    // The purged records fail as records of a replaced producer: not lost outputs.
+    let generation = inner.generation.fetch_add(1, Ordering::Relaxed) + 1;
+    let fresh = new_producer(inner, generation)?;
+    let old = std::mem::replace(
+        &mut *inner.producer.write().unwrap_or_else(|e| e.into_inner()),
+        Arc::new(fresh),
+    );
+    // Purged now, not when the last holder drops it: a flush waiting on it returns, and a
+    // broker that comes back gets none of it.
+    old.purge(PurgeConfig::default().queue().inflight());
     Ok(())
 }
 
@@ -1097,6 +1126,15 @@ impl Transport for KafkaTransport {
         .boxed()
     }
 
+    fn discard_undelivered(&self) {
+        if self.inner.txn.is_some() {
+            return;
+        }
+        if let Err(error) = discard_undelivered(&self.inner) {
+            tracing::error!(target: "rill::kafka", %error, "cannot throw away the records queued for lost partitions");
+        }
+    }
+
     fn group_consumer(&self, group: &str) -> Result<Box<dyn Consumer>, TransportError> {
         let mut c = self.inner.config.client();
         c.set("group.id", group)
@@ -1121,6 +1159,12 @@ impl Transport for KafkaTransport {
         )?;
         if self.inner.txn.is_some() {
             consumer.txn = Some(self.inner.clone());
+        } else {
+            let _ = consumer
+                .consumer
+                .context()
+                .undelivered
+                .set(self.inner.clone());
         }
         Ok(Box::new(consumer))
     }
@@ -1229,6 +1273,9 @@ enum Polled {
     Event(ConsumerEvent),
     /// Partitions are being revoked; the callback waits on the sender until they are committed.
     Revoking(Vec<TopicPartition>, std::sync::mpsc::SyncSender<()>),
+    /// Partitions were lost (see [`ConsumerEvent::Lost`]); the callback waits on the sender
+    /// until the worker has let them go.
+    Losing(Vec<TopicPartition>, std::sync::mpsc::SyncSender<()>),
     Error(TransportError),
 }
 
@@ -1262,6 +1309,12 @@ struct GroupCtx {
     unsent: Mutex<Vec<Message>>,
     /// The consumer group (the app id), for the lag metric; `None` for readers.
     group: Option<String>,
+    /// Set when the group took the partitions without a handover, until the worker has let
+    /// them go (see [`Consumer::assignment_lost`]).
+    lost: Arc<AtomicBool>,
+    /// With at-least-once processing, the transport whose undelivered records are thrown away
+    /// when partitions are lost (see [`discard_undelivered`]).
+    undelivered: std::sync::OnceLock<Arc<Inner>>,
 }
 
 /// Assigned partitions that are not read yet: another member may still hold them.
@@ -1567,20 +1620,42 @@ fn rejoin(consumer: &BaseConsumer<GroupCtx>) {
 }
 
 impl GroupCtx {
-    /// Hands revoked partitions to the worker and waits (bounded) until it has committed them.
-    fn revoke(&self, revoked: Vec<TopicPartition>) {
-        // Records polled before the revocation are processed (and committed) before the
-        // partitions are handed over, not after.
-        self.send_unsent();
+    /// Hands revoked partitions to the worker and waits (bounded) until it has committed them;
+    /// or, when they were `lost` (the group gave them to others without a handover: this
+    /// member's session expired), until it has let them go without committing.
+    fn revoke(&self, revoked: Vec<TopicPartition>, lost: bool) {
+        if !lost {
+            // Records polled before the revocation are processed (and committed) before the
+            // partitions are handed over, not after.
+            self.send_unsent();
+        }
         if revoked.is_empty() {
             return;
         }
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        if self
-            .events
-            .blocking_send(Polled::Revoking(revoked, tx))
-            .is_ok()
-            && rx.recv_timeout(self.revoke_timeout).is_err()
+        let event = if lost {
+            // Their new owners process these records (and everything since the last commit)
+            // again; this worker must not write anything for them from now on.
+            self.unsent().clear();
+            self.lost.store(true, Ordering::SeqCst);
+            tracing::warn!(
+                target: "rill::kafka",
+                partitions = %names(&revoked),
+                "partitions lost: this worker's session in the consumer group expired, so the \
+                 group may have given them to other workers; nothing more is committed or \
+                 written for them here, and their events since the last commit are processed \
+                 again by their next owner"
+            );
+            if let Some(inner) = self.undelivered.get() {
+                if let Err(error) = discard_undelivered(inner) {
+                    tracing::error!(target: "rill::kafka", %error, "cannot throw away the records queued for lost partitions");
+                }
+            }
+            Polled::Losing(revoked, tx)
+        } else {
+            Polled::Revoking(revoked, tx)
+        };
+        if self.events.blocking_send(event).is_ok() && rx.recv_timeout(self.revoke_timeout).is_err()
         {
             tracing::warn!(
                 "revoked partitions were not committed within {:?}",
@@ -1593,7 +1668,7 @@ impl GroupCtx {
 impl ConsumerContext for GroupCtx {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
-            Rebalance::Revoke(list) => self.revoke(tps(list)),
+            Rebalance::Revoke(list) => self.revoke(tps(list), consumer.assignment_lost()),
             Rebalance::Assign(_) => {}
             Rebalance::Error(_) => {
                 *self.membership() = Membership::default();
@@ -1601,7 +1676,7 @@ impl ConsumerContext for GroupCtx {
                 // of it as a revocation, commits what it can and lets its tables go, instead
                 // of going on with partitions it no longer has.
                 if let Ok(list) = consumer.assignment() {
-                    self.revoke(tps(&list));
+                    self.revoke(tps(&list), consumer.assignment_lost());
                 }
             }
         }
@@ -1648,6 +1723,10 @@ struct KafkaConsumer {
     thread: Option<std::thread::JoinHandle<()>>,
     /// Releases the revocation callback once the revoked partitions are committed.
     revoking: Option<std::sync::mpsc::SyncSender<()>>,
+    /// Whether the revocation being released was of lost partitions.
+    losing: bool,
+    /// Shared with [`GroupCtx::lost`].
+    lost: Arc<AtomicBool>,
     /// With exactly-once processing (group consumers only), the transport whose producer's
     /// transactions commit this consumer's offsets.
     txn: Option<Arc<Inner>>,
@@ -1669,6 +1748,7 @@ impl KafkaConsumer {
         revoke_timeout: Duration,
     ) -> Result<Self, TransportError> {
         let (tx, events) = mpsc::channel(8);
+        let lost = Arc::new(AtomicBool::new(false));
         let consumer: BaseConsumer<GroupCtx> = config
             .create_with_context(GroupCtx {
                 events: tx.clone(),
@@ -1681,6 +1761,8 @@ impl KafkaConsumer {
                 static_member: config.get("group.instance.id").is_some(),
                 unsent: Mutex::new(Vec::new()),
                 group: group.clone(),
+                lost: lost.clone(),
+                undelivered: std::sync::OnceLock::new(),
             })
             .map_err(|e| err(format!("cannot create Kafka consumer: {e}")))?;
         Ok(Self {
@@ -1691,6 +1773,8 @@ impl KafkaConsumer {
             stop: Arc::new(AtomicBool::new(false)),
             thread: None,
             revoking: None,
+            losing: false,
+            lost,
             txn: None,
         })
     }
@@ -1757,6 +1841,9 @@ impl KafkaConsumer {
 
     fn release_revocation(&mut self) {
         if let Some(tx) = self.revoking.take() {
+            if std::mem::take(&mut self.losing) {
+                self.lost.store(false, Ordering::SeqCst);
+            }
             let _ = tx.try_send(());
         }
     }
@@ -1883,7 +1970,14 @@ fn poll_loop(
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(target: "rill::kafka", error = %e, "consumer error");
+                    // librdkafka reports a broker that is away on every poll: once a minute
+                    // at warn, the repeats at debug.
+                    let text = e.to_string();
+                    if first_in_a_while(&format!("consumer error: {text}")) {
+                        tracing::warn!(target: "rill::kafka", error = %text, "consumer error");
+                    } else {
+                        tracing::debug!(target: "rill::kafka", error = %text, "consumer error");
+                    }
                     break;
                 }
             }
@@ -1933,6 +2027,11 @@ impl Consumer for KafkaConsumer {
                 Some(Polled::Revoking(tps, ack)) => {
                     self.revoking = Some(ack);
                     Ok(ConsumerEvent::Revoked(tps))
+                }
+                Some(Polled::Losing(tps, ack)) => {
+                    self.revoking = Some(ack);
+                    self.losing = true;
+                    Ok(ConsumerEvent::Lost(tps))
                 }
                 Some(Polled::Error(e)) => Err(e),
                 None => Err(err("the Kafka poll thread stopped")),
@@ -2006,6 +2105,10 @@ impl Consumer for KafkaConsumer {
         self.consumer.context().rejoin.store(true, Ordering::SeqCst);
         true
     }
+
+    fn assignment_lost(&self) -> bool {
+        self.lost.load(Ordering::SeqCst)
+    }
 }
 
 fn tp_list(partitions: &[TopicPartition]) -> TopicPartitionList {
@@ -2034,5 +2137,82 @@ impl Drop for KafkaConsumer {
             // The poll thread notices `stop` within `POLL_WAIT`.
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::mocking::MockCluster;
+
+    fn record(value: &str) -> OutgoingRecord {
+        OutgoingRecord {
+            topic: Arc::from("changes"),
+            partition: 0,
+            key: Some(Bytes::from_static(b"k")),
+            value: Some(Bytes::copy_from_slice(value.as_bytes())),
+            headers: Default::default(),
+            timestamp: None,
+        }
+    }
+
+    /// The values of topic `changes`, read from the start until `last` arrives (bounded).
+    fn read_until(bootstrap: &str, last: &str) -> Vec<String> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("group.id", "reader")
+            .create()
+            .expect("reader");
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset("changes", 0, Offset::Beginning)
+            .expect("partition");
+        consumer.assign(&tpl).expect("assign");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut values = Vec::new();
+        while Instant::now() < deadline && values.last().map(String::as_str) != Some(last) {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+                values.push(String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned());
+            }
+        }
+        values
+    }
+
+    /// What a worker had queued when its partitions were lost (table changes above all) never
+    /// reaches the log, where it would land after the partitions' new owner's writes; what is
+    /// sent afterwards is delivered as before.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn records_undelivered_when_partitions_are_lost_never_reach_the_log() {
+        let cluster = MockCluster::new(1).expect("mock cluster");
+        cluster.create_topic("changes", 1, 1).expect("topic");
+        let bootstrap = cluster.bootstrap_servers();
+        let config = KafkaConfig::from_url(&format!("kafka://{bootstrap}"), &BTreeMap::new())
+            .expect("config");
+        let transport = KafkaTransport::connect(config).await.expect("connect");
+        transport.enqueue(record("first")).await.expect("queued");
+        transport.flush().await.expect("delivered");
+
+        // The broker is away: what is queued now waits in the producer.
+        cluster.broker_down(1).expect("broker down");
+        transport.enqueue(record("stale")).await.expect("queued");
+        let flushing = transport.clone();
+        let waiting = tokio::spawn(async move { flushing.flush().await });
+        transport.discard_undelivered();
+        // A flush waiting on the thrown-away records returns, and reports no lost output.
+        tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("the flush returns once the records are thrown away")
+            .expect("flush task")
+            .expect("thrown-away records are not lost outputs");
+        cluster.broker_up(1).expect("broker up");
+
+        transport.enqueue(record("fresh")).await.expect("queued");
+        tokio::time::timeout(Duration::from_secs(30), transport.flush())
+            .await
+            .expect("delivered in time")
+            .expect("delivered");
+        let values = tokio::task::spawn_blocking(move || read_until(&bootstrap, "fresh"))
+            .await
+            .expect("reader");
+        assert_eq!(values, ["first", "fresh"]);
     }
 }

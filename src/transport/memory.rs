@@ -599,7 +599,7 @@ impl MemoryConsumer {
                     });
                 }
             }
-            ConsumerEvent::Revoked(tps) => {
+            ConsumerEvent::Revoked(tps) | ConsumerEvent::Lost(tps) => {
                 // A partition assigned again starts unpaused, as on Kafka.
                 for tp in tps {
                     self.paused.remove(tp);

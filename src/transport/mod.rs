@@ -110,6 +110,11 @@ pub enum ConsumerEvent {
     Assigned(Vec<TopicPartition>),
     /// The group took these partitions away; commit what was processed of them.
     Revoked(Vec<TopicPartition>),
+    /// The group took these partitions without a handover (this member's session expired, so
+    /// other members may own them already): nothing may be committed or written for them any
+    /// more, and what was processed of them since the last commit is given up (their next
+    /// owner processes it again). The transport has thrown away records it had not delivered.
+    Lost(Vec<TopicPartition>),
     /// A reader reached the end of these partitions (for read-committed readers of
     /// transactional topics: their last committed record). Only readers report it.
     Ended(Vec<TopicPartition>),
@@ -178,6 +183,12 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
 
     /// Waits until every record sent or queued so far is durable in the log.
     fn flush(&self) -> BoxFuture<'_, Result<(), TransportError>>;
+
+    /// Throws away the records sent or queued so far that the log does not have yet (their
+    /// senders hear of a failure), when this worker's partitions were lost (see
+    /// [`ConsumerEvent::Lost`]). Transactional and embedded logs need not: an aborted
+    /// transaction discards its records, and the embedded log has no other writer.
+    fn discard_undelivered(&self) {}
 
     /// The end offset (high watermark: the offset the next record will get) of every partition
     /// of `topic`, by partition.
@@ -248,6 +259,14 @@ pub trait Consumer: Send + fmt::Debug {
     /// from the committed offsets: how a worker rolls back to its last commit. A consumer that
     /// cannot (the embedded transport's, where nothing needs it) returns `false`.
     fn rejoin(&mut self) -> bool {
+        false
+    }
+
+    /// Whether the group took this consumer's partitions without a handover and the worker
+    /// has not let them go yet (a [`ConsumerEvent::Lost`] is on its way): until then nothing
+    /// may be committed, nor table changes written, since the partitions' new owners may be
+    /// writing already.
+    fn assignment_lost(&self) -> bool {
         false
     }
 }
