@@ -664,6 +664,14 @@ async fn forward(
     drop(acks);
 }
 
+/// The next delivery read back from a relay's topic; `None` once there is none to come.
+async fn next_relayed(reader: &mut Option<QueueReader>) -> Option<Delivery> {
+    match reader {
+        Some(reader) => reader.next().await,
+        None => None,
+    }
+}
+
 /// Forwards every upstream item to `spec`'s topic and yields what is read back from it.
 fn relay<T, U>(
     ctx: Arc<ActorCtx>,
@@ -677,22 +685,24 @@ where
     U: Send + 'static,
 {
     async_stream::stream! {
-        let rx = match ctx.runtime.subscribe(&ctx.agent, ctx.concurrency, spec.clone()).await {
-            Ok(rx) => rx,
+        let mut reader = match ctx.runtime.subscribe(&ctx.agent, ctx.concurrency, spec.clone()).await {
+            Ok(rx) => Some(QueueReader::new(rx, ctx.buffers.get(&spec.name), ctx.runtime.clone())),
+            // The worker stopped before the topic was read: what is upstream is still
+            // forwarded, and read back after a restart.
+            Err(crate::Error::ShuttingDown { .. }) => None,
             Err(e) => {
                 tracing::error!(agent = %ctx.agent, topic = %spec.name, error = %e, "cannot subscribe to internal topic");
                 return;
             }
         };
-        let mut reader = QueueReader::new(rx, ctx.buffers.get(&spec.name), ctx.runtime.clone());
         let mut upstream_done = false;
-        let mut relayed_done = false;
+        let mut relayed_done = reader.is_none();
         // Ends when both sides are done: at shutdown the internal queue closes first, and what
         // is still upstream is forwarded (and read back after a restart).
         while !(upstream_done && relayed_done) {
             tokio::select! {
                 biased;
-                d = reader.next(), if !relayed_done => match d {
+                d = next_relayed(&mut reader), if !relayed_done => match d {
                     Some(d) => if let Some(item) = decode_delivery(&ctx, &*value_codec, d).await {
                         yield item;
                     },

@@ -686,6 +686,9 @@ impl Dispatcher {
         self.routes.clear();
         self.topics.clear();
         self.control.close();
+        // Subscriptions asked for but not taken (a relay that started as the worker stopped)
+        // are refused, so that their agents end instead of waiting for an answer.
+        while self.control.try_recv().is_ok() {}
         self.actors.close();
         let timeout = self.rt.settings.shutdown_timeout;
         if tokio::time::timeout(timeout, self.actors.wait())

@@ -617,9 +617,12 @@ async fn a_transaction_that_does_not_end_is_given_up_for_a_new_producer() {
         (200, "running".to_owned()),
         "the worker runs on"
     );
-    within(WAIT, "the worker to stop", worker.shutdown())
-        .await
-        .expect("the worker stops cleanly");
+    if let Err(e) = within(WAIT, "the worker to stop", worker.shutdown()).await {
+        panic!(
+            "the worker does not stop cleanly: {e}; the log:\n{}",
+            log_tail(mark)
+        );
+    }
 }
 
 /// Two live workers with one `worker_id` fence each other's producers again and again: after

@@ -382,3 +382,60 @@ async fn shutdown_of_a_group_by_agent_with_queued_events_is_prompt_and_loses_not
     assert_committed_to_end(&app, "transfers");
     Ok(())
 }
+
+// Virtual time: a shutdown that waits for its timeout shows as virtual time passing.
+#[tokio::test(start_paused = true)]
+async fn a_group_by_agent_stopped_as_it_starts_stops_at_once_and_loses_nothing(
+) -> anyhow::Result<()> {
+    let shutdown_timeout = Duration::from_secs(120);
+    // Each round stops the worker after a different number of scheduler turns, so the stop
+    // lands before, while and after the agent subscribes to its repartition topic (a command
+    // that sends and returns at once stops its worker this way).
+    for turns in 0..24u32 {
+        let app = App::new(format!("shutdown-groupby-start-{turns}"));
+        app.configure(|s| s.shutdown_timeout = shutdown_timeout);
+        let topic = app
+            .topic("transfers")
+            .partitions(1)
+            .value_type::<Transfer>();
+        let seen: Recorder<u32> = Recorder::new();
+        let rec = seen.clone();
+        app.agent(move |s: Stream<Transfer>| {
+            let rec = rec.clone();
+            async move {
+                let mut s = s.group_by(field!(Transfer.account_id));
+                while let Some(t) = s.next().await {
+                    rec.push(t.seq);
+                }
+            }
+        })
+        .named("by-account")
+        .channel(&topic);
+
+        let worker = app.start().await?;
+        topic
+            .send(Transfer {
+                account_id: "acct-1".into(),
+                seq: turns,
+            })
+            .await?;
+        for _ in 0..turns {
+            tokio::task::yield_now().await;
+        }
+        let stopping = tokio::time::Instant::now();
+        worker.shutdown().await?;
+        let took = stopping.elapsed();
+        assert!(
+            took < shutdown_timeout / 2,
+            "round {turns}: shutdown took {took:?}: the agent waited for the {shutdown_timeout:?} \
+             timeout"
+        );
+
+        // Processed exactly once, before the stop or after a restart.
+        let worker = app.start().await?;
+        wait_until(WAIT, "the transfer was processed", || !seen.is_empty()).await;
+        worker.shutdown().await?;
+        assert_eq!(seen.snapshot(), vec![turns], "round {turns}");
+    }
+    Ok(())
+}

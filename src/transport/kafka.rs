@@ -479,6 +479,11 @@ fn abort_with(
             "cannot abort the transaction ({e}); the producer cannot go on: restart the worker"
         )));
     }
+    // Every record is produced in a transaction: those that failed so far belong to the one
+    // just aborted, whose events are processed again, so no flush reports them as lost.
+    inner
+        .reported_failures
+        .store(inner.failures.load(Ordering::Relaxed), Ordering::Relaxed);
     begin_transaction(producer)
 }
 
