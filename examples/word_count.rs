@@ -2,13 +2,13 @@
 //!
 //! ```console
 //! $ cargo run --example word_count -- worker -l info --store fjall://./word-count-data
-//! $ cargo run --example word_count -- send "The quick brown fox" "the lazy dog" --print
+//! $ cargo run --example word_count -- count "The quick brown fox" "the lazy dog" --print
 //! the      2
 //! quick    1
 //! ...
 //! ```
 //!
-//! On the embedded transport `send` runs the agents in its own process and prints the counts
+//! On the embedded transport `count` runs the agents in its own process and prints the counts
 //! once every word is counted. With a worker running (on Kafka), its web server answers
 //! `GET http://127.0.0.1:6066/tables/word_counts/the` with the count of `the`.
 
@@ -30,7 +30,7 @@ fn split_sentences(mut sentences: Stream<String>) -> impl AsyncIterable<String> 
 
 /// Send sentences; with `--print`, wait until their words are counted and print the counts.
 #[derive(Debug, rill::clap::Args)]
-struct Send {
+struct Count {
     /// The sentences.
     sentences: Vec<String>,
     /// Print the counts of the words sent (embedded transport).
@@ -62,7 +62,8 @@ fn main() {
     .channel(&words);
 
     let local = app.clone();
-    app.command("send", move |args: Send| {
+    // Not `send`: that is the built-in command every app has (`send @count_words '"word"'`).
+    app.command("count", move |args: Count| {
         let (app, sentences, word_counts) = (local.clone(), sentences.clone(), word_counts.clone());
         async move {
             let mut expected: std::collections::BTreeMap<String, i64> = Default::default();

@@ -148,6 +148,8 @@ pub struct App {
     pub(crate) core: Arc<AppCore>,
     agents: Arc<Mutex<Vec<Arc<dyn AgentRunner>>>>,
     pub(crate) commands: Arc<Mutex<Vec<Arc<dyn CommandSpec>>>>,
+    /// The program's name as it was run, for usage lines (see [`App::main_from`]).
+    pub(crate) program: Arc<Mutex<Option<String>>>,
     tables: Arc<Mutex<Vec<Arc<dyn TableRunner>>>>,
     channels: Arc<AtomicUsize>,
     pub(crate) timers: Arc<crate::timer::Timers>,
@@ -180,6 +182,7 @@ impl App {
             }),
             agents: Arc::new(Mutex::new(Vec::new())),
             commands: Arc::new(Mutex::new(Vec::new())),
+            program: Arc::new(Mutex::new(None)),
             tables: Arc::new(Mutex::new(Vec::new())),
             channels: Arc::new(AtomicUsize::new(0)),
             timers: Arc::default(),

@@ -12,6 +12,25 @@ use std::ffi::OsString;
 use std::future::Future;
 use std::marker::PhantomData;
 
+/// The arguments of a command that takes none:
+///
+/// ```no_run
+/// use rill::prelude::*;
+///
+/// let app = App::new("hello");
+/// app.command("hello", |_: NoArgs| async {
+///     println!("hello");
+///     Ok::<_, rill::Error>(())
+/// });
+/// app.main()
+/// ```
+///
+/// (Its own description is not the command's: a command described in `--help` takes an
+/// empty `clap::Args` struct of its own, documented.)
+#[derive(Debug, Clone, Copy, Default, clap::Args)]
+#[command(about = None, long_about = None)]
+pub struct NoArgs {}
+
 /// A command declared with [`App::command`], its argument types erased.
 pub(crate) trait CommandSpec: Send + Sync {
     fn name(&self) -> &str;
@@ -59,18 +78,31 @@ where
     }
 }
 
-/// Log levels `-l/--loglevel` accepts, as Faust's.
-const LEVELS: [&str; 7] = [
-    "critical", "crit", "error", "warn", "info", "debug", "trace",
+/// Log levels `-l/--loglevel` accepts, in any case: Faust's (Python's) names and tracing's.
+const LEVELS: [&str; 9] = [
+    "critical", "crit", "fatal", "error", "warning", "warn", "info", "debug", "trace",
 ];
+
+/// The commands every app has; an app's own command may not take one of these names.
+pub(crate) const BUILT_IN: [&str; 6] = ["worker", "reset", "send", "agents", "tables", "help"];
 
 impl App {
     fn cli(&self) -> clap::Command {
-        let mut cmd = clap::Command::new(self.id().to_owned())
+        // Usage lines name the program as it was run (`myapp worker`), not the app id.
+        let program = self
+            .program
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .unwrap_or_else(|| self.id().to_owned());
+        let mut cmd = clap::Command::new(program)
             .about(format!("rill app {:?}", self.id()))
-            .version(env!("CARGO_PKG_VERSION"))
+            // `myapp --version` prints `myapp (rill 0.1.0)`: the version is rill's.
+            .version(format!("(rill {})", env!("CARGO_PKG_VERSION")))
             .subcommand_required(true)
             .arg_required_else_help(true)
+            // A `help` of rill's own (below) also answers `help --help`.
+            .disable_help_subcommand(true)
             .arg(
                 Arg::new("broker")
                     .long("broker")
@@ -87,8 +119,22 @@ impl App {
                     .global(true)
                     .env("RILL_LOG")
                     .value_name("LEVEL")
-                    .value_parser(LEVELS)
-                    .help("Log level: critical, error, warn, info, debug or trace [default: warn]"),
+                    .ignore_case(true)
+                    .value_parser(clap::builder::PossibleValuesParser::new(LEVELS))
+                    .help(
+                        "Log level, in any case: critical, error, warning, info, debug or trace \
+                         [default: warning]",
+                    ),
+            )
+            .arg(
+                Arg::new("logfile")
+                    .long("logfile")
+                    .short('f')
+                    .global(true)
+                    .env("RILL_LOGFILE")
+                    .value_name("PATH")
+                    .value_parser(clap::value_parser!(std::path::PathBuf))
+                    .help("Append the log to this file instead of writing it to stderr"),
             )
             .arg(
                 Arg::new("store")
@@ -104,6 +150,7 @@ impl App {
                     .arg(
                         Arg::new("web_port")
                             .long("web-port")
+                            .short('p')
                             .env("RILL_WEB_PORT")
                             .value_name("PORT")
                             .value_parser(clap::value_parser!(u16))
@@ -131,7 +178,13 @@ impl App {
                             .long("processing-guarantee")
                             .env("RILL_PROCESSING_GUARANTEE")
                             .value_name("GUARANTEE")
-                            .value_parser(["at_least_once", "exactly_once"])
+                            .ignore_case(true)
+                            .value_parser([
+                                clap::builder::PossibleValue::new("at_least_once")
+                                    .alias("at-least-once"),
+                                clap::builder::PossibleValue::new("exactly_once")
+                                    .aliases(["exactly-once", "exactly_once_v2"]),
+                            ])
                             .help("at_least_once (the default) or exactly_once (Kafka transactions)"),
                     )
                     .arg(
@@ -156,6 +209,15 @@ impl App {
                             .long("yes")
                             .action(clap::ArgAction::SetTrue)
                             .help("Confirm the removal"),
+                    ),
+            )
+            .subcommand(
+                clap::Command::new("help")
+                    .about("Print this message or the help of the given command")
+                    .arg(
+                        Arg::new("command")
+                            .value_name("COMMAND")
+                            .help("The command to explain"),
                     ),
             );
         for c in self
@@ -189,12 +251,28 @@ impl App {
         I: IntoIterator<Item = S>,
         S: Into<OsString> + Clone,
     {
+        let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+        if let Some(program) = args.first() {
+            let name = std::path::Path::new(program)
+                .file_name()
+                .unwrap_or(program)
+                .to_string_lossy()
+                .into_owned();
+            *self.program.lock().unwrap_or_else(|e| e.into_inner()) = Some(name);
+        }
+        self.check_command_names()?;
         let matches = self.cli().get_matches_from(args);
         let level = matches
             .get_one::<String>("loglevel")
-            .map(String::as_str)
-            .unwrap_or("warn");
-        init_logging(level);
+            .map(|l| l.to_ascii_lowercase())
+            .unwrap_or_else(|| "warn".to_owned());
+        init_logging(
+            &level,
+            matches
+                .get_one::<std::path::PathBuf>("logfile")
+                .map(|p| p.as_path()),
+        )?;
+        let level = level.as_str();
         if let Some(broker) = matches.get_one::<String>("broker") {
             let broker = broker.clone();
             self.configure(|s| s.broker = broker);
@@ -245,6 +323,25 @@ impl App {
         }
         if name == "reset" {
             return self.reset(sub.get_flag("yes"));
+        }
+        if name == "help" {
+            let mut cli = self.cli();
+            let topic = sub.get_one::<String>("command").map(|c| {
+                (
+                    c.clone(),
+                    cli.find_subcommand_mut(c).map(|c| c.render_long_help()),
+                )
+            });
+            match topic {
+                None => print!("{}", cli.render_long_help()),
+                Some((_, Some(help))) => print!("{help}"),
+                Some((command, None)) => {
+                    return Err(Error::Config(format!(
+                        "no command named {command:?}; `help` lists them"
+                    )))
+                }
+            }
+            return Ok(());
         }
         if let Some(result) = self.run_tool(name, sub, &runtime) {
             return result;
@@ -312,16 +409,51 @@ impl App {
     }
 }
 
-fn init_logging(level: &str) {
+impl App {
+    /// Refuses an app command named like a built-in one: it would hide the built-in (an app's
+    /// `send` taking `send @agent '{...}'` as its own arguments), or never run.
+    fn check_command_names(&self) -> Result<()> {
+        let commands = self.commands.lock().unwrap_or_else(|e| e.into_inner());
+        match commands.iter().find(|c| BUILT_IN.contains(&c.name())) {
+            Some(c) => Err(Error::Config(format!(
+                "app {:?} declares a command named {:?}, which is the name of a built-in command \
+                 ({}): give it another name",
+                self.id(),
+                c.name(),
+                BUILT_IN.join(", ")
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Logs at `level` (Faust's and Python's names too) to stderr, or appended to `file`.
+fn init_logging(level: &str, file: Option<&std::path::Path>) -> Result<()> {
     let level = match level {
-        "critical" | "crit" => "error",
+        "critical" | "crit" | "fatal" => "error",
+        "warning" => "warn",
         other => other,
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .try_init();
+    let logs = tracing_subscriber::fmt().with_env_filter(filter);
+    let _ = match file {
+        Some(path) => {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| {
+                    Error::Config(format!("cannot open the log file {}: {e}", path.display()))
+                })?;
+            logs.with_ansi(false)
+                .with_writer(std::sync::Mutex::new(file))
+                .try_init()
+        }
+        None => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_writer(std::io::stderr)
+            .try_init(),
+    };
+    Ok(())
 }

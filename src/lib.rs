@@ -61,6 +61,8 @@ pub use app::App;
 #[doc(inline)]
 pub use channel::{Channel, SendError};
 #[doc(inline)]
+pub use cli::NoArgs;
+#[doc(inline)]
 pub use error::{BoxError, Error, Result, TransportError};
 #[doc(inline)]
 pub use settings::{BadInput, ProcessingGuarantee, Settings};
@@ -87,8 +89,8 @@ pub use clap;
 pub mod prelude {
     pub use crate::codec::{Json, Raw, Utf8};
     pub use crate::{
-        field, stream, Agent, App, AsyncIterable, Bytes, Channel, Event, GroupBy, Settings, Stream,
-        Table, TableReader, Topic,
+        field, stream, Agent, App, AsyncIterable, Bytes, Channel, Event, GroupBy, NoArgs, Settings,
+        Stream, Table, TableReader, Topic,
     };
     pub use futures::StreamExt;
     pub use serde::{Deserialize, Serialize};

@@ -32,8 +32,8 @@ impl std::str::FromStr for ProcessingGuarantee {
 impl std::fmt::Display for ProcessingGuarantee {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            ProcessingGuarantee::AtLeastOnce => "at-least-once",
-            ProcessingGuarantee::ExactlyOnce => "exactly-once",
+            ProcessingGuarantee::AtLeastOnce => "at_least_once",
+            ProcessingGuarantee::ExactlyOnce => "exactly_once",
         })
     }
 }

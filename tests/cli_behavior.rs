@@ -291,7 +291,10 @@ fn guarantee_line(worker: &ReadyWorker) -> String {
 async fn worker_takes_the_processing_guarantee_from_its_option_and_shows_it() {
     let worker = start_worker().await;
     let line = guarantee_line(&worker);
-    assert!(line.ends_with(" at-least-once"), "the default: {line}");
+    assert!(
+        line.ends_with(" at_least_once"),
+        "the default, as the flag spells it: {line}"
+    );
     drop(worker);
 
     // The embedded transport runs exactly-once too: within the process.
@@ -303,7 +306,7 @@ async fn worker_takes_the_processing_guarantee_from_its_option_and_shows_it() {
     ])
     .await;
     let line = guarantee_line(&worker);
-    assert!(line.ends_with(" exactly-once"), "the option: {line}");
+    assert!(line.ends_with(" exactly_once"), "the option: {line}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -523,16 +526,17 @@ async fn bad_arguments_to_the_tools_are_usage_errors_with_exit_code_2() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn version_prints_the_app_and_rills_version() {
+async fn version_prints_the_program_and_rills_version() {
     let out = run_example(&["--version"]).await;
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(
         text(&out.stdout),
-        format!("agent-example {}\n", env!("CARGO_PKG_VERSION"))
+        format!("agent (rill {})\n", env!("CARGO_PKG_VERSION")),
+        "the program's name, and the version as rill's"
     );
 }
 
-/// The count `word_count send WORD --print` prints for `word`.
+/// The count `word_count count WORD --print` prints for `word`.
 fn count_of(out: &Output, word: &str) -> i64 {
     columns(out)
         .iter()
@@ -557,10 +561,10 @@ async fn reset_refuses_without_yes_and_with_it_removes_the_local_table_state() {
             run_named("word_count", &args).await
         }
     };
-    let out = word_count(&["send", "a b a", "--print"]).await;
+    let out = word_count(&["count", "a b a", "--print"]).await;
     assert_eq!(count_of(&out, "a"), 2, "{}", text(&out.stderr));
     // The store keeps the counts from one run to the next.
-    let out = word_count(&["send", "a", "--print"]).await;
+    let out = word_count(&["count", "a", "--print"]).await;
     assert!(count_of(&out, "a") >= 2, "{}", text(&out.stdout));
 
     let out = word_count(&["reset"]).await;
@@ -574,7 +578,7 @@ async fn reset_refuses_without_yes_and_with_it_removes_the_local_table_state() {
         text(&out.stdout)
     );
 
-    let out = word_count(&["send", "a", "--print"]).await;
+    let out = word_count(&["count", "a", "--print"]).await;
     assert_eq!(
         count_of(&out, "a"),
         1,
@@ -661,4 +665,139 @@ fn send_encodes_the_key_with_the_agents_key_codec() {
             (Some(bytes::Bytes::from_static(br#""quoted""#)), 8)
         ]
     );
+}
+
+/// An app command named like a built-in one would hide it (word_count's own `send` once took
+/// `send @count_words '"hello"'` as two sentences and exited 0): refused before anything runs.
+#[test]
+fn an_app_command_named_like_a_built_in_one_is_refused_at_start_up() {
+    use rill::prelude::*;
+    for name in ["send", "worker", "agents", "tables", "reset", "help"] {
+        let app = App::new("cli-clash");
+        let ran = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let r = ran.clone();
+        app.command(name, move |_: NoArgs| {
+            let r = r.clone();
+            async move {
+                r.store(true, std::sync::atomic::Ordering::SeqCst);
+                Ok::<_, rill::Error>(())
+            }
+        });
+        let err = app
+            .main_from(["cli-clash", "agents"])
+            .expect_err("a clash is an error")
+            .to_string();
+        assert!(
+            err.contains(&format!("{name:?}")) && err.contains("built-in"),
+            "{name}: {err}"
+        );
+        assert!(!ran.load(std::sync::atomic::Ordering::SeqCst), "{name} ran");
+    }
+}
+
+/// A command without arguments takes `NoArgs`, and runs.
+#[test]
+fn a_command_without_arguments_takes_no_args() {
+    use rill::prelude::*;
+    let app = App::new("cli-no-args");
+    let ran = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let r = ran.clone();
+    app.command("hello", move |_: NoArgs| {
+        let r = r.clone();
+        async move {
+            r.store(true, std::sync::atomic::Ordering::SeqCst);
+            Ok::<_, rill::Error>(())
+        }
+    });
+    app.main_from(["cli-no-args", "hello"]).expect("hello runs");
+    assert!(ran.load(std::sync::atomic::Ordering::SeqCst));
+}
+
+/// Faust users' habits: `-l INFO` and `-l warning`, `worker -p PORT`, `-f/--logfile`,
+/// `help --help` and `help COMMAND`, `--json` listings, and usage lines that name the program
+/// as it was run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_line_takes_faust_users_habits() {
+    for level in ["INFO", "warning", "Debug", "CRITICAL"] {
+        let out = run_example(&["-l", level, "tables"]).await;
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "-l {level}: {}",
+            text(&out.stderr)
+        );
+    }
+
+    let worker = start_worker_with(&["-p", "0"]).await;
+    assert!(
+        worker.banner.iter().any(|l| l.contains("web ")),
+        "`worker -p 0` serves the web interface: {:?}",
+        worker.banner
+    );
+    drop(worker);
+
+    let log = std::env::temp_dir().join(format!("rill-cli-logfile-{}.log", std::process::id()));
+    let _ = std::fs::remove_file(&log);
+    let path = log.display().to_string();
+    let out = run_example(&["-l", "info", "-f", &path, "send_value", "4", "8", "--print"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "Sending Add(4, 8)...\n12\n");
+    let logged = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        logged.contains("worker started"),
+        "the log file: {logged:?}"
+    );
+    assert!(
+        !text(&out.stderr).contains("worker started"),
+        "the log goes to the file only: {}",
+        text(&out.stderr)
+    );
+    let _ = std::fs::remove_file(&log);
+
+    let out = run_example(&["help", "--help"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let out = run_example(&["help", "worker"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("--web-port"),
+        "`help worker` explains worker: {}",
+        text(&out.stdout)
+    );
+
+    let out = run_named("word_count", &["agents", "--json"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let agents: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("`agents --json` prints JSON");
+    assert_eq!(agents[1]["agent"], "count_words");
+    assert_eq!(agents[1]["topics"], serde_json::json!(["words"]));
+    assert_eq!(agents[1]["concurrency"], 1);
+    let out = run_named("word_count", &["tables", "--json"]).await;
+    let tables: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("`tables --json` prints JSON");
+    assert_eq!(
+        tables,
+        serde_json::json!([{
+            "table": "word_counts",
+            "changelog": "word_count-word_counts-changelog",
+            "partitions": 8
+        }])
+    );
+
+    // The example's binary is `agent`; its app id is `agent-example`.
+    for args in [
+        &["send", "nowhere", "1"][..],
+        &["send"],
+        &["worker", "--bogus"],
+    ] {
+        let out = run_example(args).await;
+        let usage: Vec<String> = text(&out.stderr)
+            .lines()
+            .filter(|l| l.starts_with("Usage:"))
+            .map(str::to_owned)
+            .collect();
+        assert!(
+            !usage.is_empty() && usage.iter().all(|l| l.starts_with("Usage: agent ")),
+            "{args:?}: {usage:?}"
+        );
+    }
 }

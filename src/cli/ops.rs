@@ -1,5 +1,5 @@
 //! The tools every app's command line has beside `worker`: `send`, `agents` and `tables`. An
-//! app command with the same name takes the place of the tool.
+//! app may not declare a command with one of their names (see `App::check_command_names`).
 
 use crate::agent::AgentRunner;
 use crate::app::{App, Role};
@@ -37,6 +37,22 @@ struct Send {
     partition: Option<u32>,
 }
 
+/// `--json`, for the listing tools.
+fn json_flag() -> clap::Arg {
+    clap::Arg::new("json")
+        .long("json")
+        .action(clap::ArgAction::SetTrue)
+        .help("Print a JSON array, one object per row")
+}
+
+/// Prints `rows` as a JSON array on one line.
+fn print_json(rows: &[serde_json::Value]) -> Result<()> {
+    let text = serde_json::to_string(rows)
+        .map_err(|e| Error::Config(format!("cannot write JSON: {e}")))?;
+    println!("{text}");
+    Ok(())
+}
+
 fn json_value(text: &str) -> std::result::Result<serde_json::Value, String> {
     serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))
 }
@@ -49,9 +65,11 @@ pub(super) fn add_commands(mut cmd: clap::Command) -> clap::Command {
              agents run in this process until they have processed it",
         ),
         clap::Command::new("agents")
-            .about("List the app's agents: name, source topics, concurrency, sinks"),
+            .about("List the app's agents: name, source topics, concurrency, sinks")
+            .arg(json_flag()),
         clap::Command::new("tables")
-            .about("List the app's tables: name, changelog topic, partitions"),
+            .about("List the app's tables: name, changelog topic, partitions")
+            .arg(json_flag()),
     ];
     for tool in tools {
         if cmd.find_subcommand(tool.get_name()).is_none() {
@@ -83,13 +101,28 @@ impl App {
                 Ok(args) => runtime.block_on(self.send(args)),
                 Err(e) => e.exit(),
             }),
-            "agents" => Some(self.print_agents()),
-            "tables" => Some(self.print_tables()),
+            "agents" => Some(self.print_agents(matches.get_flag("json"))),
+            "tables" => Some(self.print_tables(matches.get_flag("json"))),
             _ => None,
         }
     }
 
-    fn print_tables(&self) -> Result<()> {
+    fn print_tables(&self, json: bool) -> Result<()> {
+        if json {
+            let tables: Vec<serde_json::Value> = self
+                .table_runners()
+                .iter()
+                .map(|t| {
+                    let spec = t.changelog_spec();
+                    serde_json::json!({
+                        "table": t.name(),
+                        "changelog": spec.name,
+                        "partitions": spec.partitions,
+                    })
+                })
+                .collect();
+            return print_json(&tables);
+        }
         let rows: Vec<Vec<String>> = self
             .table_runners()
             .iter()
@@ -99,7 +132,25 @@ impl App {
         Ok(())
     }
 
-    fn print_agents(&self) -> Result<()> {
+    fn print_agents(&self, json: bool) -> Result<()> {
+        if json {
+            let agents = self
+                .agent_runners()
+                .iter()
+                .map(|a| {
+                    a.info().map(|i| {
+                        serde_json::json!({
+                            "agent": i.name,
+                            "topics": i.topics,
+                            "channel": i.channel,
+                            "concurrency": i.concurrency,
+                            "sinks": i.sinks,
+                        })
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            return print_json(&agents);
+        }
         let rows = self
             .agent_runners()
             .iter()
