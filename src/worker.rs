@@ -80,7 +80,12 @@ pub(crate) struct Runtime {
     pub(crate) settings: Settings,
     pub(crate) transport: Arc<dyn Transport>,
     pub(crate) replies: Replies,
+    /// Where agents send the answers to this worker's asks: `<app id>-reply-<worker_id>`, kept
+    /// for the next run of the same worker, or, without a worker id, one of this run's own,
+    /// deleted when it stops (see [`reply_topic`]).
     pub(crate) reply_topic: String,
+    /// Whether [`reply_topic`](Runtime::reply_topic) is this run's own, to delete at the end.
+    pub(crate) reply_topic_temporary: bool,
     pub(crate) stats: Stats,
     /// Health, assignment, lag and throughput, for `/health`, `/metrics` and the status page.
     pub(crate) ops: crate::metrics::Ops,
@@ -142,8 +147,11 @@ impl Runtime {
         tables: Vec<Arc<dyn TableRunner>>,
     ) -> Self {
         let instance = random_id();
+        let (reply_topic, reply_topic_temporary) =
+            reply_topic(&app_id, settings.worker_id.as_deref(), instance);
         Self {
-            reply_topic: format!("{app_id}-reply-{instance:016x}"),
+            reply_topic,
+            reply_topic_temporary,
             replies: Replies::new(format!("{instance:016x}")),
             ops: crate::metrics::Ops::new(app_id.clone()),
             app_id,
@@ -464,6 +472,29 @@ fn record_for(
         headers,
         timestamp: None,
     })
+}
+
+/// The reply topic of a worker (see [`Runtime::reply_topic`]), and whether it is temporary.
+/// Every `send` or command run on Kafka is a worker of its own: with a topic per run kept for
+/// ever, a shared cluster would fill with them.
+fn reply_topic(app_id: &str, worker_id: Option<&str>, instance: u64) -> (String, bool) {
+    match worker_id {
+        Some(id) => {
+            // Kafka topic names take letters, digits, `.`, `_` and `-`.
+            let id: String = id
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect();
+            (format!("{app_id}-reply-{id}"), false)
+        }
+        None => (format!("{app_id}-reply-{instance:016x}"), true),
+    }
 }
 
 pub(crate) fn random_id() -> u64 {
@@ -1490,6 +1521,20 @@ impl Worker {
             let _ = membership.await;
         }
         let flushed = self.rt.transport.flush().await;
+        if self.rt.reply_topic_temporary {
+            let topic = &self.rt.reply_topic;
+            match tokio::time::timeout(REPLY_TOPIC_DELETE, self.rt.transport.delete_topic(topic))
+                .await
+            {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(%topic, error = %e, "cannot delete this run's reply topic; delete it by hand")
+                }
+                Err(_) => {
+                    tracing::warn!(%topic, "this run's reply topic was not deleted in time; delete it by hand")
+                }
+            }
+        }
         for table in &self.rt.tables {
             table.detach();
         }
@@ -1498,6 +1543,9 @@ impl Worker {
         Ok(flushed?)
     }
 }
+
+/// How long a stopping worker waits for the deletion of its temporary reply topic.
+const REPLY_TOPIC_DELETE: Duration = Duration::from_secs(10);
 
 /// Listens for Ctrl-C (SIGINT) and SIGTERM from the moment it is created, so a signal that
 /// arrives early is not lost (or fatal).

@@ -1031,6 +1031,35 @@ impl Transport for KafkaTransport {
         .boxed()
     }
 
+    fn delete_topic(&self, name: &str) -> BoxFuture<'_, Result<(), TransportError>> {
+        let name = name.to_owned();
+        async move {
+            if self.inner.no_create_topics.load(Ordering::Relaxed) {
+                // Brokers without CreateTopics (the mock cluster) have no DeleteTopics either.
+                return Ok(());
+            }
+            let opts = AdminOptions::new()
+                .operation_timeout(Some(REQUEST_TIMEOUT))
+                .request_timeout(Some(CREATE_TIMEOUT));
+            let results = self
+                .inner
+                .admin
+                .delete_topics(&[name.as_str()], &opts)
+                .await
+                .map_err(|e| err(format!("cannot delete topic {name:?}: {e}")))?;
+            for result in results {
+                match result {
+                    Ok(_) | Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
+                    Err((topic, code)) => {
+                        return Err(err(format!("cannot delete topic {topic:?}: {code}")))
+                    }
+                }
+            }
+            Ok(())
+        }
+        .boxed()
+    }
+
     fn partition_count(&self, topic: &str) -> BoxFuture<'_, Result<Option<u32>, TransportError>> {
         let topic = topic.to_owned();
         async move { blocking(&self.inner, move |i| partitions_of(i, &topic)).await? }.boxed()

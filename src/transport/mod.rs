@@ -158,6 +158,14 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
     /// [`TransportError::PartitionMismatch`]. Returns the partition count.
     fn ensure_topic(&self, spec: TopicSpec) -> BoxFuture<'_, Result<u32, TransportError>>;
 
+    /// Deletes a topic this worker made for itself (its temporary reply topic); a topic that
+    /// does not exist is not an error. The embedded transport keeps its topics: they end with
+    /// the process.
+    fn delete_topic(&self, name: &str) -> BoxFuture<'_, Result<(), TransportError>> {
+        let _ = name;
+        Box::pin(async { Ok(()) })
+    }
+
     /// Partition count of an existing topic, or `None` if it does not exist.
     fn partition_count(&self, topic: &str) -> BoxFuture<'_, Result<Option<u32>, TransportError>>;
 
