@@ -166,6 +166,17 @@ impl App {
                             .help("Address the web server listens on"),
                     )
                     .arg(
+                        Arg::new("web_host")
+                            .long("web-host")
+                            .env("RILL_WEB_HOST")
+                            .value_name("HOST")
+                            .help(
+                                "Host name other workers reach this one's web server by \
+                                 [default: the bound address, or this host's name when bound \
+                                 to 0.0.0.0]",
+                            ),
+                    )
+                    .arg(
                         Arg::new("bad_input")
                             .long("bad-input")
                             .env("RILL_BAD_INPUT")
@@ -312,9 +323,11 @@ impl App {
                 .get_one::<String>("processing_guarantee")
                 .and_then(|g| g.parse().ok());
             let worker_id = sub.get_one::<String>("worker_id").cloned();
+            let web_host = sub.get_one::<String>("web_host").cloned();
             self.configure(|s| {
                 s.web_port = port;
                 s.web_bind = bind;
+                s.web_host = web_host.or(s.web_host.take());
                 s.processing_guarantee = guarantee.unwrap_or(s.processing_guarantee);
                 s.worker_id = worker_id.or(s.worker_id.take());
                 s.bad_input = bad_input.unwrap_or(s.bad_input);
@@ -388,7 +401,12 @@ impl App {
         }
         println!("│ store      {}", s.store);
         if let Some(addr) = worker.web_addr() {
-            println!("│ web        http://{addr}");
+            match worker.web_url() {
+                Some(url) if url != format!("http://{addr}") => {
+                    println!("│ web        http://{addr} (advertised as {url})")
+                }
+                _ => println!("│ web        http://{addr}"),
+            }
         }
         println!("│ loglevel   {level}");
         println!("│ guarantee  {}", s.processing_guarantee);

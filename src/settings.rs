@@ -140,6 +140,10 @@ pub struct Settings {
     pub web_port: Option<u16>,
     /// Address the web server binds: loopback unless configured otherwise.
     pub web_bind: String,
+    /// The host other workers reach this worker's web server by (Faust's `web_host`): it is
+    /// advertised to them for forwarded table lookups. `None` (the default) advertises the
+    /// bound address, or, when that is unspecified (`0.0.0.0`, `::`), the machine's host name.
+    pub web_host: Option<String>,
     /// librdkafka settings passed through to every Kafka client (SASL, SSL, timeouts, ...),
     /// e.g. `("security.protocol", "SASL_SSL")`. `RILL_KAFKA_*` environment variables add to
     /// them (`RILL_KAFKA_SASL_PASSWORD` sets `sasl.password`). Values are never logged.
@@ -170,6 +174,7 @@ impl Default for Settings {
             table_standby_replicas: None,
             web_port: None,
             web_bind: "127.0.0.1".to_owned(),
+            web_host: None,
             kafka: BTreeMap::new(),
             clock_start: None,
         }

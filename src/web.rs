@@ -196,6 +196,53 @@ pub(crate) fn members_topic(app_id: &str) -> String {
     format!("{app_id}-workers")
 }
 
+/// The host this worker's web server is advertised under (see [`Settings::web_host`]).
+///
+/// [`Settings::web_host`]: crate::Settings::web_host
+fn advertised_host(configured: Option<&str>, bound: std::net::IpAddr) -> String {
+    if let Some(host) = configured.map(str::trim).filter(|h| !h.is_empty()) {
+        return host.to_owned();
+    }
+    if !bound.is_unspecified() {
+        return bound.to_string();
+    }
+    // Bound to every address: other hosts know this one by its name.
+    match host_name() {
+        Some(name) => name,
+        None => {
+            tracing::warn!(
+                "the web server listens on every address but this host's name is unknown: \
+                 advertising 127.0.0.1, which other hosts cannot reach; set --web-host"
+            );
+            "127.0.0.1".to_owned()
+        }
+    }
+}
+
+/// The machine's host name, as the kernel knows it.
+fn host_name() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+}
+
+fn is_loopback(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// `host` as it goes in a URL: IPv6 addresses in brackets.
+fn url_host(host: &str) -> String {
+    match host.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V6(ip)) => format!("[{ip}]"),
+        _ => host.to_owned(),
+    }
+}
+
 /// The running web server of a worker.
 #[derive(Debug)]
 pub(crate) struct Web {
@@ -221,12 +268,16 @@ pub(crate) async fn start(
     let addr = listener
         .local_addr()
         .map_err(|e| Error::Config(format!("cannot read the web address: {e}")))?;
-    let host = if addr.ip().is_unspecified() {
-        "127.0.0.1".to_owned()
-    } else {
-        addr.ip().to_string()
-    };
-    rt.set_web(format!("http://{host}:{}", addr.port()));
+    let host = advertised_host(rt.settings.web_host.as_deref(), addr.ip());
+    if rt.transport.kind() != "memory" && is_loopback(&host) {
+        tracing::info!(
+            url = %format!("http://{host}:{}", addr.port()),
+            "the web server is reachable from this machine only: workers on other hosts cannot \
+             forward table lookups to it (serve on another address with --web-bind, and name \
+             this host with --web-host)"
+        );
+    }
+    rt.set_web(format!("http://{}:{}", url_host(&host), addr.port()));
 
     let app = Router::new()
         .route("/", get(status::page))

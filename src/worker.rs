@@ -1448,6 +1448,12 @@ impl Worker {
         self.web.as_ref().map(|w| w.addr)
     }
 
+    /// The URL this worker's web server is advertised under to the app's other workers
+    /// (`http://host:port`; see [`Settings::web_host`](crate::Settings::web_host)).
+    pub fn web_url(&self) -> Option<String> {
+        self.web.as_ref().and_then(|_| self.rt.web())
+    }
+
     /// Whether this worker is the app's leader, the one that runs its `on_leader` timers
     /// ([`Timer::on_leader`](crate::Timer::on_leader)). Workers elect a leader only when the
     /// app declares such a timer; otherwise this is `false`.

@@ -571,3 +571,39 @@ async fn on_kafka_the_lag_of_each_partition_comes_from_librdkafkas_statistics() 
         .await
         .expect("the worker stops");
 }
+
+/// Other workers forward table lookups to the URL a worker advertises: the bound address, the
+/// host's name when bound to every address (never `0.0.0.0` nor a loopback stand-in for it),
+/// or `web_host` (Faust's `--web-host`) when set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_advertises_a_web_address_other_hosts_can_reach() {
+    let host_name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .expect("this machine's host name");
+    for (bind, web_host, want) in [
+        ("127.0.0.1", None, "127.0.0.1".to_owned()),
+        ("0.0.0.0", None, host_name.clone()),
+        (
+            "0.0.0.0",
+            Some("rill-web.example"),
+            "rill-web.example".to_owned(),
+        ),
+    ] {
+        let app = app("ops-web-host");
+        app.configure(|s| {
+            s.web_bind = bind.to_owned();
+            s.web_host = web_host.map(str::to_owned);
+        });
+        let worker = app.start().await.expect("start");
+        let port = web_addr(&worker).port();
+        assert_eq!(
+            worker.web_url(),
+            Some(format!("http://{want}:{port}")),
+            "bound to {bind}, web_host {web_host:?}"
+        );
+        // The server answers on the bound address.
+        let (status, _) = get(SocketAddr::from(([127, 0, 0, 1], port)), "/health").await;
+        assert_eq!(status, 200);
+        worker.shutdown().await.expect("stop");
+    }
+}
