@@ -642,6 +642,9 @@ impl App {
         timers.start(&rt);
         rt.ops.started(steady);
         tracing::info!(app = %self.core.id, transport = transport.kind(), agents = agents.len(), "worker started");
+        if !steady && run_agents {
+            tracing::info!(group = %self.core.id, "joining the consumer group: waiting for partitions");
+        }
         Ok(Worker {
             core: self.core.clone(),
             rt,

@@ -410,7 +410,14 @@ impl App {
         }
         println!("│ loglevel   {level}");
         println!("│ guarantee  {}", s.processing_guarantee);
-        println!("└ ready (Ctrl-C or SIGTERM stops the worker)");
+        // Ready means serving: partitions assigned, tables restored (`GET /ready`).
+        let ready = tokio::select! {
+            ready = worker.ready() => ready,
+            _ = signals.recv() => return worker.shutdown().await,
+        };
+        if ready {
+            println!("└ ready (Ctrl-C or SIGTERM stops the worker)");
+        }
         tokio::select! {
             _ = signals.recv() => worker.shutdown().await,
             // A worker that cannot go on exits with an error, so that whatever runs it knows.

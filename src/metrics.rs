@@ -451,6 +451,11 @@ impl Ops {
         self.state.store(RUNNING, Ordering::Relaxed);
     }
 
+    /// A rebalance ended without giving this worker partitions: it runs, with nothing to do.
+    pub(crate) fn settled(&self) {
+        self.state.store(RUNNING, Ordering::Relaxed);
+    }
+
     pub(crate) fn revoked(&self, tps: &[TopicPartition]) {
         let n = {
             let mut a = lock(&self.assigned);

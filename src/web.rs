@@ -21,7 +21,7 @@
 //! it stops), and reads that topic to learn where the other partitions are and where standby
 //! copies go (see [`Members::standby_partitions`]).
 
-mod status;
+pub(crate) mod status;
 
 use crate::error::{Error, Result};
 use crate::table::Lookup;
@@ -282,6 +282,7 @@ pub(crate) async fn start(
     let app = Router::new()
         .route("/", get(status::page))
         .route("/health", get(status::health))
+        .route("/ready", get(status::ready))
         .route("/metrics", get(status::metrics))
         .route("/tables", get(list_tables))
         .route("/tables/{table}", get(describe_table))

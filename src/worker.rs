@@ -771,6 +771,10 @@ impl Dispatcher {
             ConsumerEvent::Assigned(mut tps) => {
                 self.rt.leadership.take_from(&mut tps, true);
                 if tps.is_empty() {
+                    if self.assigned.is_empty() {
+                        tracing::info!("no partitions assigned to this worker (the group has more workers than partitions)");
+                    }
+                    self.rt.ops.settled();
                     return;
                 }
                 tracing::info!(partitions = %list(&tps), "partitions assigned");
@@ -1448,6 +1452,31 @@ impl Worker {
         self.web.as_ref().map(|w| w.addr)
     }
 
+    /// Whether the worker serves: it has its partitions (on Kafka, the consumer group has
+    /// given it its share), and every table partition it owns is restored. What `GET /ready`
+    /// answers 200 to.
+    pub fn is_ready(&self) -> bool {
+        crate::web::status::readiness(&self.rt).is_ok()
+    }
+
+    /// Waits until the worker [is ready](Worker::is_ready); returns `false` if it stopped
+    /// first. Bound the wait with a timeout of your own: a group that never gives this worker
+    /// partitions keeps it waiting.
+    pub async fn ready(&self) -> bool {
+        loop {
+            if self.rt.stop.is_cancelled() {
+                return false;
+            }
+            if self.is_ready() {
+                return true;
+            }
+            tokio::select! {
+                _ = self.rt.stop.cancelled() => return false,
+                _ = tokio::time::sleep(READY_POLL) => {}
+            }
+        }
+    }
+
     /// The URL this worker's web server is advertised under to the app's other workers
     /// (`http://host:port`; see [`Settings::web_host`](crate::Settings::web_host)).
     pub fn web_url(&self) -> Option<String> {
@@ -1549,6 +1578,9 @@ impl Worker {
         Ok(flushed?)
     }
 }
+
+/// How often [`Worker::ready`] looks.
+const READY_POLL: Duration = Duration::from_millis(10);
 
 /// How long a stopping worker waits for the deletion of its temporary reply topic.
 const REPLY_TOPIC_DELETE: Duration = Duration::from_secs(10);

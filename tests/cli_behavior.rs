@@ -274,6 +274,18 @@ async fn worker_prints_a_ready_banner_naming_the_app_its_transport_and_agents() 
         worker.banner.last().is_some_and(|l| l.contains("ready")),
         "ready comes last: {banner}"
     );
+    // Ready means serving: `GET /ready` agrees as soon as the banner says so.
+    let addr: std::net::SocketAddr = worker
+        .banner
+        .iter()
+        .find_map(|l| l.split("http://").nth(1))
+        .and_then(|a| a.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("the web address: {banner}"));
+    let (status, body) = tokio::task::spawn_blocking(move || common::http_get(addr, "/ready"))
+        .await
+        .expect("request");
+    assert_eq!(status, 200, "{body}");
     // Dropping the handle kills the worker.
 }
 

@@ -315,6 +315,9 @@ async fn health_is_200_running_once_started_and_503_stopping_while_draining() {
     assert_eq!(health["status"], "running", "{body}");
     assert_eq!(health["app"], "ops-health");
     assert_eq!(health["transport"], "memory");
+    assert_eq!(health["ready"], true, "{body}");
+    let (status, body) = get(addr, "/ready").await;
+    assert_eq!((status, body.as_str()), (200, r#"{"status":"ready"}"#));
 
     topic.send(Reading { n: 1 }).await.expect("send");
     wait_until(WAIT, "the agent holds the event", || !started.is_empty()).await;
@@ -332,6 +335,8 @@ async fn health_is_200_running_once_started_and_503_stopping_while_draining() {
     .await;
     let health: serde_json::Value = serde_json::from_str(&body).expect("JSON");
     assert_eq!(health["status"], "stopping", "{body}");
+    let (status, body) = get(addr, "/ready").await;
+    assert_eq!(status, 503, "not ready while draining: {body}");
 
     release.notify_one();
     within(WAIT, "the worker to stop", stopping)
@@ -606,4 +611,120 @@ async fn a_worker_advertises_a_web_address_other_hosts_can_reach() {
         assert_eq!(status, 200);
         worker.shutdown().await.expect("stop");
     }
+}
+
+/// `GET /health` is liveness and `GET /ready` readiness: while a worker waits for its
+/// partitions and restores its table from the changelog (slowed down here: the broker takes
+/// 1.5 s per request), it is alive (200) but not ready (503 `starting`, then `restoring` with
+/// the table's partitions); once restored, both are 200 and the table has every key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_waits_for_partitions_and_table_restore_while_health_says_alive() {
+    // Leaked, as in the lag test above.
+    let cluster: &'static rdkafka::mocking::MockCluster<'static, _> = Box::leak(Box::new(
+        rdkafka::mocking::MockCluster::<rdkafka::producer::DefaultProducerContext>::new(1)
+            .expect("the mock cluster starts"),
+    ));
+    for topic in [
+        "ops-ready-in",
+        "ops-ready-counts-changelog",
+        "ops-ready-workers",
+    ] {
+        cluster
+            .create_topic(topic, 1, 1)
+            .expect("the mock cluster creates the topic");
+    }
+    const KEYS: u32 = 300;
+    let url = format!("kafka://{}", cluster.bootstrap_servers());
+    let counting = |url: String| {
+        let app = app("ops-ready");
+        app.configure(|s| {
+            s.broker = url;
+            s.table_standby_replicas = Some(0);
+            for (k, v) in [
+                ("session.timeout.ms", "6000"),
+                ("heartbeat.interval.ms", "1000"),
+            ] {
+                s.kafka.insert(k.into(), v.into());
+            }
+        });
+        let input = app
+            .topic("ops-ready-in")
+            .value_type::<Reading>()
+            .partitions(1);
+        let counts = app.table::<u32, u32>("counts").partitions(1);
+        let table = counts.clone();
+        app.agent(move |mut stream: Stream<Reading>| {
+            let counts = table.clone();
+            async move {
+                while let Some(r) = stream.next().await {
+                    counts.update(r.n, |c| *c += 1);
+                }
+            }
+        })
+        .named("count")
+        .channel(&input);
+        (app, input, counts)
+    };
+
+    let (app, input, counts) = counting(url.clone());
+    let worker = within(WAIT, "the first worker to start", app.start())
+        .await
+        .expect("the worker starts on the mock cluster");
+    for n in 0..KEYS {
+        input.send(Reading { n }).await.expect("send");
+    }
+    wait_until(Duration::from_secs(60), "every key counted", || {
+        counts.len() == KEYS as usize
+    })
+    .await;
+    within(WAIT, "the first worker to stop", worker.shutdown())
+        .await
+        .expect("the first worker stops");
+
+    cluster
+        .broker_round_trip_time(1, Duration::from_millis(1500))
+        .expect("the mock broker slows down");
+    let (app, _input, counts) = counting(url);
+    let worker = within(WAIT, "the second worker to start", app.start())
+        .await
+        .expect("the second worker starts");
+    let addr = web_addr(&worker);
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let (health, health_body) = get(addr, "/health").await;
+        assert_eq!(
+            health, 200,
+            "alive while it starts and restores: {health_body}"
+        );
+        let (status, body) = get(addr, "/ready").await;
+        let value: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        let state = value["status"].as_str().unwrap_or_default().to_owned();
+        if state == "restoring" {
+            assert_eq!(value["tables"]["counts"], serde_json::json!([0]), "{body}");
+            cluster
+                .broker_round_trip_time(1, Duration::ZERO)
+                .expect("the mock broker answers at once again");
+        }
+        if seen.last() != Some(&state) {
+            seen.push(state.clone());
+        }
+        if status == 200 {
+            assert_eq!(state, "ready");
+            assert!(worker.is_ready());
+            break;
+        }
+        assert_eq!(status, 503, "{body}");
+        assert!(!worker.is_ready());
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not ready within 120 s; states seen: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(seen, ["starting", "restoring", "ready"]);
+    assert_eq!(counts.len(), KEYS as usize, "ready with every key restored");
+    within(WAIT, "the second worker to stop", worker.shutdown())
+        .await
+        .expect("the second worker stops");
 }

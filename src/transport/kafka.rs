@@ -1730,7 +1730,9 @@ impl ConsumerContext for GroupCtx {
                     })
                     .map(|e| TopicPartition::new(e.topic(), e.partition() as u32))
                     .collect();
-                if !assigned.is_empty() {
+                // An empty assignment (more members than partitions) is said too: the worker
+                // is then settled, with nothing to do.
+                if !assigned.is_empty() || list.count() == 0 {
                     let _ = self
                         .events
                         .blocking_send(Polled::Event(ConsumerEvent::Assigned(assigned)));

@@ -1,5 +1,5 @@
-//! The worker's own pages: `GET /health`, `GET /metrics` and the status page `GET /`: plain
-//! HTML rendered on the server, every value escaped.
+//! The worker's own pages: `GET /health` (liveness), `GET /ready` (readiness), `GET /metrics`
+//! and the status page `GET /`: plain HTML rendered on the server, every value escaped.
 
 use crate::metrics::{self, list, AgentInfo, Health};
 use crate::worker::Runtime;
@@ -10,22 +10,56 @@ use axum::Json;
 use std::fmt::Write;
 use std::sync::Arc;
 
-/// 200 with `{"status": "running", ...}` when the worker runs with its partitions, else 503
-/// with `starting`, `rebalancing` or `stopping`.
+/// Liveness: 200 while the worker runs (`status`: `starting`, `running`, `rebalancing`; with
+/// `ready` saying whether it serves, see [`ready`]), 503 `stopping` once it drains. A process
+/// supervisor restarts a worker on 503; a load balancer asks [`ready`].
 pub(super) async fn health(State(rt): State<Arc<Runtime>>) -> Response {
     let health = rt.ops.health(rt.stop.is_cancelled());
-    let code = if health == Health::Running {
-        StatusCode::OK
-    } else {
+    let code = if health == Health::Stopping {
         StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
     };
     let body = serde_json::json!({
         "status": health.as_str(),
+        "ready": readiness(&rt).is_ok(),
         "app": &*rt.app_id,
         "transport": rt.transport.kind(),
         "partitions": rt.ops.partitions().len(),
     });
     (code, Json(body)).into_response()
+}
+
+/// Readiness: 200 `{"status": "ready"}` when the worker has its partitions and every table
+/// partition it owns is restored, so that it processes events and answers lookups; else 503
+/// with why (`starting`, `rebalancing`, `restoring` with the partitions, or `stopping`).
+pub(super) async fn ready(State(rt): State<Arc<Runtime>>) -> Response {
+    let (code, body) = match readiness(&rt) {
+        Ok(()) => (StatusCode::OK, serde_json::json!({ "status": "ready" })),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
+    };
+    (code, Json(body)).into_response()
+}
+
+/// Whether the worker serves; if not, why, as the body of `GET /ready`.
+pub(crate) fn readiness(rt: &Runtime) -> Result<(), serde_json::Value> {
+    let health = rt.ops.health(rt.stop.is_cancelled());
+    if health != Health::Running {
+        return Err(serde_json::json!({ "status": health.as_str() }));
+    }
+    let restoring: serde_json::Map<String, serde_json::Value> = rt
+        .tables
+        .iter()
+        .filter_map(|t| {
+            let partitions = t.recovering();
+            (!partitions.is_empty()).then(|| (t.name().to_owned(), serde_json::json!(partitions)))
+        })
+        .collect();
+    if restoring.is_empty() {
+        Ok(())
+    } else {
+        Err(serde_json::json!({ "status": "restoring", "tables": restoring }))
+    }
 }
 
 /// The metrics in Prometheus's text exposition format.
