@@ -238,17 +238,24 @@ async fn a_crontab_runs_a_local_time_skipped_in_spring_once_when_the_clocks_go_f
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_crontab_runs_a_repeated_autumn_hour_once() -> anyhow::Result<()> {
+async fn a_crontab_runs_a_repeated_autumn_time_once_and_an_hourly_one_every_hour(
+) -> anyhow::Result<()> {
     // Europe/Paris, 2024-10-27: at 03:00 CEST (01:00 UTC) the clocks go back to 02:00 CET. The
     // worker starts at 01:30 CEST.
     let paris = |c: rill::Crontab| c.timezone("Europe/Paris");
+    // A fixed local time runs once: 02:30 CEST (00:30Z), not again at 02:30 CET (01:30Z).
+    let runs = crontab_runs("2024-10-26T23:30:00Z", "30 2 * * *", paris, 4 * HOUR).await?;
+    assert_eq!(runs, [60 * MINUTE]);
+    // An hourly job runs every hour that passes, as in Vixie cron: the repeated one too.
     let runs = crontab_runs("2024-10-26T23:30:00Z", "0 * * * *", paris, 4 * HOUR).await?;
     assert_eq!(
         runs,
         [
             // 00:00Z: 02:00 CEST.
             30 * MINUTE,
-            // 01:00Z is 02:00 CET, the repeated hour: no run. 02:00Z: 03:00 CET.
+            // 01:00Z: 02:00 CET, the repeated hour.
+            90 * MINUTE,
+            // 02:00Z: 03:00 CET.
             150 * MINUTE,
             // 03:00Z: 04:00 CET.
             210 * MINUTE,
