@@ -94,7 +94,7 @@ fn why(expression: &str, error: &croner::errors::CronError) -> String {
 /// A parsed cron expression.
 #[derive(Clone)]
 pub(crate) struct CronSchedule {
-    cron: croner::Cron,
+    cron: Box<croner::Cron>,
 }
 
 impl fmt::Debug for CronSchedule {
@@ -109,7 +109,9 @@ impl CronSchedule {
     /// Parses an expression; the error names the field that is wrong and why.
     pub(crate) fn parse(expression: &str) -> Result<Self, String> {
         let cron = parse_pattern(expression).map_err(|e| why(expression, &e))?;
-        let schedule = Self { cron };
+        let schedule = Self {
+            cron: Box::new(cron),
+        };
         // Some expressions name days that never come (`0 0 30 feb *`).
         let from = DateTime::<Utc>::UNIX_EPOCH;
         if schedule.next_after(from, Tz::UTC).is_none() {
