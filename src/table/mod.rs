@@ -22,13 +22,14 @@ pub(crate) mod store;
 pub mod window;
 pub use window::{Window, WindowRange, WindowSet, WindowedReader, WindowedTable};
 
-use crate::app::AppCore;
 use crate::codec::{Codec, Json};
+use crate::engine::state::{self as engine, PartitionedState};
+use crate::engine::AppCore;
+use crate::engine::Runtime;
 use crate::error::{Error, Result};
 use crate::partitioner::partition_for_key;
 use crate::stream::ActorCtx;
 use crate::transport::{ConsumerEvent, TopicSpec};
-use crate::worker::Runtime;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use serde::de::DeserializeOwned;
@@ -87,6 +88,20 @@ impl<K, V> Default for Part<K, V> {
             stored: false,
         }
     }
+}
+
+/// The columns of [`table_row`].
+pub(crate) const TABLE_COLUMNS: [&str; 3] = ["table", "changelog", "partitions"];
+
+/// Name, changelog topic and partitions of a table, as the `tables` command and the status
+/// page show them.
+pub(crate) fn table_row(table: &dyn TableRunner) -> Vec<String> {
+    let spec = table.changelog_spec();
+    vec![
+        table.name().to_owned(),
+        spec.name,
+        spec.partitions.to_string(),
+    ]
 }
 
 /// Where the state of one table partition came from when this worker last took it.
@@ -150,8 +165,8 @@ struct Attached {
     /// Whether partitions this worker does not own are kept warm (standby replicas).
     standby: bool,
     /// Standby replicas per partition, placed on the workers that would take each partition
-    /// over (see [`crate::web::Members::standby_partitions`]); 0 when every worker keeps a
-    /// copy of every partition (global tables, or an assignment that cannot be predicted).
+    /// over (see `engine::membership::Members::standby_partitions`); 0 when every worker keeps
+    /// a copy of every partition (global tables, or an assignment that cannot be predicted).
     placed: u32,
 }
 
@@ -760,31 +775,15 @@ pub(crate) struct Flushed {
 }
 
 /// A table with its types erased, as the app and the worker keep it.
-pub(crate) trait TableRunner: Send + Sync {
-    fn name(&self) -> &str;
+pub(crate) trait TableRunner: PartitionedState {
+    /// This table as the engine keeps it.
+    fn as_state(self: Arc<Self>) -> Arc<dyn PartitionedState>;
     /// The changelog topic's spec.
     fn changelog_spec(&self) -> TopicSpec;
     /// Connects the table to a starting worker.
     fn attach(&self, rt: &Arc<Runtime>, store: Arc<dyn Store>);
     /// Disconnects it from a stopped worker and forgets its partitions.
     fn detach(&self);
-    /// Restores `partitions` (from the store, then the changelog).
-    fn recover<'a>(&'a self, partitions: &'a [u32]) -> BoxFuture<'a, Result<()>>;
-    /// The end offsets of the changelog's partitions, read before a revocation is committed
-    /// (and so before a new owner can write): where copies set aside then stand at most.
-    fn changelog_ends(&self) -> BoxFuture<'_, Result<Vec<i64>>>;
-    /// Sets revoked partitions aside (after they were committed): they are no longer read,
-    /// and are restored cheaply if they come back, replaying the changelog from `ends` (see
-    /// [`changelog_ends`](TableRunner::changelog_ends)).
-    fn park<'a>(&'a self, partitions: &'a [u32], ends: &'a [i64]) -> BoxFuture<'a, Result<()>>;
-    /// Drops partitions set aside by [`park`](TableRunner::park) that did not come back.
-    fn drop_parked(&self);
-    /// Drops partitions this worker no longer owns (after they were committed).
-    fn release(&self, partitions: &[u32]);
-    /// Writes the changes since the last commit to the changelog.
-    fn flush(&self) -> BoxFuture<'_, Result<Vec<Flushed>>>;
-    /// Stores what [`flush`](TableRunner::flush) wrote, once the changelog has it.
-    fn persist(&self, flushed: Vec<Flushed>) -> Result<()>;
     /// The value of a key given as text (JSON, or a bare string), as JSON; for lookups.
     fn lookup(&self, key: &str) -> Lookup;
     /// Number of keys held.
@@ -814,67 +813,9 @@ pub(crate) enum Lookup {
     BadKey(String),
 }
 
-impl<K: TableKey, V: TableValue> TableRunner for Table<K, V> {
+impl<K: TableKey, V: TableValue> PartitionedState for Table<K, V> {
     fn name(&self) -> &str {
         &self.inner.name
-    }
-
-    fn changelog_spec(&self) -> TopicSpec {
-        let settings = self.inner.core.settings();
-        TopicSpec {
-            name: self.changelog_topic(),
-            partitions: self.partition_count(),
-            replication_factor: settings.topic_replication_factor,
-            compacted: true,
-        }
-    }
-
-    fn attach(&self, rt: &Arc<Runtime>, store: Arc<dyn Store>) {
-        let spec = self.changelog_spec();
-        let replicas = standby_replicas(rt);
-        let standby = replicas > 0 || self.is_global();
-        let placed = if self.is_global() || !rt.transport.range_assignment() {
-            0
-        } else {
-            replicas
-        };
-        if standby && placed == 0 {
-            // Every partition starts as an empty standby copy; the tailer fills those this
-            // worker does not own.
-            let mut parked = self.inner.parked.lock().unwrap_or_else(|e| e.into_inner());
-            for p in 0..spec.partitions {
-                parked.insert(p, (Part::default(), 0));
-            }
-        }
-        *self
-            .inner
-            .attached
-            .write()
-            .unwrap_or_else(|e| e.into_inner()) = Some(Attached {
-            rt: rt.clone(),
-            store,
-            spec,
-            standby,
-            placed,
-        });
-        if standby {
-            let table = self.clone();
-            tokio::spawn(async move {
-                if let Err(e) = table.tail().await {
-                    tracing::warn!(table = %table.inner.name, error = %e, "standby replicas stopped; partitions taken over will be restored in full");
-                }
-            });
-        }
-    }
-
-    fn detach(&self) {
-        *self
-            .inner
-            .attached
-            .write()
-            .unwrap_or_else(|e| e.into_inner()) = None;
-        self.with_parts(|parts| parts.clear());
-        self.drop_parked();
     }
 
     fn recover<'a>(&'a self, partitions: &'a [u32]) -> BoxFuture<'a, Result<()>> {
@@ -949,17 +890,84 @@ impl<K: TableKey, V: TableValue> TableRunner for Table<K, V> {
         }
     }
 
-    fn flush(&self) -> BoxFuture<'_, Result<Vec<Flushed>>> {
-        async move { self.write_changelog().await }.boxed()
+    fn flush(&self) -> BoxFuture<'_, Result<engine::Flushed>> {
+        async move { Ok(Box::new(self.write_changelog().await?) as engine::Flushed) }.boxed()
     }
 
-    fn persist(&self, flushed: Vec<Flushed>) -> Result<()> {
+    fn persist(&self, flushed: engine::Flushed) -> Result<()> {
+        let flushed = flushed
+            .downcast::<Vec<Flushed>>()
+            .map_err(|_| Error::Store("not this table's changelog writes".into()))?;
         let a = self.inner.attached()?;
-        for f in flushed {
+        for f in *flushed {
             a.store
                 .write(&self.inner.name, f.partition, &f.changes, f.checkpoint)?;
         }
         Ok(())
+    }
+}
+
+impl<K: TableKey, V: TableValue> TableRunner for Table<K, V> {
+    fn as_state(self: Arc<Self>) -> Arc<dyn PartitionedState> {
+        self
+    }
+
+    fn changelog_spec(&self) -> TopicSpec {
+        let settings = self.inner.core.settings();
+        TopicSpec {
+            name: self.changelog_topic(),
+            partitions: self.partition_count(),
+            replication_factor: settings.topic_replication_factor,
+            compacted: true,
+        }
+    }
+
+    fn attach(&self, rt: &Arc<Runtime>, store: Arc<dyn Store>) {
+        let spec = self.changelog_spec();
+        let replicas = standby_replicas(rt);
+        let standby = replicas > 0 || self.is_global();
+        let placed = if self.is_global() || !rt.transport.range_assignment() {
+            0
+        } else {
+            replicas
+        };
+        if standby && placed == 0 {
+            // Every partition starts as an empty standby copy; the tailer fills those this
+            // worker does not own.
+            let mut parked = self.inner.parked.lock().unwrap_or_else(|e| e.into_inner());
+            for p in 0..spec.partitions {
+                parked.insert(p, (Part::default(), 0));
+            }
+        }
+        *self
+            .inner
+            .attached
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Some(Attached {
+            rt: rt.clone(),
+            store,
+            spec,
+            standby,
+            placed,
+        });
+        if standby {
+            let table = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = table.tail().await {
+                    tracing::warn!(table = %table.inner.name, error = %e, "standby replicas stopped; partitions taken over will be restored in full");
+                }
+            });
+        }
+    }
+
+    fn detach(&self) {
+        *self
+            .inner
+            .attached
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = None;
+        self.with_parts(|parts| parts.clear());
+        self.drop_parked();
     }
 
     fn lookup(&self, text: &str) -> Lookup {

@@ -120,8 +120,8 @@
 //! ```
 
 use super::{Table, TableKey, TableValue, ACTOR};
+use crate::engine::Runtime;
 use crate::transport::Message;
-use crate::worker::Runtime;
 use serde::de::DeserializeOwned;
 use std::collections::HashMap;
 use std::fmt;

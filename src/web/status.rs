@@ -1,8 +1,8 @@
 //! The worker's own pages: `GET /health`, `GET /metrics` and the status page `GET /`: plain
 //! HTML rendered on the server, every value escaped.
 
+use super::Served;
 use crate::metrics::{self, list, AgentInfo, Health};
-use crate::worker::Runtime;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
@@ -12,7 +12,8 @@ use std::sync::Arc;
 
 /// 200 with `{"status": "running", ...}` when the worker runs with its partitions, else 503
 /// with `starting`, `rebalancing` or `stopping`.
-pub(super) async fn health(State(rt): State<Arc<Runtime>>) -> Response {
+pub(super) async fn health(State(web): State<Arc<Served>>) -> Response {
+    let rt = &web.rt;
     let health = rt.ops.health(rt.stop.is_cancelled());
     let code = if health == Health::Running {
         StatusCode::OK
@@ -29,7 +30,7 @@ pub(super) async fn health(State(rt): State<Arc<Runtime>>) -> Response {
 }
 
 /// The metrics in Prometheus's text exposition format.
-pub(super) async fn metrics(State(rt): State<Arc<Runtime>>) -> Response {
+pub(super) async fn metrics(State(web): State<Arc<Served>>) -> Response {
     let Some(prometheus) = metrics::prometheus() else {
         return (
             StatusCode::NOT_FOUND,
@@ -37,7 +38,7 @@ pub(super) async fn metrics(State(rt): State<Arc<Runtime>>) -> Response {
         )
             .into_response();
     };
-    metrics::refresh(&rt).await;
+    web.refresh().await;
     (
         [(
             header::CONTENT_TYPE,
@@ -49,9 +50,9 @@ pub(super) async fn metrics(State(rt): State<Arc<Runtime>>) -> Response {
 }
 
 /// The status page.
-pub(super) async fn page(State(rt): State<Arc<Runtime>>) -> Html<String> {
-    metrics::refresh(&rt).await;
-    Html(render(&rt))
+pub(super) async fn page(State(web): State<Arc<Served>>) -> Html<String> {
+    web.refresh().await;
+    Html(render(&web))
 }
 
 /// Escapes text for HTML content and attribute values.
@@ -87,7 +88,8 @@ fn table(out: &mut String, id: &str, headers: &[&str], rows: &[Vec<String>]) {
     out.push_str("</table>\n");
 }
 
-fn render(rt: &Runtime) -> String {
+fn render(web: &Served) -> String {
+    let rt = &web.rt;
     let health = rt.ops.health(rt.stop.is_cancelled());
     let app = escape(&rt.app_id);
     let mut out = format!(
@@ -145,12 +147,12 @@ fn render(rt: &Runtime) -> String {
         &partitions,
     );
     out.push_str("<h2>Tables</h2>\n");
-    let tables: Vec<Vec<String>> = rt
+    let tables: Vec<Vec<String>> = web
         .tables
         .iter()
         .map(|t| {
             let recovering = t.recovering();
-            let mut row = metrics::table_row(&**t);
+            let mut row = crate::table::table_row(&**t);
             row.push(list(&t.held_partitions()));
             row.push(t.size().to_string());
             row.push(if recovering.is_empty() {
@@ -161,7 +163,11 @@ fn render(rt: &Runtime) -> String {
             row
         })
         .collect();
-    let columns = [&metrics::TABLE_COLUMNS[..], &["held here", "keys", "state"]].concat();
+    let columns = [
+        &crate::table::TABLE_COLUMNS[..],
+        &["held here", "keys", "state"],
+    ]
+    .concat();
     table(&mut out, "tables", &columns, &tables);
     out.push_str("<p><a href=\"/health\">health</a> · <a href=\"/metrics\">metrics</a> · <a href=\"/tables\">tables (JSON)</a></p>\n</body>\n</html>\n");
     out
