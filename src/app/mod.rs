@@ -476,7 +476,7 @@ impl App {
         }
         if let Some(store) = &store {
             for table in &tables {
-                table.attach(&rt, store.clone());
+                table.attach(crate::engine::StateHandle::new(&rt), store.clone());
             }
         }
         rt.ensure_internal_topic(&rt.reply_topic).await?;
@@ -549,7 +549,8 @@ impl App {
             _ => None,
         };
         // Membership: where lookups are forwarded, and where standby replicas go.
-        let standbys = !tables.is_empty() && crate::table::standby_replicas(&rt) > 0;
+        let standbys =
+            !tables.is_empty() && crate::table::standby_replicas(&rt.settings, &*rt.transport) > 0;
         let membership = if run_agents && (web.is_some() || standbys) {
             match crate::engine::membership::membership(rt.clone(), closed.clone()).await {
                 Ok(handle) => Some(handle),

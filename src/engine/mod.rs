@@ -9,7 +9,8 @@
 //! - [`commit`]: commits (offsets, table changelogs, transactions) and roll backs.
 //! - [`rebalance`]: partitions assigned and revoked, and the table partitions that follow them.
 //! - [`state`]: what the engine needs of the app's state (its tables), as a trait the state
-//!   layer implements.
+//!   layer implements; [`handle`]: what the state may use of a running worker
+//!   ([`StateHandle`]), rather than the whole [`Runtime`].
 //! - [`reply`]: replies to `ask`, `map` and `join`, and the consumer of the reply topic.
 //! - [`leader`] and [`membership`]: the leader among the app's workers, and which worker holds
 //!   which table partitions.
@@ -22,6 +23,7 @@ pub(crate) mod ack;
 mod commit;
 pub(crate) mod core;
 mod dispatch;
+mod handle;
 pub(crate) mod leader;
 pub(crate) mod membership;
 pub(crate) mod queue;
@@ -32,4 +34,5 @@ pub(crate) mod state;
 
 pub(crate) use self::core::AppCore;
 pub(crate) use dispatch::Dispatcher;
+pub(crate) use handle::{StateHandle, WorkerRef};
 pub(crate) use runtime::{random_id, Runtime};

@@ -74,14 +74,15 @@ impl<K: TableKey, V: TableValue> Table<K, V> {
                 continue;
             };
             for (k, v) in rest {
-                a.rt.enqueue(&a.spec, Some(*p), Some(k.clone()), v.clone(), Vec::new())
+                a.worker
+                    .enqueue(&a.spec, Some(*p), Some(k.clone()), v.clone(), Vec::new())
                     .await?;
             }
             let (key, value) = (Some(last_key.clone()), last_value.clone());
             if persistent {
                 // The position of the last record is the checkpoint; records of one partition
                 // are appended in order, so the others are before it.
-                lasts.push(Some(a.rt.produce(
+                lasts.push(Some(a.worker.produce(
                     &a.spec,
                     Some(*p),
                     key,
@@ -89,7 +90,8 @@ impl<K: TableKey, V: TableValue> Table<K, V> {
                     Vec::new(),
                 )));
             } else {
-                a.rt.enqueue(&a.spec, Some(*p), key, value, Vec::new())
+                a.worker
+                    .enqueue(&a.spec, Some(*p), key, value, Vec::new())
                     .await?;
             }
         }

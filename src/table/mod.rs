@@ -38,7 +38,7 @@ pub use window::{Window, WindowRange, WindowSet, WindowedReader, WindowedTable};
 
 use crate::codec::{Codec, Json};
 use crate::engine::AppCore;
-use crate::engine::Runtime;
+use crate::engine::StateHandle;
 use crate::error::{Error, Result};
 use crate::partitioner::partition_for_key;
 use crate::stream::ActorCtx;
@@ -84,7 +84,8 @@ type Parked<K, V> = (Part<K, V>, i64);
 /// Where a running table writes.
 #[derive(Clone)]
 struct Attached {
-    rt: Arc<Runtime>,
+    /// The worker, as far as a table may use it.
+    worker: StateHandle,
     store: Arc<dyn Store>,
     spec: TopicSpec,
     /// Whether partitions this worker does not own are kept warm (standby replicas).

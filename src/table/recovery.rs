@@ -87,7 +87,7 @@ impl<K: TableKey, V: TableValue> Table<K, V> {
             .extend(partitions.iter().copied());
         let started = Instant::now();
         let persistent = a.store.is_persistent();
-        let ends = a.rt.transport.end_offsets(&topic).await?;
+        let ends = a.worker.transport().end_offsets(&topic).await?;
         let mut starts: Vec<(u32, i64)> = Vec::new();
         let mut total = 0i64;
         let mut loaded = 0usize;
@@ -345,14 +345,18 @@ impl<K: TableKey, V: TableValue> Table<K, V> {
             .iter()
             .map(|&(p, _)| (p, ends.get(p as usize).copied().unwrap_or(0)))
             .collect();
-        let mut consumer = a.rt.transport.partitions_consumer(topic, starts).await?;
+        let mut consumer = a
+            .worker
+            .transport()
+            .partitions_consumer(topic, starts)
+            .await?;
         let started = Instant::now();
         let mut last_report = Instant::now();
         let mut done = 0i64;
         while !remaining.is_empty() {
             let event = tokio::select! {
                 e = consumer.poll() => e?,
-                _ = a.rt.stop.cancelled() => {
+                _ = a.worker.stop().cancelled() => {
                     return Err(Error::ShuttingDown { app: self.inner.core.id.to_string() })
                 }
             };
@@ -398,7 +402,7 @@ impl<K: TableKey, V: TableValue> Table<K, V> {
                 }
             });
             let (replayed, left) = ((done - before) as u64, (total - done).max(0) as u64);
-            crate::metrics::recovery_progress(&a.rt.app_id, name, replayed, left);
+            crate::metrics::recovery_progress(a.worker.app_id(), name, replayed, left);
             if last_report.elapsed() >= PROGRESS_EVERY {
                 last_report = Instant::now();
                 let rate = done as f64 / started.elapsed().as_secs_f64().max(1e-6);
@@ -413,7 +417,7 @@ impl<K: TableKey, V: TableValue> Table<K, V> {
                 );
             }
         }
-        a.rt.stats.table_replayed(name, done as u64);
+        a.worker.table_replayed(name, done as u64);
         let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
         Ok(replayed)
     }

@@ -8,7 +8,7 @@ use super::standby::standby_replicas;
 use super::store::Store;
 use super::{changelog::Flushed, Attached, Part, Table, TableKey, TableValue};
 use crate::engine::state::{self as engine, PartitionedState};
-use crate::engine::Runtime;
+use crate::engine::StateHandle;
 use crate::error::{Error, Result};
 use crate::transport::TopicSpec;
 use futures::future::BoxFuture;
@@ -23,7 +23,7 @@ pub(crate) trait TableRunner: PartitionedState {
     /// The changelog topic's spec.
     fn changelog_spec(&self) -> TopicSpec;
     /// Connects the table to a starting worker.
-    fn attach(&self, rt: &Arc<Runtime>, store: Arc<dyn Store>);
+    fn attach(&self, worker: StateHandle, store: Arc<dyn Store>);
     /// Disconnects it from a stopped worker and forgets its partitions.
     fn detach(&self);
     /// The value of a key given as text (JSON, or a bare string), as JSON; for lookups.
@@ -52,7 +52,7 @@ impl<K: TableKey, V: TableValue> PartitionedState for Table<K, V> {
     fn changelog_ends(&self) -> BoxFuture<'_, Result<Vec<i64>>> {
         async move {
             let a = self.inner.attached()?;
-            Ok(a.rt.transport.end_offsets(&a.spec.name).await?)
+            Ok(a.worker.transport().end_offsets(&a.spec.name).await?)
         }
         .boxed()
     }
@@ -149,11 +149,11 @@ impl<K: TableKey, V: TableValue> TableRunner for Table<K, V> {
         }
     }
 
-    fn attach(&self, rt: &Arc<Runtime>, store: Arc<dyn Store>) {
+    fn attach(&self, worker: StateHandle, store: Arc<dyn Store>) {
         let spec = self.changelog_spec();
-        let replicas = standby_replicas(rt);
+        let replicas = standby_replicas(worker.settings(), &**worker.transport());
         let standby = replicas > 0 || self.is_global();
-        let placed = if self.is_global() || !rt.transport.range_assignment() {
+        let placed = if self.is_global() || !worker.transport().range_assignment() {
             0
         } else {
             replicas
@@ -171,7 +171,7 @@ impl<K: TableKey, V: TableValue> TableRunner for Table<K, V> {
             .attached
             .write()
             .unwrap_or_else(|e| e.into_inner()) = Some(Attached {
-            rt: rt.clone(),
+            worker,
             store,
             spec,
             standby,

@@ -2,9 +2,10 @@
 //! tailing their changelogs, on the workers that would take each partition over.
 
 use super::{Attached, Part, Table, TableKey, TableValue};
-use crate::engine::Runtime;
 use crate::error::Result;
+use crate::settings::Settings;
 use crate::transport::ConsumerEvent;
+use crate::transport::Transport;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
@@ -17,14 +18,10 @@ const PLACEMENT_EVERY: Duration = Duration::from_millis(250);
 
 /// The number of standby replicas of each table partition (see
 /// [`Settings::table_standby_replicas`](crate::Settings::table_standby_replicas)).
-pub(crate) fn standby_replicas(rt: &Runtime) -> u32 {
-    rt.settings
+pub(crate) fn standby_replicas(settings: &Settings, transport: &dyn Transport) -> u32 {
+    settings
         .table_standby_replicas
-        .unwrap_or(if rt.transport.kind() == "memory" {
-            0
-        } else {
-            1
-        })
+        .unwrap_or(if transport.kind() == "memory" { 0 } else { 1 })
 }
 
 impl<K: TableKey, V: TableValue> Table<K, V> {
@@ -49,7 +46,7 @@ impl<K: TableKey, V: TableValue> Table<K, V> {
                 if !ready {
                     tokio::select! {
                         _ = tick.tick() => {}
-                        _ = a.rt.stop.cancelled() => break,
+                        _ = a.worker.stop().cancelled() => break,
                     }
                     reconcile = true;
                     continue;
@@ -66,7 +63,7 @@ impl<K: TableKey, V: TableValue> Table<K, V> {
                     reconcile = true;
                     continue;
                 }
-                _ = a.rt.stop.cancelled() => break,
+                _ = a.worker.stop().cancelled() => break,
             };
             let batch = match event {
                 Ok(ConsumerEvent::Messages(batch)) => batch,
@@ -126,8 +123,8 @@ impl<K: TableKey, V: TableValue> Table<K, V> {
         }
         if !wanted.is_empty() {
             match a
-                .rt
-                .transport
+                .worker
+                .transport()
                 .partitions_consumer(&a.spec.name, starts.into_iter().collect())
                 .await
             {
@@ -146,10 +143,7 @@ impl<K: TableKey, V: TableValue> Table<K, V> {
     /// Brings the standby copies in line with the placement: a copy for each partition placed
     /// here that this worker does not own, none for the others (after [`STANDBY_LINGER`]).
     fn place(&self, a: &Attached, unplaced: &mut HashMap<u32, Instant>) {
-        let Some(placed) =
-            a.rt.members
-                .standby_partitions(&a.rt.instance, a.spec.partitions, a.placed)
-        else {
+        let Some(placed) = a.worker.standby_partitions(a.spec.partitions, a.placed) else {
             // This worker's own record is not read yet: keep what there is.
             return;
         };
