@@ -6,7 +6,6 @@
 use super::dispatch::Dispatcher;
 use super::runtime::Failure;
 use super::state::Flushed;
-
 use crate::error::{Error, TransportError};
 use std::time::Duration;
 

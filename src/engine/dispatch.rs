@@ -3,11 +3,11 @@
 //! [`commit`](super::commit), rebalances in [`rebalance`](super::rebalance).
 
 use super::ack::{AckGuard, PartitionTracker};
-use super::commit::EXACTLY_ONCE_COMMIT_INTERVAL;
-use super::commit::{EXACTLY_ONCE_COMMIT_MAX_WAIT, EXACTLY_ONCE_COMMIT_SHARE};
-use super::runtime::{Control, Runtime};
-
+use super::commit::{
+    EXACTLY_ONCE_COMMIT_INTERVAL, EXACTLY_ONCE_COMMIT_MAX_WAIT, EXACTLY_ONCE_COMMIT_SHARE,
+};
 use super::queue::{Chunk, Delivery, Route};
+use super::runtime::{Control, Runtime};
 use crate::error::{Result, TransportError};
 use crate::transport::{Consumer, ConsumerEvent, Message, TopicPartition};
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};

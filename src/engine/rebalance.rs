@@ -4,7 +4,6 @@
 use super::ack::PartitionTracker;
 use super::dispatch::{list, Dispatcher};
 use super::runtime::Runtime;
-
 use crate::error::Error;
 use crate::transport::TopicPartition;
 use std::collections::BTreeSet;

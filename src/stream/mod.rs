@@ -1,9 +1,9 @@
 //! Streams: what an agent iterates over, and the operators that reshape it.
 
-use crate::engine::ack::Acks;
 pub(crate) mod bad_input;
 
 use crate::codec::{Codec, Json};
+use crate::engine::ack::Acks;
 use crate::engine::queue::{Delivery, Queue};
 use crate::engine::Runtime;
 use crate::topic::Topic;
