@@ -31,25 +31,43 @@
 //! ```
 #![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
 
-mod ack;
-mod agent;
-mod app;
-mod bad_input;
-mod channel;
-mod cli;
+// The layers, from the bottom up (see "Map of the source" in the README): each uses only the
+// ones before it. tests/layering.rs checks that no two modules import each other.
+//
+// Foundations: codecs, errors, settings, the key partitioner.
 pub mod codec;
 mod error;
-mod metrics;
 mod partitioner;
-mod reply;
 mod settings;
-mod stream;
-pub mod table;
-mod timer;
-mod topic;
+
+// The log: the embedded and Kafka transports.
 pub mod transport;
+
+// What a worker reports (counters, gauges, health), fed by the layers above.
+mod metrics;
+
+// Dispatch, acks and commits, rebalances, the runtime context.
+mod engine;
+
+// Topics and channels, and the streams agents read.
+mod channel;
+mod topic;
+
+mod stream;
+
+// State: tables, windows, stores.
+pub mod table;
+
+// Agents.
+mod agent;
+
+// The app surface: timers, the web server, the app and its worker, the command line.
+mod timer;
 mod web;
-mod worker;
+
+mod app;
+
+mod cli;
 
 #[doc(inline)]
 pub use agent::{
@@ -58,6 +76,8 @@ pub use agent::{
 };
 #[doc(inline)]
 pub use app::App;
+#[doc(inline)]
+pub use app::Worker;
 #[doc(inline)]
 pub use channel::{Channel, SendError};
 #[doc(inline)]
@@ -74,8 +94,6 @@ pub use table::{SetTable, Table, TableReader};
 pub use timer::{Crontab, Task, TaskOutput, Timer};
 #[doc(inline)]
 pub use topic::{Topic, TopicNames, TopicSend};
-#[doc(inline)]
-pub use worker::Worker;
 
 /// Write an agent body that yields values: `stream! { ... yield value; }` (from
 /// `async-stream`).

@@ -23,9 +23,7 @@
 //! | `rill_table_recovery_records_total` | counter | `app`, `table` |
 //! | `rill_table_recovery_remaining_records` | gauge | `app`, `table` |
 
-use crate::table::TableRunner;
-use crate::transport::TopicPartition;
-use crate::worker::Runtime;
+use crate::transport::{TopicPartition, Transport};
 use metrics::{Counter, Gauge, Histogram, Label};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -277,20 +275,6 @@ impl AgentInfo {
     }
 }
 
-/// The columns of [`table_row`].
-pub(crate) const TABLE_COLUMNS: [&str; 3] = ["table", "changelog", "partitions"];
-
-/// Name, changelog topic and partitions of a table, as the `tables` command and the status
-/// page show them.
-pub(crate) fn table_row(table: &dyn TableRunner) -> Vec<String> {
-    let spec = table.changelog_spec();
-    vec![
-        table.name().to_owned(),
-        spec.name,
-        spec.partitions.to_string(),
-    ]
-}
-
 /// Items separated by commas, or `-` when there are none.
 pub(crate) fn list<T: ToString>(items: &[T]) -> String {
     if items.is_empty() {
@@ -351,7 +335,7 @@ struct Rate {
 }
 
 /// How long a throughput sample spans at least.
-const RATE_WINDOW: Duration = Duration::from_secs(1);
+pub(crate) const RATE_WINDOW: Duration = Duration::from_secs(1);
 
 impl Ops {
     pub(crate) fn new(app: Arc<str>) -> Self {
@@ -520,70 +504,71 @@ impl Ops {
     }
 }
 
+/// What the gauges show of a table, as the layer that holds the tables reports it.
+#[derive(Debug)]
+pub(crate) struct TableSize<'a> {
+    pub(crate) name: &'a str,
+    /// Keys held.
+    pub(crate) keys: usize,
+    /// Partitions being restored.
+    pub(crate) recovering: usize,
+}
+
 /// Brings the gauges and the status up to date: lag of the assigned partitions (embedded:
 /// end offset minus committed offset; Kafka: librdkafka's statistics), table sizes and restore
 /// state, and the throughput sample.
-pub(crate) async fn refresh(rt: &Runtime) {
-    let ops = &rt.ops;
+pub(crate) async fn refresh(
+    app_id: &str,
+    ops: &Ops,
+    transport: &dyn Transport,
+    tables: &[TableSize<'_>],
+) {
     ops.sample_rate();
     let assigned: Vec<TopicPartition> = lock(&ops.assigned).iter().cloned().collect();
-    let lag = if rt.transport.kind() == "memory" {
-        embedded_lag(rt, &assigned).await
+    let lag = if transport.kind() == "memory" {
+        embedded_lag(app_id, transport, &assigned).await
     } else {
         let known = lock(&KAFKA_LAG);
         assigned
             .iter()
             .filter_map(|tp| {
                 known
-                    .get(&(rt.app_id.to_string(), tp.clone()))
+                    .get(&(app_id.to_string(), tp.clone()))
                     .map(|l| (tp.clone(), *l))
             })
             .collect()
     };
     *lock(&ops.lag) = lag;
-    for table in &rt.tables {
-        let l = labels(&rt.app_id, &[("table", table.name())]);
-        metrics::gauge!(TABLE_KEYS, l.clone()).set(table.size() as f64);
-        metrics::gauge!(TABLE_RECOVERING, l).set(table.recovering().len() as f64);
+    for table in tables {
+        let l = labels(app_id, &[("table", table.name)]);
+        metrics::gauge!(TABLE_KEYS, l.clone()).set(table.keys as f64);
+        metrics::gauge!(TABLE_RECOVERING, l).set(table.recovering as f64);
     }
 }
 
-async fn embedded_lag(rt: &Runtime, assigned: &[TopicPartition]) -> BTreeMap<TopicPartition, i64> {
+async fn embedded_lag(
+    app_id: &str,
+    transport: &dyn Transport,
+    assigned: &[TopicPartition],
+) -> BTreeMap<TopicPartition, i64> {
     let mut lag = BTreeMap::new();
-    let Ok(committed) = rt.transport.committed(&rt.app_id).await else {
+    let Ok(committed) = transport.committed(app_id).await else {
         return lag;
     };
     let committed: HashMap<TopicPartition, i64> = committed.into_iter().collect();
     let topics: BTreeSet<&str> = assigned.iter().map(|tp| &*tp.topic).collect();
     for topic in topics {
-        let Ok(ends) = rt.transport.end_offsets(topic).await else {
+        let Ok(ends) = transport.end_offsets(topic).await else {
             continue;
         };
         for tp in assigned.iter().filter(|tp| &*tp.topic == topic) {
             let end = ends.get(tp.partition as usize).copied().unwrap_or(0);
             let n = (end - committed.get(tp).copied().unwrap_or(0)).max(0);
-            lag_gauge(&rt.app_id, tp).set(n as f64);
+            lag_gauge(app_id, tp).set(n as f64);
             lag.insert(tp.clone(), n);
         }
     }
     lag
-}
-
-/// Refreshes the gauges once a second and runs the recorder's upkeep, until `stop`.
-pub(crate) async fn run(rt: Arc<Runtime>, stop: tokio_util::sync::CancellationToken) {
-    let mut ticker = tokio::time::interval(RATE_WINDOW);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => break,
-            _ = ticker.tick() => {
-                refresh(&rt).await;
-                if let Some(p) = prometheus() {
-                    p.run_upkeep();
-                }
-            }
-        }
-    }
 }
 
 /// Events an agent reads in a row before their mean processing time is recorded.

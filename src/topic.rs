@@ -1,7 +1,7 @@
 //! Topics: named, partitioned logs with a key and a value type.
 
-use crate::app::AppCore;
 use crate::codec::{Codec, Json, Raw};
+use crate::engine::AppCore;
 use crate::error::Result;
 use crate::transport::{Headers, RecordPosition, TopicSpec};
 use bytes::Bytes;

@@ -1,13 +1,14 @@
 //! Running an agent: its actors, their restarts, and what happens to yielded values.
 
 use super::{source_specs, AgentInner, Offered, Sink, Source};
+use crate::engine::queue::Queue;
+use crate::engine::reply::{CORRELATION_ID, REPLY_TO};
+use crate::engine::Runtime;
 use crate::error::{BoxError, Error, Result};
 use crate::metrics::AgentInfo;
-use crate::reply::{CORRELATION_ID, REPLY_TO};
 use crate::settings::Settings;
-use crate::stream::{decode_delivery, ActorCtx, Buffers, Item, Queue, QueueReader, Stream};
+use crate::stream::{decode_delivery, ActorCtx, Buffers, Item, QueueReader, Stream};
 use crate::transport::TopicSpec;
-use crate::worker::Runtime;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt};

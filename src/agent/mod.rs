@@ -7,9 +7,9 @@ mod sink;
 pub use request::{AgentAsk, AgentSend, IntoValues, ReplyTo};
 pub use sink::{IntoSink, Offered, Sink};
 
-use crate::app::AppCore;
 use crate::channel::Channel;
 use crate::codec::{Codec, Raw};
+use crate::engine::AppCore;
 use crate::error::{BoxError, Error, Result};
 use crate::settings::Settings;
 use crate::stream::Stream;
@@ -300,7 +300,7 @@ where
             return Ok(None);
         }
         let c = self.inner.config();
-        Ok(crate::bad_input::dead_letter_spec(
+        Ok(crate::stream::bad_input::dead_letter_spec(
             &self.inner.core.id,
             &c.name,
             c.dead_letter,

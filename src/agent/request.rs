@@ -2,8 +2,8 @@
 
 use super::{marker, Agent, Source};
 use crate::channel::Channel;
+use crate::engine::reply::{Waiting, WaitingOne, CORRELATION_ID, REPLY_TO};
 use crate::error::{Error, Result};
-use crate::reply::{Waiting, WaitingOne, CORRELATION_ID, REPLY_TO};
 use crate::topic::Topic;
 use crate::transport::Headers;
 use bytes::Bytes;

@@ -3,10 +3,10 @@
 
 use crate::agent::AgentRunner;
 use crate::app::{App, Role};
+use crate::engine::Runtime;
 use crate::error::{Error, Result};
 use crate::metrics::{self, AgentInfo};
 use crate::transport::TopicPartition;
-use crate::worker::Runtime;
 use bytes::Bytes;
 use clap::{ArgMatches, Args, FromArgMatches};
 use std::collections::HashMap;
@@ -126,9 +126,9 @@ impl App {
         let rows: Vec<Vec<String>> = self
             .table_runners()
             .iter()
-            .map(|t| metrics::table_row(&**t))
+            .map(|t| crate::table::table_row(&**t))
             .collect();
-        print_columns(&metrics::TABLE_COLUMNS, &rows);
+        print_columns(&crate::table::TABLE_COLUMNS, &rows);
         Ok(())
     }
 

@@ -120,12 +120,12 @@
 //! ```
 
 use super::{Table, TableKey, TableValue, ACTOR};
+use crate::engine::WorkerRef;
 use crate::transport::Message;
-use crate::worker::Runtime;
 use serde::de::DeserializeOwned;
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Whole milliseconds in `d`, saturating.
@@ -313,7 +313,7 @@ struct PartitionTime {
 struct Clocks {
     /// The worker whose events set these times: a new worker starts over, as its partitions
     /// were restored anew.
-    worker: Option<Weak<Runtime>>,
+    worker: Option<WorkerRef>,
     partitions: HashMap<u32, PartitionTime>,
 }
 
@@ -570,11 +570,11 @@ impl<K: TableKey, V: TableValue> WindowedTable<K, V> {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
-            .map(|a| Arc::downgrade(&a.rt));
+            .map(|a| a.worker.worker());
         let (stream_time, sweep) = {
             let mut clocks = self.clocks.lock().unwrap_or_else(|e| e.into_inner());
             let same = match (&clocks.worker, &worker) {
-                (Some(a), Some(b)) => Weak::ptr_eq(a, b),
+                (Some(a), Some(b)) => a.same(b),
                 (None, None) => true,
                 _ => false,
             };

@@ -19,11 +19,8 @@
 mod cron;
 
 use self::cron::CronSchedule;
-use crate::agent::default_name;
-use crate::app::App;
+use crate::engine::Runtime;
 use crate::error::{BoxError, Error, Result};
-use crate::transport::TopicPartition;
-use crate::worker::Runtime;
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use futures::future::BoxFuture;
@@ -32,7 +29,7 @@ use futures::{FutureExt, StreamExt};
 use std::fmt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -216,6 +213,40 @@ impl Timers {
         handle
     }
 
+    /// Declares a timer (see [`App::timer`](crate::App::timer)).
+    pub(crate) fn every<F, Fut, O>(&self, name: String, interval: Duration, f: F) -> Timer
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = O> + Send + 'static,
+        O: TaskOutput,
+    {
+        Timer(self.add(name, Schedule::Every(interval), body(f)))
+    }
+
+    /// Declares a crontab (see [`App::crontab`](crate::App::crontab)).
+    pub(crate) fn cron<F, Fut, O>(&self, name: String, expression: String, f: F) -> Crontab
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = O> + Send + 'static,
+        O: TaskOutput,
+    {
+        let schedule = Schedule::Cron {
+            expression,
+            timezone: "UTC".to_owned(),
+        };
+        Crontab(Timer(self.add(name, schedule, body(f))))
+    }
+
+    /// Declares a task (see [`App::task`](crate::App::task)).
+    pub(crate) fn at_start<F, Fut, O>(&self, name: String, f: F) -> Task
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = O> + Send + 'static,
+        O: TaskOutput,
+    {
+        Task(self.add(name, Schedule::Start, body(f)))
+    }
+
     /// Checks every declaration (intervals, cron expressions, time zones) and says what a
     /// worker runs.
     pub(crate) fn plan(&self) -> Result<Plan> {
@@ -303,13 +334,13 @@ impl Plan {
 
     /// Starts every timer, crontab and task; they stop when the worker's stop token is
     /// cancelled, and [`Running::stop`] waits for them.
-    pub(crate) fn start(self, rt: &Runtime) {
+    pub(crate) fn start(self, rt: &Runtime) -> Running {
         let clock = Clock {
             wall: rt.settings.clock_start,
             start: tokio::time::Instant::now(),
         };
         let handles = self.planned.into_iter().map(|p| {
-            let leader = p.on_leader.then(|| rt.leadership.leader.subscribe());
+            let leader = p.on_leader.then(|| rt.leadership.watch());
             let stop = rt.stop.clone();
             match p.when {
                 When::Start => tokio::spawn(async move {
@@ -334,7 +365,9 @@ impl Plan {
                 }
             }
         });
-        rt.timers.handles().extend(handles);
+        let running = Running::default();
+        running.handles().extend(handles);
+        running
     }
 }
 
@@ -448,152 +481,5 @@ impl Running {
                 a.abort();
             }
         }
-    }
-}
-
-/// The name of the topic whose partition 0 makes a worker the app's leader.
-pub(crate) fn leader_topic(app_id: &str) -> String {
-    format!("{app_id}-__leader")
-}
-
-/// Whether this worker is the app's leader, kept up to date from the consumer group's
-/// assignments of the leader topic.
-#[derive(Debug)]
-pub(crate) struct Leadership {
-    topic: OnceLock<Arc<str>>,
-    leader: watch::Sender<bool>,
-}
-
-impl Default for Leadership {
-    fn default() -> Self {
-        Self {
-            topic: OnceLock::new(),
-            leader: watch::channel(false).0,
-        }
-    }
-}
-
-impl Leadership {
-    /// The workers elect their leader through `topic` (which the dispatcher subscribes to).
-    pub(crate) fn elect_by(&self, topic: String) {
-        let _ = self.topic.set(Arc::from(topic));
-    }
-
-    /// The leader topic, when the workers elect a leader.
-    pub(crate) fn topic(&self) -> Option<&str> {
-        self.topic.get().map(|t| &**t)
-    }
-
-    pub(crate) fn is_leader(&self) -> bool {
-        *self.leader.borrow()
-    }
-
-    /// Takes the leader topic's partitions out of `tps`, which the group just assigned to
-    /// this worker (`gained`) or revoked, and updates the leadership: the rest of the
-    /// dispatcher (offsets, tables) never sees them.
-    pub(crate) fn take_from(&self, tps: &mut Vec<TopicPartition>, gained: bool) {
-        let Some(topic) = self.topic.get() else {
-            return;
-        };
-        let mut changed = false;
-        tps.retain(|tp| {
-            let ours = *tp.topic == **topic;
-            changed |= ours && tp.partition == 0;
-            !ours
-        });
-        if changed && self.leader.send_replace(gained) != gained {
-            tracing::info!(leader = gained, "leadership changed");
-        }
-    }
-
-    /// This worker leaves the group: it leads no more.
-    pub(crate) fn resign(&self) {
-        self.leader.send_replace(false);
-    }
-}
-
-impl App {
-    /// Runs `f` every `interval` while a worker runs, Faust's `@app.timer(interval)`: the
-    /// first time one interval after the worker starts. `f` is an async function or closure
-    /// returning `()` or `Result<(), E>`; an error or panic is logged with the timer's name
-    /// and the timer runs again at its next tick. Runs never overlap: ticks that come while
-    /// the body runs are skipped.
-    ///
-    /// [`on_leader`](Timer::on_leader) runs it on one worker of the app only. An interval of
-    /// zero makes [`App::start`] fail.
-    ///
-    /// ```
-    /// # use rill::prelude::*;
-    /// # use std::time::Duration;
-    /// async fn report() {
-    ///     println!("still here");
-    /// }
-    ///
-    /// # #[tokio::main] async fn main() -> rill::Result<()> {
-    /// let app = App::new("timers");
-    /// app.timer(Duration::from_secs(10), report).on_leader();
-    /// app.crontab("0 * * * *", || async { println!("top of the hour") })
-    ///     .timezone("Europe/Paris")
-    ///     .named("hourly");
-    /// app.task(|| async { Ok::<_, std::io::Error>(()) }).named("startup");
-    ///
-    /// let worker = app.start().await?;
-    /// worker.shutdown().await?;
-    /// # Ok(()) }
-    /// ```
-    pub fn timer<F, Fut, O>(&self, interval: Duration, f: F) -> Timer
-    where
-        F: Fn() -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = O> + Send + 'static,
-        O: TaskOutput,
-    {
-        let name = default_name::<F>();
-        Timer(self.timers.add(name, Schedule::Every(interval), body(f)))
-    }
-
-    /// Runs `f` at the times the cron expression selects, Faust's `@app.crontab`: five fields
-    /// `minute hour day-of-month month day-of-week`, each `*`, a number, a name (`jan`,
-    /// `mon`), a range (`1-5`), a step (`*/15`) or a list of them (`0,30`). When both
-    /// day-of-month and day-of-week are restricted, a day matches if either does (as in Vixie
-    /// cron). Times are read in UTC unless [`timezone`](Crontab::timezone) says otherwise.
-    ///
-    /// Daylight-saving time: each local time runs at most once. A local time skipped when the
-    /// clocks go forward runs at the moment they do (`30 2 * * *` in Europe/Paris runs at
-    /// 03:00 on the last Sunday of March); a local time repeated when they go back runs at its
-    /// first occurrence only.
-    ///
-    /// An invalid expression or an unknown time zone makes [`App::start`] fail with
-    /// [`Error::Crontab`]. Errors and panics are handled as for [`App::timer`]; see
-    /// [`Settings::clock_start`](crate::Settings::clock_start) for tests on virtual time.
-    pub fn crontab<F, Fut, O>(&self, expression: impl Into<String>, f: F) -> Crontab
-    where
-        F: Fn() -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = O> + Send + 'static,
-        O: TaskOutput,
-    {
-        let schedule = Schedule::Cron {
-            expression: expression.into(),
-            timezone: "UTC".to_owned(),
-        };
-        Crontab(Timer(self.timers.add(
-            default_name::<F>(),
-            schedule,
-            body(f),
-        )))
-    }
-
-    /// Runs `f` once when a worker starts, Faust's `@app.task`; it is cancelled when the
-    /// worker stops. An error or panic is logged with the task's name; the task is not
-    /// restarted.
-    pub fn task<F, Fut, O>(&self, f: F) -> Task
-    where
-        F: Fn() -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = O> + Send + 'static,
-        O: TaskOutput,
-    {
-        Task(
-            self.timers
-                .add(default_name::<F>(), Schedule::Start, body(f)),
-        )
     }
 }

@@ -17,8 +17,8 @@
 //!   own partitioner is never used.
 
 use super::{
-    Consumer, ConsumerEvent, Message, OutgoingRecord, RecordPosition, StartAt, TopicPartition,
-    TopicSpec, Transport,
+    Consumer, ConsumerEvent, LagReport, Message, OutgoingRecord, RecordPosition, StartAt,
+    TopicPartition, TopicSpec, Transport,
 };
 use crate::error::TransportError;
 use bytes::{Bytes, BytesMut};
@@ -89,6 +89,8 @@ pub(crate) struct KafkaConfig {
     /// How long a revocation waits for the worker to commit the revoked partitions (see
     /// [`KafkaConfig::revocations_within`]).
     revoke_timeout: Duration,
+    /// Told the lag librdkafka's statistics report for the group consumer's partitions.
+    lag_report: Option<LagReport>,
 }
 
 impl fmt::Debug for KafkaConfig {
@@ -100,6 +102,7 @@ impl fmt::Debug for KafkaConfig {
             .field("handoff_grace", &self.handoff_grace)
             .field("transactional_id", &self.transactional_id)
             .field("revoke_timeout", &self.revoke_timeout)
+            .field("lag_report", &self.lag_report.is_some())
             .finish()
     }
 }
@@ -170,6 +173,7 @@ impl KafkaConfig {
             handoff_grace,
             revoke_timeout: Duration::from_secs(60),
             transactional_id: None,
+            lag_report: None,
         })
     }
 
@@ -177,6 +181,12 @@ impl KafkaConfig {
     /// commits is one Kafka transaction, with the consumed offsets in it.
     pub(crate) fn transactional(mut self, id: String) -> Self {
         self.transactional_id = Some(id);
+        self
+    }
+
+    /// Reports the lag of the group consumer's partitions to `report` (see [`LagReport`]).
+    pub(crate) fn report_lag(mut self, report: LagReport) -> Self {
+        self.lag_report = Some(report);
         self
     }
 
@@ -902,7 +912,7 @@ impl KafkaTransport {
         for (k, v) in &self.inner.config.extra {
             c.set(k, v);
         }
-        KafkaConsumer::new(c, None, Duration::ZERO, Duration::ZERO)
+        KafkaConsumer::new(c, None, Duration::ZERO, Duration::ZERO, None)
     }
 
     /// Queues a record, waiting while librdkafka's queue is full.
@@ -1190,6 +1200,7 @@ impl Transport for KafkaTransport {
             Some(group.to_owned()),
             self.inner.config.handoff_grace,
             self.inner.config.revoke_timeout,
+            self.inner.config.lag_report.clone(),
         )?;
         if self.inner.txn.is_some() {
             consumer.txn = Some(self.inner.clone());
@@ -1349,6 +1360,8 @@ struct GroupCtx {
     /// With at-least-once processing, the transport whose undelivered records are thrown away
     /// when partitions are lost (see [`discard_undelivered`]).
     undelivered: std::sync::OnceLock<Arc<Inner>>,
+    /// Told the lag of each partition (see [`KafkaConfig::report_lag`]).
+    lag_report: Option<LagReport>,
 }
 
 /// Assigned partitions that are not read yet: another member may still hold them.
@@ -1419,7 +1432,7 @@ impl ClientContext for GroupCtx {
 
     /// librdkafka's statistics (every `statistics.interval.ms`): the lag of each partition.
     fn stats(&self, statistics: rdkafka::Statistics) {
-        let Some(group) = &self.group else {
+        let (Some(group), Some(report)) = (&self.group, &self.lag_report) else {
             return;
         };
         for (topic, t) in &statistics.topics {
@@ -1428,7 +1441,7 @@ impl ClientContext for GroupCtx {
                 // not assigned here are not desired.
                 if p >= 0 && partition.desired && partition.consumer_lag >= 0 {
                     let tp = TopicPartition::new(topic.as_str(), p as u32);
-                    crate::metrics::kafka_lag(group, tp, partition.consumer_lag);
+                    report(group, tp, partition.consumer_lag);
                 }
             }
         }
@@ -1782,6 +1795,7 @@ impl KafkaConsumer {
         group: Option<String>,
         handoff_grace: Duration,
         revoke_timeout: Duration,
+        lag_report: Option<LagReport>,
     ) -> Result<Self, TransportError> {
         let (tx, events) = mpsc::channel(8);
         let lost = Arc::new(AtomicBool::new(false));
@@ -1799,6 +1813,7 @@ impl KafkaConsumer {
                 group: group.clone(),
                 lost: lost.clone(),
                 undelivered: std::sync::OnceLock::new(),
+                lag_report,
             })
             .map_err(|e| err(format!("cannot create Kafka consumer: {e}")))?;
         Ok(Self {

@@ -227,6 +227,12 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
     ) -> BoxFuture<'_, Result<Vec<(TopicPartition, i64)>, TransportError>>;
 }
 
+/// Told what a transport learns of its group consumer's lag: the group, a partition, and how
+/// many records it lags behind the partition's end. The layer above installs it (to feed its
+/// metrics); a transport reports through it and knows nothing of what listens.
+#[cfg(feature = "kafka")]
+pub(crate) type LagReport = Arc<dyn Fn(&str, TopicPartition, i64) + Send + Sync>;
+
 /// Reads records from a transport.
 pub trait Consumer: Send + fmt::Debug {
     /// Replaces the consumer's subscription with `topics` (group consumers only).

@@ -1,8 +1,8 @@
 //! The worker's own pages: `GET /health` (liveness), `GET /ready` (readiness), `GET /metrics`
 //! and the status page `GET /`: plain HTML rendered on the server, every value escaped.
 
+use super::Served;
 use crate::metrics::{self, list, AgentInfo, Health};
-use crate::worker::Runtime;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
@@ -13,7 +13,8 @@ use std::sync::Arc;
 /// Liveness: 200 while the worker runs (`status`: `starting`, `running`, `rebalancing`; with
 /// `ready` saying whether it serves, see [`ready`]), 503 `stopping` once it drains. A process
 /// supervisor restarts a worker on 503; a load balancer asks [`ready`].
-pub(super) async fn health(State(rt): State<Arc<Runtime>>) -> Response {
+pub(super) async fn health(State(web): State<Arc<Served>>) -> Response {
+    let rt = &web.rt;
     let health = rt.ops.health(rt.stop.is_cancelled());
     let code = if health == Health::Stopping {
         StatusCode::SERVICE_UNAVAILABLE
@@ -22,7 +23,7 @@ pub(super) async fn health(State(rt): State<Arc<Runtime>>) -> Response {
     };
     let body = serde_json::json!({
         "status": health.as_str(),
-        "ready": readiness(&rt).is_ok(),
+        "ready": rt.readiness().is_ok(),
         "app": &*rt.app_id,
         "transport": rt.transport.kind(),
         "partitions": rt.ops.partitions().len(),
@@ -33,37 +34,16 @@ pub(super) async fn health(State(rt): State<Arc<Runtime>>) -> Response {
 /// Readiness: 200 `{"status": "ready"}` when the worker has its partitions and every table
 /// partition it owns is restored, so that it processes events and answers lookups; else 503
 /// with why (`starting`, `rebalancing`, `restoring` with the partitions, or `stopping`).
-pub(super) async fn ready(State(rt): State<Arc<Runtime>>) -> Response {
-    let (code, body) = match readiness(&rt) {
+pub(super) async fn ready(State(web): State<Arc<Served>>) -> Response {
+    let (code, body) = match web.rt.readiness() {
         Ok(()) => (StatusCode::OK, serde_json::json!({ "status": "ready" })),
         Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
     };
     (code, Json(body)).into_response()
 }
 
-/// Whether the worker serves; if not, why, as the body of `GET /ready`.
-pub(crate) fn readiness(rt: &Runtime) -> Result<(), serde_json::Value> {
-    let health = rt.ops.health(rt.stop.is_cancelled());
-    if health != Health::Running {
-        return Err(serde_json::json!({ "status": health.as_str() }));
-    }
-    let restoring: serde_json::Map<String, serde_json::Value> = rt
-        .tables
-        .iter()
-        .filter_map(|t| {
-            let partitions = t.recovering();
-            (!partitions.is_empty()).then(|| (t.name().to_owned(), serde_json::json!(partitions)))
-        })
-        .collect();
-    if restoring.is_empty() {
-        Ok(())
-    } else {
-        Err(serde_json::json!({ "status": "restoring", "tables": restoring }))
-    }
-}
-
 /// The metrics in Prometheus's text exposition format.
-pub(super) async fn metrics(State(rt): State<Arc<Runtime>>) -> Response {
+pub(super) async fn metrics(State(web): State<Arc<Served>>) -> Response {
     let Some(prometheus) = metrics::prometheus() else {
         return (
             StatusCode::NOT_FOUND,
@@ -71,7 +51,7 @@ pub(super) async fn metrics(State(rt): State<Arc<Runtime>>) -> Response {
         )
             .into_response();
     };
-    metrics::refresh(&rt).await;
+    web.refresh().await;
     (
         [(
             header::CONTENT_TYPE,
@@ -83,9 +63,9 @@ pub(super) async fn metrics(State(rt): State<Arc<Runtime>>) -> Response {
 }
 
 /// The status page.
-pub(super) async fn page(State(rt): State<Arc<Runtime>>) -> Html<String> {
-    metrics::refresh(&rt).await;
-    Html(render(&rt))
+pub(super) async fn page(State(web): State<Arc<Served>>) -> Html<String> {
+    web.refresh().await;
+    Html(render(&web))
 }
 
 /// Escapes text for HTML content and attribute values.
@@ -121,7 +101,8 @@ fn table(out: &mut String, id: &str, headers: &[&str], rows: &[Vec<String>]) {
     out.push_str("</table>\n");
 }
 
-fn render(rt: &Runtime) -> String {
+fn render(web: &Served) -> String {
+    let rt = &web.rt;
     let health = rt.ops.health(rt.stop.is_cancelled());
     let app = escape(&rt.app_id);
     let mut out = format!(
@@ -179,12 +160,12 @@ fn render(rt: &Runtime) -> String {
         &partitions,
     );
     out.push_str("<h2>Tables</h2>\n");
-    let tables: Vec<Vec<String>> = rt
+    let tables: Vec<Vec<String>> = web
         .tables
         .iter()
         .map(|t| {
             let recovering = t.recovering();
-            let mut row = metrics::table_row(&**t);
+            let mut row = crate::table::table_row(&**t);
             row.push(list(&t.held_partitions()));
             row.push(t.size().to_string());
             row.push(if recovering.is_empty() {
@@ -195,7 +176,11 @@ fn render(rt: &Runtime) -> String {
             row
         })
         .collect();
-    let columns = [&metrics::TABLE_COLUMNS[..], &["held here", "keys", "state"]].concat();
+    let columns = [
+        &crate::table::TABLE_COLUMNS[..],
+        &["held here", "keys", "state"],
+    ]
+    .concat();
     table(&mut out, "tables", &columns, &tables);
     out.push_str("<p><a href=\"/health\">health</a> · <a href=\"/metrics\">metrics</a> · <a href=\"/tables\">tables (JSON)</a></p>\n</body>\n</html>\n");
     out

@@ -1,7 +1,7 @@
 //! Bad input: messages an agent cannot read. Each is logged once, counted, and either skipped
 //! or copied to the agent's dead-letter topic (see [`BadInput`]) before its offset is acked.
 
-use crate::ack::Acks;
+use crate::engine::ack::Acks;
 use crate::settings::{BadInput, Settings};
 use crate::stream::ActorCtx;
 use crate::transport::{Message, TopicSpec};

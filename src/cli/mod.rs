@@ -2,15 +2,11 @@
 
 mod ops;
 
+use crate::app::Signals;
 use crate::app::{App, Role};
-use crate::error::{BoxError, Error, Result};
-use crate::worker::Signals;
-use clap::{Arg, ArgMatches};
-use futures::future::BoxFuture;
-use futures::FutureExt;
+use crate::error::{Error, Result};
+use clap::Arg;
 use std::ffi::OsString;
-use std::future::Future;
-use std::marker::PhantomData;
 
 /// The arguments of a command that takes none:
 ///
@@ -30,53 +26,6 @@ use std::marker::PhantomData;
 #[derive(Debug, Clone, Copy, Default, clap::Args)]
 #[command(about = None, long_about = None)]
 pub struct NoArgs {}
-
-/// A command declared with [`App::command`], its argument types erased.
-pub(crate) trait CommandSpec: Send + Sync {
-    fn name(&self) -> &str;
-    fn clap(&self) -> clap::Command;
-    fn run(&self, matches: &ArgMatches) -> Result<BoxFuture<'static, Result<(), BoxError>>>;
-}
-
-pub(crate) struct Command<A, F> {
-    name: String,
-    f: F,
-    _args: PhantomData<fn() -> A>,
-}
-
-impl<A, F> Command<A, F> {
-    pub(crate) fn new(name: String, f: F) -> Self {
-        Self {
-            name,
-            f,
-            _args: PhantomData,
-        }
-    }
-}
-
-impl<A, F, Fut, E> CommandSpec for Command<A, F>
-where
-    A: clap::Args + clap::FromArgMatches + Send + 'static,
-    F: Fn(A) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Result<(), E>> + Send + 'static,
-    E: Into<BoxError> + 'static,
-{
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    fn clap(&self) -> clap::Command {
-        A::augment_args(clap::Command::new(self.name.clone()))
-    }
-
-    fn run(&self, matches: &ArgMatches) -> Result<BoxFuture<'static, Result<(), BoxError>>> {
-        let args = A::from_arg_matches(matches).map_err(|e| Error::Command {
-            command: self.name.clone(),
-            source: e.to_string().into(),
-        })?;
-        Ok((self.f)(args).map(|r| r.map_err(Into::into)).boxed())
-    }
-}
 
 /// Log levels `-l/--loglevel` accepts, in any case: Faust's (Python's) names and tracing's.
 const LEVELS: [&str; 9] = [

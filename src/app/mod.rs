@@ -1,16 +1,25 @@
 //! The application: settings, and the registry of topics, channels, agents and commands.
 
+mod command;
+mod timers;
+mod worker;
+
+pub(crate) use command::CommandSpec;
+pub(crate) use worker::Signals;
+pub use worker::Worker;
+
 use crate::agent::{default_name, Agent, AgentFn, AgentRunner};
 use crate::channel::Channel;
-use crate::cli::{Command, CommandSpec};
+use crate::engine::queue::queue;
+use crate::engine::reply::run_replies;
+use crate::engine::{AppCore, Dispatcher, Runtime};
 use crate::error::{BoxError, Error, Result, TransportError};
 use crate::settings::{ProcessingGuarantee, Settings};
-use crate::stream::queue;
 use crate::table::{Table, TableKey, TableRunner, TableValue};
 use crate::topic::{Topic, TopicNames};
 use crate::transport::memory::MemoryTransport;
 use crate::transport::{MemoryBroker, StartAt, TopicPartition, TopicSpec, Transport};
-use crate::worker::{run_replies, Dispatcher, Runtime, Worker};
+use command::Command;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -18,7 +27,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -41,75 +50,6 @@ impl Role {
             Role::Agents
         } else {
             Role::Client
-        }
-    }
-}
-
-/// What the parts of an app share, running or not.
-pub(crate) struct AppCore {
-    pub(crate) id: Arc<str>,
-    settings: RwLock<Settings>,
-    memory: Arc<MemoryBroker>,
-    declared: Mutex<BTreeMap<String, Option<u32>>>,
-    runtime: RwLock<Option<Arc<Runtime>>>,
-}
-
-impl AppCore {
-    pub(crate) fn settings(&self) -> Settings {
-        self.settings
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    pub(crate) fn declare(&self, name: &str, partitions: Option<u32>) {
-        let mut d = self.declared.lock().unwrap_or_else(|e| e.into_inner());
-        let entry = d.entry(name.to_owned()).or_default();
-        if partitions.is_some() {
-            *entry = partitions;
-        }
-    }
-
-    /// The names of the declared topics.
-    pub(crate) fn declared_topics(&self) -> Vec<String> {
-        let d = self.declared.lock().unwrap_or_else(|e| e.into_inner());
-        d.keys().cloned().collect()
-    }
-
-    /// The spec a topic is created with: its own partition count, else the declared one, else
-    /// the app's default.
-    pub(crate) fn topic_spec(&self, name: &str, partitions: Option<u32>) -> TopicSpec {
-        let settings = self.settings.read().unwrap_or_else(|e| e.into_inner());
-        let declared = partitions.or_else(|| {
-            self.declared
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(name)
-                .copied()
-                .flatten()
-        });
-        TopicSpec {
-            name: name.to_owned(),
-            partitions: declared.unwrap_or(settings.topic_partitions),
-            replication_factor: settings.topic_replication_factor,
-            compacted: false,
-        }
-    }
-
-    pub(crate) fn runtime(&self) -> Result<Arc<Runtime>> {
-        self.runtime
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-            .ok_or_else(|| Error::NotRunning {
-                app: self.id.to_string(),
-            })
-    }
-
-    pub(crate) fn clear_runtime(&self, rt: &Arc<Runtime>) {
-        let mut slot = self.runtime.write().unwrap_or_else(|e| e.into_inner());
-        if slot.as_ref().is_some_and(|r| Arc::ptr_eq(r, rt)) {
-            *slot = None;
         }
     }
 }
@@ -173,13 +113,7 @@ impl App {
     /// An app with the given settings.
     pub fn with_settings(id: impl Into<String>, settings: Settings) -> Self {
         Self {
-            core: Arc::new(AppCore {
-                id: Arc::from(id.into()),
-                settings: RwLock::new(settings),
-                memory: MemoryBroker::new(),
-                declared: Mutex::new(BTreeMap::new()),
-                runtime: RwLock::new(None),
-            }),
+            core: Arc::new(AppCore::new(Arc::from(id.into()), settings)),
             agents: Arc::new(Mutex::new(Vec::new())),
             commands: Arc::new(Mutex::new(Vec::new())),
             program: Arc::new(Mutex::new(None)),
@@ -201,11 +135,7 @@ impl App {
 
     /// Changes settings; takes effect the next time a worker starts.
     pub fn configure(&self, f: impl FnOnce(&mut Settings)) -> &Self {
-        f(&mut self
-            .core
-            .settings
-            .write()
-            .unwrap_or_else(|e| e.into_inner()));
+        self.core.configure(f);
         self
     }
 
@@ -397,7 +327,7 @@ impl App {
     /// The app's own embedded broker (what `memory://` connects to), for inspection in tests
     /// and tools.
     pub fn memory_broker(&self) -> Arc<MemoryBroker> {
-        self.core.memory.clone()
+        self.core.memory()
     }
 
     /// How many `ask`, `map` and `join` requests of the running worker wait for a reply (0
@@ -470,7 +400,7 @@ impl App {
                 let worker = settings
                     .worker_id
                     .clone()
-                    .unwrap_or_else(|| format!("{:016x}", crate::worker::random_id()));
+                    .unwrap_or_else(|| format!("{:016x}", crate::engine::random_id()));
                 format!("{}-{worker}", self.core.id)
             });
         let transport = self.connect(&settings.broker, transactional_id).await?;
@@ -497,7 +427,7 @@ impl App {
             settings.clone(),
             transport.clone(),
             control_tx,
-            tables.clone(),
+            tables.iter().map(|t| t.clone().as_state()).collect(),
         ));
 
         let agents: Vec<Arc<dyn AgentRunner>> = if run_agents {
@@ -509,14 +439,7 @@ impl App {
             Vec::new()
         };
         let mut specs: BTreeMap<String, TopicSpec> = BTreeMap::new();
-        let declared: Vec<String> = self
-            .core
-            .declared
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .keys()
-            .cloned()
-            .collect();
+        let declared: Vec<String> = self.core.declared_topics();
         for name in declared {
             specs.insert(name.clone(), self.core.topic_spec(&name, None));
         }
@@ -556,12 +479,12 @@ impl App {
         }
         if let Some(store) = &store {
             for table in &tables {
-                table.attach(&rt, store.clone());
+                table.attach(crate::engine::StateHandle::new(&rt), store.clone());
             }
         }
         rt.ensure_internal_topic(&rt.reply_topic).await?;
         if timers.needs_leader() {
-            let topic = crate::timer::leader_topic(&self.core.id);
+            let topic = crate::engine::leader::leader_topic(&self.core.id);
             rt.ensure_internal_topic(&topic).await?;
             rt.leadership.elect_by(topic);
         }
@@ -599,7 +522,7 @@ impl App {
             None
         };
 
-        *self.core.runtime.write().unwrap_or_else(|e| e.into_inner()) = Some(rt.clone());
+        self.core.set_runtime(rt.clone());
         for (agent, queue) in agents.iter().zip(queues) {
             if let Err(e) = agent.start(&rt, &actors, queue) {
                 rt.stop.cancel();
@@ -610,8 +533,14 @@ impl App {
         let closed = CancellationToken::new();
         let web = match (run_agents, settings.web_port) {
             (true, Some(port)) => {
-                match crate::web::start(rt.clone(), &settings.web_bind, port, closed.clone()).await
-                {
+                let served = crate::web::start(
+                    rt.clone(),
+                    tables.clone(),
+                    &settings.web_bind,
+                    port,
+                    closed.clone(),
+                );
+                match served.await {
                     Ok(web) => Some(web),
                     Err(e) => {
                         rt.stop.cancel();
@@ -623,9 +552,10 @@ impl App {
             _ => None,
         };
         // Membership: where lookups are forwarded, and where standby replicas go.
-        let standbys = !rt.tables.is_empty() && crate::table::standby_replicas(&rt) > 0;
+        let standbys =
+            !tables.is_empty() && crate::table::standby_replicas(&rt.settings, &*rt.transport) > 0;
         let membership = if run_agents && (web.is_some() || standbys) {
-            match crate::web::membership(rt.clone(), closed.clone()).await {
+            match crate::engine::membership::membership(rt.clone(), closed.clone()).await {
                 Ok(handle) => Some(handle),
                 Err(e) => {
                     rt.stop.cancel();
@@ -639,7 +569,7 @@ impl App {
         };
         let replies = tokio::spawn(run_replies(rt.clone(), reply_consumer, closed.clone()));
         let dispatcher = dispatcher.map(|d| tokio::spawn(d.run()));
-        timers.start(&rt);
+        let timers = timers.start(&rt);
         rt.ops.started(steady);
         tracing::info!(app = %self.core.id, transport = transport.kind(), agents = agents.len(), "worker started");
         if !steady && run_agents {
@@ -653,6 +583,8 @@ impl App {
             web,
             membership,
             closed,
+            tables,
+            timers,
         })
     }
 
@@ -666,7 +598,7 @@ impl App {
         if let Some(rest) = url.strip_prefix("memory:") {
             let name = rest.trim_start_matches("//").trim_end_matches('/');
             let broker = if name.is_empty() {
-                self.core.memory.clone()
+                self.core.memory()
             } else {
                 MemoryBroker::named(name)
             };
@@ -677,7 +609,8 @@ impl App {
             use crate::transport::kafka::{KafkaConfig, KafkaTransport};
             let settings = self.core.settings();
             let mut config = KafkaConfig::from_url(url, &settings.kafka)?
-                .revocations_within(settings.shutdown_timeout);
+                .revocations_within(settings.shutdown_timeout)
+                .report_lag(Arc::new(crate::metrics::kafka_lag));
             if let Some(id) = transactional_id {
                 config = config.transactional(id);
             }

@@ -1,11 +1,14 @@
 //! Streams: what an agent iterates over, and the operators that reshape it.
 
-use crate::ack::{AckGuard, Acks};
-use crate::bad_input::{self, Rejected};
+pub(crate) mod bad_input;
+
 use crate::codec::{Codec, Json};
+use crate::engine::ack::Acks;
+use crate::engine::queue::{Delivery, Queue};
+use crate::engine::Runtime;
 use crate::topic::Topic;
 use crate::transport::{Message, TopicSpec};
-use crate::worker::Runtime;
+use bad_input::Rejected;
 use bytes::Bytes;
 use futures::future::{BoxFuture, Either, FutureExt, Ready};
 use futures::stream::BoxStream;
@@ -17,36 +20,6 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
-
-/// A record handed by the dispatcher to one agent, with the ack that marks it processed.
-pub(crate) struct Delivery {
-    pub(crate) msg: Arc<Message>,
-    pub(crate) ack: AckGuard,
-}
-
-/// Deliveries travel to agents in chunks, so a queue operation carries many records.
-pub(crate) type Chunk = Vec<Delivery>;
-/// The receiving end of an agent's queue.
-pub(crate) type Queue = async_channel::Receiver<Chunk>;
-
-/// One agent's queue as the dispatcher sees it.
-pub(crate) struct Route {
-    pub(crate) tx: async_channel::Sender<Chunk>,
-    /// Deliveries per chunk: large for a single actor, 1 when actors share the queue so that
-    /// work spreads between them.
-    pub(crate) chunk: usize,
-}
-
-/// A new agent queue holding about `buffer` records (the `stream_buffer_maxsize` setting).
-pub(crate) fn queue(concurrency: usize, buffer: usize) -> (Route, Queue) {
-    let chunk = if concurrency > 1 {
-        1
-    } else {
-        128.min(buffer.max(1))
-    };
-    let (tx, rx) = async_channel::bounded((buffer / chunk).max(1));
-    (Route { tx, chunk }, rx)
-}
 
 /// A value moving through a stream with the event it came from and the acks it holds.
 pub(crate) struct Item<T> {
@@ -325,7 +298,7 @@ pub struct Stream<T, K = Bytes> {
     entered: Option<InBarrier>,
 }
 
-/// An actor in the middle of an event (see [`crate::ack::Barrier`]); leaves when dropped.
+/// An actor in the middle of an event (see [`crate::engine::ack::Barrier`]); leaves when dropped.
 struct InBarrier(Arc<Runtime>);
 
 impl Drop for InBarrier {
@@ -372,8 +345,8 @@ impl<T: Send + 'static, K: 'static> Stream<T, K> {
         // its offset).
         self.held = Acks::None;
         self.entered = None;
-        // The next item is taken only between two commits (see `crate::ack::Barrier`); while
-        // the agent waits for it, it holds no commit back.
+        // The next item is taken only between two commits (see `engine::ack::Barrier`); while the
+        // agent waits for it, it holds no commit back.
         if self.ctx.runtime.barrier.poll_enter(cx).is_pending() {
             return Poll::Pending;
         }
@@ -633,9 +606,9 @@ impl<T: Send + 'static, K: 'static> futures::Stream for Stream<T, K> {
 }
 
 /// Sends one record on behalf of a stream operator, then acks the event it came from
-/// (`acks`), as one step between two commits (see [`crate::ack::Barrier`]). A value that
+/// (`acks`), as one step between two commits (see [`crate::engine::ack::Barrier`]). A value that
 /// cannot be encoded is logged and the event counts as processed; a record the transport
-/// cannot take is a failed output (see [`Runtime::output_failed`](crate::worker::Runtime)).
+/// cannot take is a failed output (see [`Runtime::output_failed`](crate::engine::Runtime)).
 async fn forward(
     ctx: &ActorCtx,
     spec: &TopicSpec,

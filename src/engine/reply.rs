@@ -1,10 +1,14 @@
 //! Replies to `ask`, `map` and `join`: correlation ids and the waiters behind them.
 
+use super::runtime::Runtime;
+use crate::transport::{Consumer, ConsumerEvent};
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
 /// Header naming the topic a reply goes to.
 pub(crate) const REPLY_TO: &str = "rill-reply-to";
@@ -79,16 +83,13 @@ impl Replies {
 /// `ask` future dropped before its reply came leaves no waiter behind, and a reply that comes
 /// later is ignored (see [`Replies::complete`]).
 pub(crate) struct WaitingOne {
-    owner: Arc<crate::worker::Runtime>,
+    owner: Arc<Runtime>,
     pub(crate) id: String,
 }
 
 impl WaitingOne {
     /// Registers the request `id`; its reply comes through the receiver.
-    pub(crate) fn new(
-        owner: Arc<crate::worker::Runtime>,
-        id: String,
-    ) -> (Self, oneshot::Receiver<Bytes>) {
+    pub(crate) fn new(owner: Arc<Runtime>, id: String) -> (Self, oneshot::Receiver<Bytes>) {
         let reply = owner.replies.expect_one(id.clone());
         (Self { owner, id }, reply)
     }
@@ -105,12 +106,12 @@ impl Drop for WaitingOne {
 /// dropped: a stream dropped before all its replies came leaves no waiter behind, and a reply
 /// that comes later is ignored (see [`Replies::complete`]).
 pub(crate) struct Waiting<T> {
-    owner: Arc<crate::worker::Runtime>,
+    owner: Arc<Runtime>,
     ids: std::collections::HashMap<String, T>,
 }
 
 impl<T> Waiting<T> {
-    pub(crate) fn new(owner: Arc<crate::worker::Runtime>) -> Self {
+    pub(crate) fn new(owner: Arc<Runtime>) -> Self {
         Self {
             owner,
             ids: std::collections::HashMap::new(),
@@ -150,4 +151,37 @@ impl<T> Drop for Waiting<T> {
             pending.remove(id);
         }
     }
+}
+
+/// Reads this worker's reply topic and hands replies to whoever asked.
+pub(crate) async fn run_replies(
+    rt: Arc<Runtime>,
+    mut consumer: Box<dyn Consumer>,
+    closed: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = closed.cancelled() => break,
+            event = consumer.poll() => match event {
+                Ok(ConsumerEvent::Messages(batch)) => {
+                    for m in batch {
+                        let Some(id) = m.header(CORRELATION_ID) else {
+                            tracing::warn!(topic = %m.topic, partition = m.partition, offset = m.offset, "reply without correlation id ignored");
+                            continue;
+                        };
+                        let id = String::from_utf8_lossy(id);
+                        if !rt.replies.complete(&id, m.value.clone().unwrap_or_default()) {
+                            tracing::debug!(correlation_id = %id, "reply arrived after its request gave up");
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "reply consumer error; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            },
+        }
+    }
+    let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
 }
