@@ -45,10 +45,15 @@ pub(crate) struct Dispatcher {
     /// Set when the worker stops after an error it cannot go on from: nothing more is
     /// committed.
     pub(super) fatal: bool,
-    /// Per route, chunks waiting for room in the agent's full queue, in order. While any
-    /// waits, the consumer's partitions are paused (`held_back`): the dispatcher goes on
-    /// serving commits, rebalances and subscriptions instead of waiting on the queue.
+    /// Per route, chunks waiting for room in the agent's full queue, in order: the dispatcher
+    /// goes on serving commits, rebalances and subscriptions instead of waiting on the queue.
     pub(super) backlog: Vec<VecDeque<Chunk>>,
+    /// Records in `backlog`.
+    pub(super) backlogged: usize,
+    /// Set while the consumer's partitions are paused: from [`BACKLOG_PAUSE`] times the
+    /// queue size of backlogged records until a quarter of that is left. (Pausing at every
+    /// full queue would cost throughput: librdkafka drops what it prefetched for a paused
+    /// partition and fetches it again after the resume.)
     pub(super) held_back: bool,
 }
 
@@ -76,6 +81,7 @@ impl Dispatcher {
             rolled_back: false,
             fatal: false,
             backlog: Vec::new(),
+            backlogged: 0,
             held_back: false,
         };
         for (agent, topics, route) in routes {
@@ -146,7 +152,7 @@ impl Dispatcher {
                 biased;
                 _ = self.rt.stop.cancelled() => break,
                 Some(control) = self.control.recv() => self.on_control(control),
-                _ = self.rt.room.notified(), if self.held_back => self.offer_backlog(),
+                _ = self.rt.room.notified(), if self.backlogged > 0 => self.offer_backlog(),
                 _ = self.rt.failed.notified() => {
                     if let Some(f) = self.rt.take_failure() {
                         self.on_failure(f).await;
@@ -343,14 +349,17 @@ impl Dispatcher {
     /// back what is read, never the dispatcher.
     fn offer(&mut self, i: usize, chunk: Chunk) {
         if !self.backlog[i].is_empty() {
+            self.backlogged += chunk.len();
             self.backlog[i].push_back(chunk);
+            self.hold_back_if_full();
             return;
         }
         match self.routes[i].tx.try_send(chunk) {
             Ok(()) => {}
             Err(async_channel::TrySendError::Full(chunk)) => {
+                self.backlogged += chunk.len();
                 self.backlog[i].push_back(chunk);
-                self.hold_back();
+                self.hold_back_if_full();
             }
             // A closed queue (the agent stopped) hands the chunk back; dropping it acks its
             // records.
@@ -362,22 +371,35 @@ impl Dispatcher {
     fn offer_backlog(&mut self) {
         for (route, backlog) in self.routes.iter().zip(self.backlog.iter_mut()) {
             while let Some(chunk) = backlog.pop_front() {
+                let records = chunk.len();
                 match route.tx.try_send(chunk) {
-                    Ok(()) => {}
+                    Ok(()) => self.backlogged -= records,
                     Err(async_channel::TrySendError::Full(chunk)) => {
                         backlog.push_front(chunk);
                         break;
                     }
-                    Err(async_channel::TrySendError::Closed(_)) => {}
+                    Err(async_channel::TrySendError::Closed(_)) => self.backlogged -= records,
                 }
             }
         }
-        self.release_if_empty();
+        self.release_if_drained();
     }
 
-    /// Resumes reading once no chunk waits for a queue.
-    fn release_if_empty(&mut self) {
-        if self.held_back && self.backlog.iter().all(VecDeque::is_empty) {
+    /// How many backlogged records pause reading.
+    fn backlog_limit(&self) -> usize {
+        self.rt.settings.stream_buffer_maxsize.max(1) * BACKLOG_PAUSE
+    }
+
+    /// Pauses reading once the backlog reaches its limit.
+    fn hold_back_if_full(&mut self) {
+        if self.backlogged >= self.backlog_limit() {
+            self.hold_back();
+        }
+    }
+
+    /// Resumes reading once the backlog is down to a quarter of its limit.
+    fn release_if_drained(&mut self) {
+        if self.held_back && self.backlogged <= self.backlog_limit() / 4 {
             self.held_back = false;
             let tps: Vec<TopicPartition> = self.assigned.iter().cloned().collect();
             if let Err(e) = self.consumer.resume(&tps) {
@@ -418,14 +440,18 @@ impl Dispatcher {
             }
             backlog.retain(|c| !c.is_empty());
         }
+        self.backlogged = self.backlog.iter().flatten().map(Vec::len).sum();
         for (tp, offset) in first {
             if let Some(t) = self.trackers.get(&tp) {
                 t.retract_from(offset);
             }
         }
-        self.release_if_empty();
+        self.release_if_drained();
     }
 }
+
+/// Backlogged records, in agent queue sizes (`stream_buffer_maxsize`), that pause reading.
+const BACKLOG_PAUSE: usize = 16;
 
 pub(super) fn list(tps: &[TopicPartition]) -> String {
     tps.iter()
