@@ -67,6 +67,9 @@ fn adding(mut stream: Stream<Add>) -> impl AsyncIterable<i64> {
     }
 }
 
+#[path = "peers/rebalance.rs"]
+mod rebalance;
+
 #[path = "../tests/common/kafka.rs"]
 #[allow(dead_code)]
 mod kafka;
@@ -121,6 +124,7 @@ const RILL: Peer = Peer::new(System::Rill, false);
 const RILL_EOS: Peer = Peer::new(System::Rill, true);
 const STREAMS: Peer = Peer::new(System::KafkaStreams, false);
 const STREAMS_EOS: Peer = Peer::new(System::KafkaStreams, true);
+const ALL: [Peer; 5] = [BARE, RILL, RILL_EOS, STREAMS, STREAMS_EOS];
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
@@ -134,6 +138,13 @@ fn main() {
     if args.get(1).map(String::as_str) == Some("worker") {
         if let Err(e) = worker(&args[2..]) {
             eprintln!("worker: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    if args.iter().any(|a| a == "rebalance") {
+        if let Err(e) = rebalance::run() {
+            eprintln!("rebalance bench: {e}");
             std::process::exit(1);
         }
         return;
@@ -246,19 +257,22 @@ async fn rill_worker(
     guarantee: ProcessingGuarantee,
 ) -> BoxResult<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    // The rebalance measurement's workers read 24 partitions.
+    let partitions: u32 = env_or("RILL_PEERS_PARTITIONS", PARTITIONS as u32);
     let app = App::new(group);
     app.configure(|s| {
         s.broker = format!("kafka://{broker}");
         s.processing_guarantee = guarantee;
+        // A diagnostic: the agents' queue capacity (reading pauses while one is full).
+        if let Some(n) = std::env::var("RILL_PEERS_BUFFER")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            s.stream_buffer_maxsize = n;
+        }
     });
-    let topic = app
-        .topic(input)
-        .value_type::<Add>()
-        .partitions(PARTITIONS as u32);
-    let out = app
-        .topic(output)
-        .value_type::<i64>()
-        .partitions(PARTITIONS as u32);
+    let topic = app.topic(input).value_type::<Add>().partitions(partitions);
+    let out = app.topic(output).value_type::<i64>().partitions(partitions);
     let _adding = app.agent(adding).channel(&topic).sink(&out);
     let worker = app.start().await?;
     term.recv().await;
@@ -322,6 +336,13 @@ impl Results {
             }
         };
         &mut self.latency[i].1
+    }
+
+    /// The systems measured, in the order of [`ALL`].
+    fn peers(&self) -> Vec<Peer> {
+        ALL.into_iter()
+            .filter(|p| self.throughput.iter().any(|(q, _)| q == p))
+            .collect()
     }
 
     fn throughput_of(&self, peer: Peer) -> &[Throughput] {
@@ -423,7 +444,7 @@ fn compare() -> BoxResult<()> {
             .collect();
         let mut topics = outputs.clone();
         topics.push(input.clone());
-        rt.block_on(create_topics(&ctx.addr, &topics))?;
+        rt.block_on(create_topics(&ctx.addr, &topics, PARTITIONS))?;
         fill(&ctx.addr, &input)?;
         for k in 0..peers.len() {
             let i = (k + round) % peers.len();
@@ -458,7 +479,11 @@ fn compare() -> BoxResult<()> {
             let peer = peers[(k + round) % peers.len()];
             let name = format!("{}-{round}-{}", ctx.run, peer.slug());
             let (input, output) = (format!("peers-lin-{name}"), format!("peers-lout-{name}"));
-            rt.block_on(create_topics(&ctx.addr, &[input.clone(), output.clone()]))?;
+            rt.block_on(create_topics(
+                &ctx.addr,
+                &[input.clone(), output.clone()],
+                PARTITIONS,
+            ))?;
             let l = ctx.latency(peer, &input, &output, &format!("peers-l-{name}"), rate)?;
             println!(
                 "  round {round}: {:<34} p50 {:>7.1} ms   p99 {:>7.1} ms   ({} samples, {:.0} events/s offered)",
@@ -472,7 +497,7 @@ fn compare() -> BoxResult<()> {
         }
     }
 
-    let report = report(&results, &ctx.addr, rounds, latency_rounds, rate);
+    let report = report(&results, rounds, latency_rounds, rate);
     println!("\n{report}");
     if let Some(out) = std::env::var_os("RILL_PEERS_OUT") {
         let out = PathBuf::from(out);
@@ -502,7 +527,22 @@ struct Ctx {
 impl Ctx {
     /// Starts `peer` on `input` → `output` in its own process.
     fn spawn(&self, peer: Peer, input: &str, output: &str, group: &str) -> BoxResult<Running> {
-        let log = self.dir.join(format!("{group}.log"));
+        self.spawn_with(peer, input, output, group, &[])
+    }
+
+    /// As [`Ctx::spawn`], with more environment variables for the process.
+    fn spawn_with(
+        &self,
+        peer: Peer,
+        input: &str,
+        output: &str,
+        group: &str,
+        env: &[(&str, String)],
+    ) -> BoxResult<Running> {
+        // Several processes of one group (the rebalance measurement) each get a log.
+        static SPAWNED: AtomicU64 = AtomicU64::new(0);
+        let n = SPAWNED.fetch_add(1, Ordering::Relaxed);
+        let log = self.dir.join(format!("{group}.{n}.log"));
         let out = std::fs::File::create(&log)?;
         let err = out.try_clone()?;
         let guarantee = if peer.exactly_once { "eos" } else { "alo" };
@@ -545,6 +585,7 @@ impl Ctx {
                 cmd
             }
         };
+        cmd.envs(env.iter().map(|(k, v)| (k, v)));
         let child = cmd.stdin(Stdio::null()).stdout(out).stderr(err).spawn()?;
         Ok(Running {
             child: Some(child),
@@ -560,7 +601,7 @@ impl Ctx {
         group: &str,
     ) -> BoxResult<Throughput> {
         // The observer is ready (assigned, connecting) before the system starts.
-        let observer = observer(&self.addr, output)?;
+        let observer = observer(&self.addr, output, PARTITIONS)?;
         let mut running = self.spawn(peer, input, output, group)?;
         let spawned = Instant::now();
         let (mut first, mut n) = (None, 0u64);
@@ -597,7 +638,7 @@ impl Ctx {
         group: &str,
         rate: u64,
     ) -> BoxResult<Latency> {
-        let observer = observer(&self.addr, output)?;
+        let observer = observer(&self.addr, output, PARTITIONS)?;
         let mut running = self.spawn(peer, input, output, group)?;
         let spawned = Instant::now();
         let stop = Arc::new(AtomicBool::new(false));
@@ -716,6 +757,23 @@ impl Running {
     }
 }
 
+impl Running {
+    /// SIGTERM, without waiting.
+    fn terminate(&self) {
+        if let Some(c) = &self.child {
+            kafka::signal(c.id(), "TERM");
+        }
+    }
+
+    /// SIGKILL.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 impl Drop for Running {
     fn drop(&mut self) {
         let _ = self.stop();
@@ -729,7 +787,7 @@ fn epoch_micros() -> u64 {
 }
 
 /// A read-committed consumer of every partition of `topic`, from its start.
-fn observer(addr: &str, topic: &str) -> BoxResult<BaseConsumer> {
+fn observer(addr: &str, topic: &str, partitions: i32) -> BoxResult<BaseConsumer> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", addr)
         .set("group.id", format!("observer-{topic}"))
@@ -738,20 +796,20 @@ fn observer(addr: &str, topic: &str) -> BoxResult<BaseConsumer> {
         .set("fetch.wait.max.ms", "10")
         .create()?;
     let mut tpl = TopicPartitionList::new();
-    for p in 0..PARTITIONS {
+    for p in 0..partitions {
         tpl.add_partition_offset(topic, p, Offset::Beginning)?;
     }
     consumer.assign(&tpl)?;
     Ok(consumer)
 }
 
-async fn create_topics(addr: &str, names: &[String]) -> BoxResult<()> {
+async fn create_topics(addr: &str, names: &[String], partitions: i32) -> BoxResult<()> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", addr)
         .create()?;
     let topics: Vec<NewTopic> = names
         .iter()
-        .map(|n| NewTopic::new(n, PARTITIONS, TopicReplication::Fixed(1)))
+        .map(|n| NewTopic::new(n, partitions, TopicReplication::Fixed(1)))
         .collect();
     for result in admin.create_topics(&topics, &AdminOptions::new()).await? {
         if let Err((topic, e)) = result {
@@ -768,7 +826,7 @@ async fn create_topics(addr: &str, names: &[String]) -> BoxResult<()> {
             let md = client.fetch_metadata(Some(name), Duration::from_secs(5))?;
             let ready = md.topics().iter().any(|t| {
                 t.name() == name
-                    && t.partitions().len() == PARTITIONS as usize
+                    && t.partitions().len() == partitions as usize
                     && t.partitions().iter().all(|p| p.leader() >= 0)
             });
             if ready {
@@ -797,10 +855,14 @@ fn producer(
 fn send_one(
     p: &ThreadedProducer<rdkafka::producer::DefaultProducerContext>,
     topic: &str,
+    partition: Option<i32>,
     key: &str,
     value: &[u8],
 ) {
     let mut record = BaseRecord::to(topic).key(key).payload(value);
+    if let Some(partition) = partition {
+        record = record.partition(partition);
+    }
     loop {
         match p.send(record) {
             Ok(()) => break,
@@ -818,7 +880,7 @@ fn fill(addr: &str, topic: &str) -> BoxResult<()> {
     for i in 0..EVENTS {
         let key = format!("k{}", i % 1000);
         let value = serde_json::to_vec(&Add { a: i as i64, b: 1 })?;
-        send_one(&p, topic, &key, &value);
+        send_one(&p, topic, None, &key, &value);
     }
     p.flush(Duration::from_secs(60))?;
     Ok(())
@@ -844,7 +906,7 @@ fn offer(
                 a: epoch_micros() as i64,
                 b: 1,
             })?;
-            send_one(&p, topic, &key, &value);
+            send_one(&p, topic, None, &key, &value);
             i += 1;
             sent.store(i, Ordering::Relaxed);
         }
@@ -857,14 +919,13 @@ fn offer(
 // ---------------------------------------------------------------------------------------------
 // Reporting.
 
-fn report(
-    results: &Results,
-    addr: &str,
-    rounds: usize,
-    latency_rounds: usize,
-    rate: u64,
-) -> String {
+fn report(results: &Results, rounds: usize, latency_rounds: usize, rate: u64) -> String {
     let mut s = String::new();
+    let broker = if std::env::var_os("RILL_BENCH_BROKER").is_some() {
+        "a running broker"
+    } else {
+        "started by the bench"
+    };
     let tp = |peer: Peer, f: &dyn Fn(&Throughput) -> f64| {
         median(results.throughput_of(peer).iter().map(f).collect())
     };
@@ -872,7 +933,7 @@ fn report(
         |peer: Peer, p: f64| median(results.latency_of(peer).iter().map(|l| l.pct(p)).collect());
     let _ = writeln!(
         s,
-        "Apache Kafka 4.4 at {addr}, one KRaft node on the same machine; {EVENTS} keyed JSON \
+        "Apache Kafka 4.4 ({broker}), one KRaft node on the same machine; {EVENTS} keyed JSON \
          events on {PARTITIONS} partitions; medians of {rounds} throughput rounds and \
          {latency_rounds} latency rounds ({rate} events/s offered).\n"
     );
@@ -881,8 +942,7 @@ fn report(
         "| system | throughput (events/s) | start-up to first output (ms) | latency p50 (ms) | latency p99 (ms) |"
     );
     let _ = writeln!(s, "|---|---|---|---|---|");
-    let peers: Vec<Peer> = results.throughput.iter().map(|(p, _)| *p).collect();
-    for peer in &peers {
+    for peer in &results.peers() {
         let _ = writeln!(
             s,
             "| {} | {:.0} | {:.0} | {:.1} | {:.1} |",
@@ -973,7 +1033,7 @@ fn report(
 
 /// Two bar charts side by side: throughput, and latency p50/p99, per system.
 fn chart(results: &Results, rate: u64) -> String {
-    let peers: Vec<Peer> = results.throughput.iter().map(|(p, _)| *p).collect();
+    let peers = results.peers();
     let tp: Vec<f64> = peers
         .iter()
         .map(|p| median(results.throughput_of(*p).iter().map(|t| t.rate).collect()))
