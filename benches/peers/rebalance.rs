@@ -89,7 +89,17 @@ pub(super) fn run() -> BoxResult<()> {
     let _ = writeln!(table, "|---|---|---|---|---|---|");
     for strategy in ["range", "cooperative-sticky"] {
         for event in [Event::Join, Event::Leave, Event::Kill] {
-            let o = measure(&ctx, strategy, event, rate)?;
+            let o = match measure(&ctx, strategy, event, rate) {
+                Ok(o) => o,
+                Err(e) => {
+                    // One scenario failing says something too: the others still run.
+                    println!("  {strategy:<18} {:<26} {e}", event.label());
+                    let first = e.to_string();
+                    let first = first.lines().next().unwrap_or_default();
+                    let _ = writeln!(table, "| {strategy} | {} | {first} | | | |", event.label());
+                    continue;
+                }
+            };
             let all = o.all_processing.map_or_else(
                 || format!("not within {} s", event.window().as_secs()),
                 |d| format!("{:.2} s", d.as_secs_f64()),
