@@ -1079,12 +1079,12 @@ fn chart(results: &Results, rate: u64) -> String {
     );
     let _ = writeln!(
         s,
-        r#"<text x="{}" y="20" font-size="14" font-weight="bold">End-to-end latency at {rate} events/s (ms, lower is better)</text>"#,
+        r#"<text x="{}" y="20" font-size="14" font-weight="bold">End-to-end latency at {rate} events/s (ms, log scale, lower is better)</text>"#,
         panel_w + 20.0
     );
     let _ = writeln!(
         s,
-        r##"<text x="{}" y="40" fill="#555">light: p50, dark: p99</text>"##,
+        r##"<text x="{}" y="40" fill="#555">light: p50, dark: p99 (medians of the rounds)</text>"##,
         panel_w + 20.0
     );
     for (i, peer) in peers.iter().enumerate() {
@@ -1102,7 +1102,7 @@ fn chart(results: &Results, rate: u64) -> String {
             let w = bar_w * tp[i] / max_tp;
             let _ = writeln!(
                 s,
-                r#"<rect x="{}" y="{y}" width="{w:.1}" height="24" fill="{}"/><text x="{}" y="{}">{:.0}k</text>"#,
+                r#"<rect x="{}" y="{y}" width="{w:.1}" height="24" fill="{}"/><text x="{:.1}" y="{}">{:.0}k</text>"#,
                 10.0 + label_w,
                 colour(peer),
                 10.0 + label_w + w + 5.0,
@@ -1113,10 +1113,12 @@ fn chart(results: &Results, rate: u64) -> String {
         let (p50, p99) = lat[i];
         if p50.is_finite() && p99.is_finite() {
             let x = panel_w + 20.0 + label_w;
-            let (w50, w99) = (bar_w * p50 / max_lat, bar_w * p99 / max_lat);
+            // Log scale: the latencies span three orders of magnitude.
+            let scale = |ms: f64| bar_w * (1.0 + ms).ln() / (1.0 + max_lat).ln();
+            let (w50, w99) = (scale(p50), scale(p99));
             let _ = writeln!(
                 s,
-                r#"<rect x="{x}" y="{y}" width="{w99:.1}" height="24" fill="{c}"/><rect x="{x}" y="{y}" width="{w50:.1}" height="24" fill="white" fill-opacity="0.55"/><text x="{}" y="{}">{p50:.1} / {p99:.1}</text>"#,
+                r#"<rect x="{x}" y="{y}" width="{w99:.1}" height="24" fill="{c}"/><rect x="{x}" y="{y}" width="{w50:.1}" height="24" fill="white" fill-opacity="0.55"/><text x="{:.1}" y="{}">{p50:.1} / {p99:.1}</text>"#,
                 x + w99 + 5.0,
                 y + 17.0,
                 c = colour(peer)

@@ -5,9 +5,10 @@
 //!
 //! Each input is `{"a": <sent, µs since the epoch> × 100, "b": <its partition>}`, so each
 //! output `a + b` says when its input was sent and which partition it came from. Per
-//! partition, the observer notes the longest time between two outputs in the window after the
-//! event (the pause), and when the last partition that paused for longer than `PAUSED`
-//! produced again (the time until every partition is processing again).
+//! partition, the observer notes its longest silence in the window after the event (its
+//! pause), and the time from the event until the last partition silent for longer than
+//! `PAUSED` produced again (until every partition is processing again). The event comes once
+//! every partition has been producing, caught up, for `STEADY`.
 
 use super::{
     create_topics, env_or, epoch_micros, kafka, observer, send_one, BoxResult, Ctx, Running, RILL,
@@ -22,12 +23,13 @@ use std::time::{Duration, Instant};
 
 const PARTITIONS: i32 = 24;
 const WORKERS: usize = 6;
-/// A partition silent for longer than this counts as paused.
-const PAUSED: Duration = Duration::from_millis(200);
+/// A partition silent for longer than this counts as paused (the machine is shared: shorter
+/// silences happen without a rebalance).
+const PAUSED: Duration = Duration::from_millis(500);
 /// How long every partition must have been processing, caught up, before the event.
 const STEADY: Duration = Duration::from_secs(5);
 /// Caught up: outputs within this of their inputs.
-const CAUGHT_UP: Duration = Duration::from_millis(500);
+const CAUGHT_UP: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Event {
@@ -68,7 +70,7 @@ struct Outcome {
 }
 
 pub(super) fn run() -> BoxResult<()> {
-    let rate: u64 = env_or("RILL_REBALANCE_RATE", 4000);
+    let rate: u64 = env_or("RILL_REBALANCE_RATE", 1000);
     let dir = kafka::scratch_dir("bench-rebalance");
     let broker = super::broker(&dir);
     let ctx = Ctx {
@@ -191,11 +193,14 @@ fn watch(
     // Phase one: until every partition has been processing, every output within `CAUGHT_UP`
     // of its input, for `STEADY` (the workers' start-up leaves a backlog behind).
     let mut steady_since: Option<Instant> = None;
+    let mut lag = 0u64;
     while steady_since.is_none_or(|t| t.elapsed() < STEADY) {
         if started.elapsed() > Duration::from_secs(180) {
             let seen = last.iter().filter(|l| l.is_some()).count();
             return Err(format!(
-                "not steady within 180 s ({seen} of {PARTITIONS} partitions produced)"
+                "not steady within 180 s ({seen} of {PARTITIONS} partitions produced, the \
+                 last output {:.1} s after its input)",
+                lag as f64 / 1e6
             )
             .into());
         }
@@ -203,7 +208,8 @@ fn watch(
             if let Some((sent, p)) = decode(&m) {
                 let received = epoch_micros();
                 last[p] = Some(received);
-                if received.saturating_sub(sent) > CAUGHT_UP.as_micros() as u64 {
+                lag = received.saturating_sub(sent);
+                if lag > CAUGHT_UP.as_micros() as u64 {
                     steady_since = None;
                     continue;
                 }
