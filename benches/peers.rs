@@ -6,6 +6,7 @@
 //! $ scripts/bench-peers                  # builds the Kafka Streams app, then runs this
 //! $ cargo bench --bench peers            # the same, once the app is built
 //! $ RILL_BENCH_BROKER=127.0.0.1:9092 cargo bench --bench peers   # on a running broker
+//! $ RILL_PEERS_FAUST=1 scripts/bench-peers   # Faust (faust-streaming 0.15.3) too
 //! ```
 //!
 //! Every system does the seed's adding job: JSON `{"a": .., "b": ..}` in, `a + b` out. Each
@@ -79,6 +80,7 @@ enum System {
     Bare,
     Rill,
     KafkaStreams,
+    Faust,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,6 +102,7 @@ impl Peer {
             System::Bare => "bare rdkafka loop",
             System::Rill => "rill",
             System::KafkaStreams => "Kafka Streams 4.4",
+            System::Faust => "Faust 0.15.3",
         };
         let guarantee = if self.exactly_once {
             "exactly-once"
@@ -114,6 +117,7 @@ impl Peer {
             System::Bare => "bare",
             System::Rill => "rill",
             System::KafkaStreams => "streams",
+            System::Faust => "faust",
         };
         format!("{system}-{}", if self.exactly_once { "eos" } else { "alo" })
     }
@@ -124,7 +128,9 @@ const RILL: Peer = Peer::new(System::Rill, false);
 const RILL_EOS: Peer = Peer::new(System::Rill, true);
 const STREAMS: Peer = Peer::new(System::KafkaStreams, false);
 const STREAMS_EOS: Peer = Peer::new(System::KafkaStreams, true);
-const ALL: [Peer; 5] = [BARE, RILL, RILL_EOS, STREAMS, STREAMS_EOS];
+const FAUST: Peer = Peer::new(System::Faust, false);
+const FAUST_EOS: Peer = Peer::new(System::Faust, true);
+const ALL: [Peer; 7] = [BARE, RILL, RILL_EOS, STREAMS, STREAMS_EOS, FAUST, FAUST_EOS];
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
@@ -413,7 +419,12 @@ fn compare() -> BoxResult<()> {
              dependency:copy-dependencies in benches/peers/kafka-streams); measuring without it"
         );
     }
-    // RILL_PEERS_ONLY=bare,rill,streams measures only those systems.
+    // The optional Faust peer: scripts/bench-peers installs it with RILL_PEERS_FAUST=1.
+    let faust = std::env::var_os("RILL_PEERS_FAUST_PYTHON").map(PathBuf::from);
+    if faust.is_some() {
+        peers.extend([FAUST, FAUST_EOS]);
+    }
+    // RILL_PEERS_ONLY=bare,rill,streams,faust measures only those systems.
     if let Ok(only) = std::env::var("RILL_PEERS_ONLY") {
         let only: Vec<&str> = only.split(',').map(str::trim).collect();
         peers.retain(|p| only.iter().any(|o| p.slug().starts_with(o)));
@@ -423,6 +434,7 @@ fn compare() -> BoxResult<()> {
         addr: broker.addr.clone(),
         dir: dir.clone(),
         streams,
+        faust,
         run: std::process::id(),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -521,6 +533,8 @@ struct Ctx {
     addr: String,
     dir: PathBuf,
     streams: Option<PathBuf>,
+    /// The Python that has faust-streaming installed.
+    faust: Option<PathBuf>,
     run: u32,
 }
 
@@ -581,6 +595,25 @@ impl Ctx {
                 };
                 cmd.arg(format!("-Djava.io.tmpdir={}", self.dir.display()))
                     .args(["-cp", &classpath, "rill.peers.Adding"])
+                    .args([&self.addr, input, output, group, guarantee]);
+                cmd
+            }
+            System::Faust => {
+                let python = self
+                    .faust
+                    .as_ref()
+                    .ok_or("faust-streaming is not installed")?;
+                let script =
+                    Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/peers/faust/adding.py");
+                let guarantee = if peer.exactly_once {
+                    "exactly_once"
+                } else {
+                    "at_least_once"
+                };
+                let mut cmd = Command::new(python);
+                // Faust keeps its data directory in the working directory.
+                cmd.current_dir(&self.dir)
+                    .arg(script)
                     .args([&self.addr, input, output, group, guarantee]);
                 cmd
             }
@@ -1023,6 +1056,23 @@ fn report(results: &Results, rounds: usize, latency_rounds: usize, rate: u64) ->
             "| start-up, rill / Kafka Streams, at-least-once | {r:.2}× | | |"
         );
     }
+    if !results.throughput_of(FAUST).is_empty() {
+        let r = ratio(RILL, FAUST);
+        let _ = writeln!(
+            s,
+            "| throughput, rill / Faust, at-least-once | {r:.2}× | | |"
+        );
+        let r = ratio(RILL_EOS, FAUST_EOS);
+        let _ = writeln!(
+            s,
+            "| throughput, rill / Faust, exactly-once | {r:.2}× | | |"
+        );
+        let r = lat_ratio(RILL, FAUST, 0.99);
+        let _ = writeln!(
+            s,
+            "| latency p99, rill / Faust, at-least-once | {r:.2}× | | |"
+        );
+    }
     let r = lat_ratio(RILL, BARE, 0.99);
     let _ = writeln!(
         s,
@@ -1056,6 +1106,7 @@ fn chart(results: &Results, rate: u64) -> String {
         System::Bare => "#8c8c8c",
         System::Rill => "#d9541e",
         System::KafkaStreams => "#2f6db5",
+        System::Faust => "#3f8f4f",
     };
     let mut s = String::new();
     let _ = writeln!(

@@ -77,6 +77,7 @@ pub(super) fn run() -> BoxResult<()> {
         addr: broker.addr.clone(),
         dir: dir.clone(),
         streams: None,
+        faust: None,
         run: std::process::id(),
     };
     println!(
