@@ -451,7 +451,7 @@ impl Dispatcher {
 }
 
 /// Backlogged records, in agent queue sizes (`stream_buffer_maxsize`), that pause reading.
-const BACKLOG_PAUSE: usize = 16;
+const BACKLOG_PAUSE: usize = 64;
 
 pub(super) fn list(tps: &[TopicPartition]) -> String {
     tps.iter()
