@@ -29,6 +29,27 @@
 //! worker.shutdown().await?;
 //! # Ok(()) }
 //! ```
+//!
+//! A program usually hands its command line to the app instead, with [`App::main`]: every app
+//! then has `worker` (run the agents until Ctrl-C or SIGTERM), `send`, `agents`, `tables`,
+//! `reset`, `help`, and the commands it declares with [`App::command`], as a Faust app does.
+//!
+//! ```no_run
+//! use rill::prelude::*;
+//! # #[derive(Serialize, Deserialize, Clone)]
+//! # struct Add { a: i64, b: i64 }
+//! # fn adding(mut stream: Stream<Add>) -> impl AsyncIterable<i64> {
+//! #     stream! { while let Some(v) = stream.next().await { yield v.a + v.b; } }
+//! # }
+//!
+//! fn main() {
+//!     let app = App::new("agent-example");
+//!     let topic = app.topic("adding").value_type::<Add>();
+//!     app.agent(adding).channel(&topic);
+//!     // `myapp worker -l info`, `myapp send @adding '{"a": 4, "b": 8}'`, ...
+//!     app.main()
+//! }
+//! ```
 #![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
 
 // The layers, from the bottom up (see "Map of the source" in the README): each uses only the

@@ -79,6 +79,24 @@ impl std::str::FromStr for BadInput {
 
 /// Settings of an [`App`](crate::App). Every field has a default that suits development on the
 /// embedded transport; see each field.
+///
+/// ```
+/// use rill::{App, ProcessingGuarantee, Settings};
+/// use std::time::Duration;
+///
+/// let app = App::with_settings(
+///     "payments",
+///     Settings {
+///         broker: "kafka://127.0.0.1:9092".into(),
+///         processing_guarantee: ProcessingGuarantee::ExactlyOnce,
+///         commit_interval: Duration::from_secs(1),
+///         ..Settings::default()
+///     },
+/// );
+/// // Or change some on an app already made (before it starts):
+/// app.configure(|s| s.store = "fjall://./payments-data".into());
+/// assert_eq!(app.settings().topic_partitions, 8);
+/// ```
 #[derive(Debug, Clone)]
 pub struct Settings {
     /// Where the app's topics live: `memory://` (embedded, the default), `memory://NAME` (an

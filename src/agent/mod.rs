@@ -195,6 +195,31 @@ pub(crate) struct AgentInner<T, R, K> {
 /// `send`, `map`, `join`) while it runs.
 ///
 /// `T` is what the agent reads, `R` what it yields, `K` its source's key type.
+///
+/// ```
+/// use rill::prelude::*;
+///
+/// fn double(mut numbers: Stream<i64>) -> impl AsyncIterable<i64> {
+///     stream! {
+///         while let Some(n) = numbers.next().await {
+///             yield n * 2;
+///         }
+///     }
+/// }
+///
+/// # #[tokio::main] async fn main() -> rill::Result<()> {
+/// let app = App::new("doubling");
+/// let numbers = app.topic("numbers").value_type::<i64>();
+/// // Two actors share the topic's partitions.
+/// let agent = app.agent(double).channel(&numbers).concurrency(2);
+///
+/// let worker = app.start().await?;
+/// assert_eq!(agent.ask(21).await?, 42);
+/// assert_eq!(agent.join([1, 2, 3]).await?, vec![2, 4, 6]);
+/// agent.cast(5).await?; // no reply wanted
+/// worker.shutdown().await?;
+/// # Ok(()) }
+/// ```
 pub struct Agent<T, R = (), K = Bytes> {
     pub(crate) inner: Arc<AgentInner<T, R, K>>,
 }

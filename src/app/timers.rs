@@ -56,7 +56,7 @@ impl App {
     /// first occurrence only.
     ///
     /// An invalid expression or an unknown time zone makes [`App::start`] fail with
-    /// [`Error::Crontab`]. Errors and panics are handled as for [`App::timer`]; see
+    /// [`Error::Crontab`](crate::Error::Crontab). Errors and panics are handled as for [`App::timer`]; see
     /// [`Settings::clock_start`](crate::Settings::clock_start) for tests on virtual time.
     pub fn crontab<F, Fut, O>(&self, expression: impl Into<String>, f: F) -> Crontab
     where

@@ -10,6 +10,36 @@ use tokio_util::sync::CancellationToken;
 
 /// A running app. Stop it with [`shutdown`](Worker::shutdown): agents finish the events they
 /// hold, offsets are committed, and the app can be started again.
+///
+/// ```
+/// use rill::prelude::*;
+///
+/// # #[tokio::main] async fn main() -> rill::Result<()> {
+/// let app = App::new("counting");
+/// app.configure(|s| s.web_port = Some(0)); // serve /health, /ready and /metrics
+/// let words = app.topic("words").key_type::<String>().value_type::<String>();
+/// let counts = app.table::<String, u64>("counts");
+/// let table = counts.clone();
+/// app.agent(move |mut words: Stream<String, String>| {
+///     let counts = table.clone();
+///     async move {
+///         while let Some(word) = words.next().await {
+///             counts.update(word, |n| *n += 1);
+///         }
+///     }
+/// })
+/// .channel(&words);
+///
+/// let worker = app.start().await?;
+/// assert!(worker.ready().await, "partitions assigned, tables restored");
+/// println!("serving on {:?}", worker.web_addr());
+/// words.send("hello".to_owned()).key("hello".to_owned()).await?;
+/// while counts.get(&"hello".to_owned()) != Some(1) {
+///     tokio::task::yield_now().await;
+/// }
+/// worker.shutdown().await?; // drains, commits, and lets the app start again
+/// # Ok(()) }
+/// ```
 pub struct Worker {
     pub(crate) core: Arc<AppCore>,
     pub(crate) rt: Arc<Runtime>,

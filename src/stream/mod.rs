@@ -288,6 +288,39 @@ macro_rules! field {
 ///
 /// `K` is the key type of the source topic (raw bytes unless the topic says otherwise); it only
 /// matters to [`items`](Stream::items).
+///
+/// ```
+/// use rill::prelude::*;
+/// use std::sync::{Arc, Mutex};
+///
+/// # #[tokio::main] async fn main() -> rill::Result<()> {
+/// let app = App::new("evens");
+/// let numbers = app.topic("numbers").value_type::<u32>();
+/// let seen = Arc::new(Mutex::new(Vec::new()));
+/// let found = seen.clone();
+/// app.agent(move |numbers: Stream<u32>| {
+///     let found = found.clone();
+///     async move {
+///         // Only the even ones; each value read marks the one before it processed.
+///         let mut evens = numbers.filter(|n| n % 2 == 0);
+///         while let Some(n) = evens.next().await {
+///             found.lock().unwrap().push(n);
+///         }
+///     }
+/// })
+/// .channel(&numbers);
+///
+/// let worker = app.start().await?;
+/// for n in 1..=6 {
+///     numbers.send(n).partition(0).await?;
+/// }
+/// while seen.lock().unwrap().len() < 3 {
+///     tokio::task::yield_now().await;
+/// }
+/// assert_eq!(*seen.lock().unwrap(), vec![2, 4, 6]);
+/// worker.shutdown().await?;
+/// # Ok(()) }
+/// ```
 pub struct Stream<T, K = Bytes> {
     inner: BoxStream<'static, Item<T>>,
     ctx: Arc<ActorCtx>,

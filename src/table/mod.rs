@@ -12,7 +12,7 @@
 //!   value (as Kafka Streams' record cache does).
 //! - When a worker is given partitions (start, rebalance, failover) it restores those table
 //!   partitions before any of their events reach an agent: from the local store if it is
-//!   persistent (see [`store`]), then from the changelog records written after it.
+//!   persistent (see the `store` module), then from the changelog records written after it.
 //! - On revocation the partitions are committed, then dropped from memory.
 //!
 //! With at-least-once processing, events processed since the last commit are processed again

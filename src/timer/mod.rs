@@ -123,7 +123,7 @@ impl Handle {
     }
 }
 
-/// A timer or crontab: see [`App::timer`] and [`App::crontab`].
+/// A timer or crontab: see [`App::timer`](crate::App::timer) and [`App::crontab`](crate::App::crontab).
 #[derive(Debug, Clone)]
 pub struct Timer(Handle);
 
@@ -144,7 +144,7 @@ impl Timer {
     }
 }
 
-/// A crontab: see [`App::crontab`]. Configure it like a [`Timer`], and give it a time zone.
+/// A crontab: see [`App::crontab`](crate::App::crontab). Configure it like a [`Timer`], and give it a time zone.
 #[derive(Debug, Clone)]
 pub struct Crontab(Timer);
 
@@ -165,7 +165,7 @@ impl Crontab {
     }
 
     /// The time zone the expression is read in: an IANA name such as `Europe/Paris` (the
-    /// default is `UTC`). An unknown name makes [`App::start`] fail.
+    /// default is `UTC`). An unknown name makes [`App::start`](crate::App::start) fail.
     pub fn timezone(self, timezone: impl Into<String>) -> Self {
         let timezone = timezone.into();
         Self(Timer((self.0).0.set(|s| {
@@ -176,7 +176,7 @@ impl Crontab {
     }
 }
 
-/// A task: see [`App::task`].
+/// A task: see [`App::task`](crate::App::task).
 #[derive(Debug, Clone)]
 pub struct Task(Handle);
 
@@ -213,7 +213,7 @@ impl Timers {
         handle
     }
 
-    /// Declares a timer (see [`App::timer`](crate::App::timer)).
+    /// Declares a timer (see [`App::timer`](crate::App::timer)(crate::App::timer)).
     pub(crate) fn every<F, Fut, O>(&self, name: String, interval: Duration, f: F) -> Timer
     where
         F: Fn() -> Fut + Send + Sync + 'static,
@@ -223,7 +223,7 @@ impl Timers {
         Timer(self.add(name, Schedule::Every(interval), body(f)))
     }
 
-    /// Declares a crontab (see [`App::crontab`](crate::App::crontab)).
+    /// Declares a crontab (see [`App::crontab`](crate::App::crontab)(crate::App::crontab)).
     pub(crate) fn cron<F, Fut, O>(&self, name: String, expression: String, f: F) -> Crontab
     where
         F: Fn() -> Fut + Send + Sync + 'static,
@@ -237,7 +237,7 @@ impl Timers {
         Crontab(Timer(self.add(name, schedule, body(f))))
     }
 
-    /// Declares a task (see [`App::task`](crate::App::task)).
+    /// Declares a task (see [`App::task`](crate::App::task)(crate::App::task)).
     pub(crate) fn at_start<F, Fut, O>(&self, name: String, f: F) -> Task
     where
         F: Fn() -> Fut + Send + Sync + 'static,

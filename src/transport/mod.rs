@@ -1,7 +1,7 @@
 //! The boundary between rill and a message log.
 //!
 //! A [`Transport`] is a partitioned, offset-addressed log with consumer groups: the embedded
-//! [`memory`] transport implements it in-process, and the Kafka transport on a cluster. Agents,
+//! `memory` transport implements it in-process, and the Kafka transport on a cluster. Agents,
 //! streams and commits are written against these traits only, so an app runs unchanged on
 //! either.
 
