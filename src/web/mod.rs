@@ -32,7 +32,6 @@ use serde::Serialize;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -290,17 +289,16 @@ async fn get_key(
     }
 }
 
+/// What a path segment keeps as is: letters, digits and `-._~` (RFC 3986's unreserved).
+const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
 /// Percent-encodes a path segment.
 fn encode_segment(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    percent_encoding::utf8_percent_encode(s, SEGMENT).to_string()
 }
 
 /// Asks the worker at `owner` (`http://host:port`) and relays its answer.
@@ -329,64 +327,39 @@ async fn forward(owner: &str, table: &str, key: &str) -> Response {
     }
 }
 
-/// A minimal HTTP/1.1 GET: status code and body.
-async fn http_get(base: &str, path: &str) -> std::io::Result<(u16, Vec<u8>)> {
-    let host = base.strip_prefix("http://").unwrap_or(base);
-    let mut stream = tokio::net::TcpStream::connect(host).await?;
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\n{FORWARDED}: 1\r\nConnection: close\r\n\r\n"
-    );
-    stream.write_all(request.as_bytes()).await?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await?;
-    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "malformed HTTP response");
-    let split = response
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(bad)?;
-    let head = std::str::from_utf8(&response[..split]).map_err(|_| bad())?;
-    let status: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(bad)?;
-    let mut body = response[split + 4..].to_vec();
-    if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        body = dechunk(&body).ok_or_else(bad)?;
-    }
-    Ok((status, body))
-}
+/// The largest answer a forwarded lookup takes from another worker.
+const FORWARDED_BODY_LIMIT: usize = 64 * 1024 * 1024;
 
-fn dechunk(mut data: &[u8]) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let line_end = data.windows(2).position(|w| w == b"\r\n")?;
-        let size = std::str::from_utf8(&data[..line_end]).ok()?;
-        let size = usize::from_str_radix(size.split(';').next()?.trim(), 16).ok()?;
-        data = &data[line_end + 2..];
-        if size == 0 {
-            return Some(out);
-        }
-        out.extend_from_slice(data.get(..size)?);
-        data = data.get(size + 2..)?;
-    }
+type HttpClient = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    http_body_util::Empty<bytes::Bytes>,
+>;
+
+/// An HTTP GET of `path` on the worker at `base` (`http://host:port`): status code and body.
+async fn http_get(base: &str, path: &str) -> Result<(u16, Vec<u8>), String> {
+    use http_body_util::BodyExt;
+    static CLIENT: std::sync::OnceLock<HttpClient> = std::sync::OnceLock::new();
+    let client = CLIENT.get_or_init(|| {
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http()
+    });
+    let request = axum::http::Request::get(format!("{base}{path}"))
+        .header(FORWARDED, "1")
+        .body(http_body_util::Empty::new())
+        .map_err(|e| format!("bad address: {e}"))?;
+    let response = client.request(request).await.map_err(|e| e.to_string())?;
+    let status = response.status().as_u16();
+    let body = http_body_util::Limited::new(response.into_body(), FORWARDED_BODY_LIMIT)
+        .collect()
+        .await
+        .map_err(|e| format!("cannot read the answer: {e}"))?
+        .to_bytes();
+    Ok((status, body.to_vec()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn chunked_bodies_are_decoded() {
-        assert_eq!(
-            dechunk(b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"),
-            Some(b"abcde".to_vec())
-        );
-        assert_eq!(dechunk(b"5\r\nab"), None);
-    }
 
     #[test]
     fn path_segments_are_percent_encoded() {
