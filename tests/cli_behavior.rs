@@ -813,3 +813,30 @@ async fn the_command_line_takes_faust_users_habits() {
         );
     }
 }
+
+/// `App::main_async` runs the command line on the runtime it is awaited on (from
+/// `#[tokio::main]`), where `App::main_from` refuses with an error saying what to call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_line_runs_from_an_async_main() {
+    use rill::prelude::*;
+    let app = App::new("cli-async");
+    let ran = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let r = ran.clone();
+    app.command("hello", move |_: NoArgs| {
+        let r = r.clone();
+        async move {
+            r.store(true, std::sync::atomic::Ordering::SeqCst);
+            Ok::<_, rill::Error>(())
+        }
+    });
+    let err = app
+        .main_from(["cli-async", "hello"])
+        .expect_err("no runtime inside a runtime")
+        .to_string();
+    assert!(err.contains("main_async"), "{err}");
+    assert!(!ran.load(std::sync::atomic::Ordering::SeqCst));
+    app.main_async_from(["cli-async", "hello"])
+        .await
+        .expect("hello runs");
+    assert!(ran.load(std::sync::atomic::Ordering::SeqCst));
+}

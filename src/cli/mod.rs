@@ -211,6 +211,58 @@ impl App {
         I: IntoIterator<Item = S>,
         S: Into<OsString> + Clone,
     {
+        let matches = self.parse_command_line(args)?;
+        if tokio::runtime::Handle::try_current().is_ok() {
+            return Err(Error::Config(
+                "App::main starts its own async runtime: call it from a plain `fn main`, or \
+                 call `App::main_async().await` from `#[tokio::main]`"
+                    .into(),
+            ));
+        }
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| Error::Config(format!("cannot start the async runtime: {e}")))?;
+        runtime.block_on(self.run_command_line(&matches))
+    }
+
+    /// Runs the command line, as [`main`](App::main) does, on the async runtime it is awaited
+    /// on (from `#[tokio::main]`, say), and returns how it ended instead of exiting. Usage
+    /// errors print the usage and exit the process with code 2, as clap does.
+    ///
+    /// ```no_run
+    /// use rill::prelude::*;
+    ///
+    /// #[tokio::main]
+    /// async fn main() -> rill::Result<()> {
+    ///     let app = App::new("hello");
+    ///     app.command("hello", |_: NoArgs| async {
+    ///         println!("hello");
+    ///         Ok::<_, rill::Error>(())
+    ///     });
+    ///     app.main_async().await
+    /// }
+    /// ```
+    pub async fn main_async(&self) -> Result<()> {
+        self.main_async_from(std::env::args_os()).await
+    }
+
+    /// As [`main_async`](App::main_async), with `args` (the first is the program name).
+    pub async fn main_async_from<I, S>(&self, args: I) -> Result<()>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString> + Clone,
+    {
+        let matches = self.parse_command_line(args)?;
+        self.run_command_line(&matches).await
+    }
+
+    /// Parses the command line and applies its global options (logging, broker, store).
+    fn parse_command_line<I, S>(&self, args: I) -> Result<clap::ArgMatches>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString> + Clone,
+    {
         let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
         if let Some(program) = args.first() {
             let name = std::path::Path::new(program)
@@ -232,7 +284,6 @@ impl App {
                 .get_one::<std::path::PathBuf>("logfile")
                 .map(|p| p.as_path()),
         )?;
-        let level = level.as_str();
         if let Some(broker) = matches.get_one::<String>("broker") {
             let broker = broker.clone();
             self.configure(|s| s.broker = broker);
@@ -241,17 +292,16 @@ impl App {
             let store = store.clone();
             self.configure(|s| s.store = store);
         }
-        if tokio::runtime::Handle::try_current().is_ok() {
-            return Err(Error::Config(
-                "App::main starts its own async runtime: call it from a plain `fn main`, not \
-                 from `#[tokio::main]` or another async context"
-                    .into(),
-            ));
-        }
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| Error::Config(format!("cannot start the async runtime: {e}")))?;
+        Ok(matches)
+    }
+
+    /// Runs the command `matches` name.
+    async fn run_command_line(&self, matches: &clap::ArgMatches) -> Result<()> {
+        let level = matches
+            .get_one::<String>("loglevel")
+            .map(|l| l.to_ascii_lowercase())
+            .unwrap_or_else(|| "warn".to_owned());
+        let level = level.as_str();
         let (name, sub) = matches
             .subcommand()
             .ok_or_else(|| Error::Config("no command given".into()))?;
@@ -281,7 +331,7 @@ impl App {
                 s.worker_id = worker_id.or(s.worker_id.take());
                 s.bad_input = bad_input.unwrap_or(s.bad_input);
             });
-            return runtime.block_on(self.run_worker(level));
+            return self.run_worker(level).await;
         }
         if name == "reset" {
             return self.reset(sub.get_flag("yes"));
@@ -305,7 +355,7 @@ impl App {
             }
             return Ok(());
         }
-        if let Some(result) = self.run_tool(name, sub, &runtime) {
+        if let Some(result) = self.run_tool(name, sub).await {
             return result;
         }
         let command = self
@@ -316,21 +366,18 @@ impl App {
             .find(|c| c.name() == name)
             .cloned()
             .ok_or_else(|| Error::Config(format!("unknown command {name:?}")))?;
-        let sub = sub.clone();
-        runtime.block_on(async move {
-            let worker = self
-                .start_with(Role::for_command(self.is_embedded()))
-                .await?;
-            let result = match command.run(&sub) {
-                Ok(fut) => fut.await.map_err(|source| Error::Command {
-                    command: name.to_owned(),
-                    source,
-                }),
-                Err(e) => Err(e),
-            };
-            let stopped = worker.shutdown().await;
-            result.and(stopped)
-        })
+        let worker = self
+            .start_with(Role::for_command(self.is_embedded()))
+            .await?;
+        let result = match command.run(sub) {
+            Ok(fut) => fut.await.map_err(|source| Error::Command {
+                command: name.to_owned(),
+                source,
+            }),
+            Err(e) => Err(e),
+        };
+        let stopped = worker.shutdown().await;
+        result.and(stopped)
     }
 
     async fn run_worker(&self, level: &str) -> Result<()> {

@@ -81,12 +81,7 @@ pub(super) fn add_commands(mut cmd: clap::Command) -> clap::Command {
 
 impl App {
     /// Runs the tool `name` if it is one (and the app has no command of that name).
-    pub(super) fn run_tool(
-        &self,
-        name: &str,
-        matches: &ArgMatches,
-        runtime: &tokio::runtime::Runtime,
-    ) -> Option<Result<()>> {
+    pub(super) async fn run_tool(&self, name: &str, matches: &ArgMatches) -> Option<Result<()>> {
         let own = self
             .commands
             .lock()
@@ -98,7 +93,7 @@ impl App {
         }
         match name {
             "send" => Some(match Send::from_arg_matches(matches) {
-                Ok(args) => runtime.block_on(self.send(args)),
+                Ok(args) => self.send(args).await,
                 Err(e) => e.exit(),
             }),
             "agents" => Some(self.print_agents(matches.get_flag("json"))),
