@@ -250,6 +250,12 @@ impl<T, R, K> AgentInner<T, R, K> {
 }
 
 /// The agent name Faust would give a function: its path with dots, e.g. `agent.adding`.
+///
+/// It names the agent's default topic, so it must not change while the program does not. Rust
+/// does not promise the format of [`std::any::type_name`]; for a function item it has always
+/// been the function's path, and a test here fails the build's tests if a compiler ever says
+/// otherwise. A name that is not a plain path (a closure, a generic function) is refused where
+/// it would name a topic (see `check_name`): such agents are given a name with `.named(..)`.
 pub(crate) fn default_name<F>() -> String {
     std::any::type_name::<F>().replace("::", ".")
 }
@@ -358,10 +364,23 @@ where
     }
 }
 
+/// Refuses a default name that would not stay the same: its default topic is named after it.
 fn check_name(name: &str) -> Result<()> {
     if name.contains("{{closure}}") {
         return Err(Error::Config(format!(
             "an agent written as a closure needs a name: app.agent(f).named(\"...\") (got {name:?})"
+        )));
+    }
+    let identifier = |s: &str| {
+        let mut chars = s.chars();
+        chars.next().is_some_and(|c| c.is_alphabetic() || c == '_')
+            && chars.all(|c| c.is_alphanumeric() || c == '_')
+    };
+    if !name.split('.').all(identifier) {
+        return Err(Error::Config(format!(
+            "agent {name:?} has no name that stays the same from one build to the next (its \
+             default topic is named after it): name it with app.agent(f).named(\"...\"), or \
+             give it a topic with .channel(&topic)"
         )));
     }
     Ok(())
@@ -399,5 +418,36 @@ pub(crate) fn source_specs<T: 'static, K: 'static>(source: &Source<T, K>) -> Vec
             .map(|n| t.core.topic_spec(n, t.partition_count()))
             .collect(),
         Source::Channel(_) => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{check_name, default_name};
+
+    async fn adding(_: crate::Stream<i64>) {}
+
+    fn generic<T>(_: T) {}
+
+    /// A default agent name (and so its default topic) is the function's path: if a compiler
+    /// ever reports function types otherwise, this fails before any topic is renamed.
+    #[test]
+    fn a_functions_default_name_is_its_path() {
+        assert_eq!(default_name_of(adding), "rill.agent.tests.adding");
+        assert!(check_name(&default_name_of(adding)).is_ok());
+    }
+
+    #[test]
+    fn names_that_are_not_plain_paths_are_refused() {
+        let closure = default_name_of(|_: u8| ());
+        assert!(check_name(&closure).is_err(), "{closure}");
+        let generic = default_name_of(generic::<u8>);
+        assert!(check_name(&generic).is_err(), "{generic}");
+        let err = check_name("a.b<c>").expect_err("not a path").to_string();
+        assert!(err.contains(".named("), "{err}");
+    }
+
+    fn default_name_of<F>(_: F) -> String {
+        default_name::<F>()
     }
 }
