@@ -37,6 +37,13 @@ pub enum Error {
     /// The transport (embedded log or Kafka) reported an error.
     #[error(transparent)]
     Transport(#[from] TransportError),
+    /// [`Worker::processed`](crate::Worker::processed) timed out: records of the topics the
+    /// worker reads were still not processed and committed.
+    #[error("the agents did not process and commit what their topics hold within {timeout:?}")]
+    NotProcessed {
+        /// How long the caller waited.
+        timeout: Duration,
+    },
     /// `ask` got no reply in time.
     #[error("no reply from agent {agent:?} within {timeout:?} (correlation id {correlation_id})")]
     AskTimeout {

@@ -439,3 +439,68 @@ async fn a_group_by_agent_stopped_as_it_starts_stops_at_once_and_loses_nothing(
     }
     Ok(())
 }
+
+// Virtual time: the timeout of a worker that cannot catch up passes without waiting.
+#[tokio::test(start_paused = true)]
+async fn processed_waits_for_every_record_through_a_group_by_and_times_out_on_a_stuck_agent(
+) -> anyhow::Result<()> {
+    const EVENTS: u32 = 200;
+    let app = App::new("processed-wait");
+    app.configure(|s| s.commit_interval = Duration::from_millis(100));
+    let topic = app
+        .topic("transfers")
+        .partitions(2)
+        .value_type::<Transfer>();
+    let seen: Recorder<u32> = Recorder::new();
+    let stuck = Arc::new(tokio::sync::Notify::new());
+    let (rec, hold) = (seen.clone(), stuck.clone());
+    app.agent(move |s: Stream<Transfer>| {
+        let (rec, hold) = (rec.clone(), hold.clone());
+        async move {
+            let mut s = s.group_by(field!(Transfer.account_id));
+            while let Some(t) = s.next().await {
+                if t.seq == EVENTS {
+                    // The last one holds the agent until the test lets it go.
+                    hold.notified().await;
+                }
+                rec.push(t.seq);
+            }
+        }
+    })
+    .named("by-account")
+    .channel(&topic);
+
+    let worker = app.start().await?;
+    for seq in 0..EVENTS {
+        topic
+            .send(Transfer {
+                account_id: format!("acct-{}", seq % 7),
+                seq,
+            })
+            .await?;
+    }
+    worker.processed(Duration::from_secs(60)).await?;
+    assert_eq!(
+        seen.len(),
+        EVENTS as usize,
+        "every transfer, through the repartition topic"
+    );
+
+    topic
+        .send(Transfer {
+            account_id: "acct-0".into(),
+            seq: EVENTS,
+        })
+        .await?;
+    let err = worker
+        .processed(Duration::from_secs(5))
+        .await
+        .expect_err("a stuck agent is not done");
+    assert!(matches!(err, rill::Error::NotProcessed { .. }), "{err}");
+    // From a command, the app answers the same.
+    stuck.notify_one();
+    app.processed(Duration::from_secs(60)).await?;
+    assert_eq!(seen.len(), EVENTS as usize + 1);
+    worker.shutdown().await?;
+    Ok(())
+}

@@ -338,6 +338,14 @@ impl App {
         self.core.runtime().map_or(0, |rt| rt.replies.len())
     }
 
+    /// Waits until the running worker of this app has processed and committed every record
+    /// its topics hold now (see [`Worker::processed`]): what an app's command that sent
+    /// something calls to wait for it to be done. Fails if no worker runs.
+    pub async fn processed(&self, timeout: std::time::Duration) -> Result<()> {
+        let rt = self.core.runtime()?;
+        worker::processed(&rt, timeout).await
+    }
+
     /// The offsets the app's consumer group has committed: for each partition, the next offset
     /// a worker will read. Works whether or not a worker runs.
     pub async fn committed_offsets(&self) -> Result<Vec<(TopicPartition, i64)>> {

@@ -126,6 +126,17 @@ impl Worker {
         }
     }
 
+    /// Waits until the worker has processed and committed every record its topics hold now,
+    /// and what its agents sent on from them to topics it reads too (a `group_by`'s
+    /// repartition topic, say): for tests, commands and batch jobs that need "done". Fails
+    /// with [`Error::NotProcessed`](crate::Error::NotProcessed) after `timeout`.
+    /// [`App::processed`](crate::App::processed) does the same from an app's command.
+    ///
+    /// Records that keep coming keep it waiting; it looks every 10 ms.
+    pub async fn processed(&self, timeout: std::time::Duration) -> Result<()> {
+        processed(&self.rt, timeout).await
+    }
+
     /// The URL this worker's web server is advertised under to the app's other workers
     /// (`http://host:port`; see [`Settings::web_host`](crate::Settings::web_host)).
     pub fn web_url(&self) -> Option<String> {
@@ -227,6 +238,42 @@ impl Worker {
         Ok(flushed?)
     }
 }
+
+/// Waits until the worker of `rt` has processed and committed what its topics hold (see
+/// [`Worker::processed`]).
+pub(crate) async fn processed(rt: &Runtime, timeout: std::time::Duration) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !caught_up(rt).await? {
+        if tokio::time::Instant::now() >= deadline {
+            return Err(crate::Error::NotProcessed { timeout });
+        }
+        tokio::time::sleep(PROCESSED_POLL).await;
+    }
+    Ok(())
+}
+
+/// Whether every record of the topics the worker reads is committed.
+async fn caught_up(rt: &Runtime) -> Result<bool> {
+    let committed: std::collections::HashMap<crate::transport::TopicPartition, i64> = rt
+        .transport
+        .committed(&rt.app_id)
+        .await?
+        .into_iter()
+        .collect();
+    for topic in rt.ops.topics() {
+        let ends = rt.transport.end_offsets(&topic).await?;
+        for (p, end) in ends.into_iter().enumerate() {
+            let tp = crate::transport::TopicPartition::new(topic.as_str(), p as u32);
+            if end > committed.get(&tp).copied().unwrap_or(0) {
+                return Ok(false);
+            }
+        }
+    }
+    Ok(true)
+}
+
+/// How often [`Worker::processed`] looks.
+const PROCESSED_POLL: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// How often [`Worker::ready`] looks.
 const READY_POLL: std::time::Duration = std::time::Duration::from_millis(10);

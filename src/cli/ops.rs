@@ -3,21 +3,16 @@
 
 use crate::agent::AgentRunner;
 use crate::app::{App, Role};
-use crate::engine::Runtime;
 use crate::error::{Error, Result};
 use crate::metrics::{self, AgentInfo};
-use crate::transport::TopicPartition;
 use bytes::Bytes;
 use clap::{ArgMatches, Args, FromArgMatches};
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 /// How often the in-process worker of `send` commits, on the embedded transport: the command
 /// waits for the commit of what it sent.
 const SEND_COMMIT_INTERVAL: Duration = Duration::from_millis(20);
-/// How often `send` looks whether the agents have processed what it sent.
-const SEND_POLL: Duration = Duration::from_millis(10);
 
 /// Send a JSON value to a topic, or to the topic an agent reads
 #[derive(Debug, Args)]
@@ -237,7 +232,7 @@ impl App {
             });
             println!("{position}");
             if embedded {
-                wait_processed(&rt, rt.settings.ask_timeout).await?;
+                worker.processed(rt.settings.ask_timeout).await?;
             }
             Ok(())
         }
@@ -269,40 +264,6 @@ fn find_agent<'a>(agents: &'a [Declared], name: &str) -> Result<Option<&'a Decla
             metrics::list(&short.iter().map(|(i, _)| &i.name).collect::<Vec<_>>())
         )),
     }
-}
-
-/// Waits until the worker has committed every record of the topics it reads: what was sent,
-/// and what the agents sent on from it, is processed.
-async fn wait_processed(rt: &Runtime, timeout: Duration) -> Result<()> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    while !caught_up(rt).await? {
-        if tokio::time::Instant::now() >= deadline {
-            return Err(Error::Config(format!(
-                "the agents did not process what was sent within {timeout:?}"
-            )));
-        }
-        tokio::time::sleep(SEND_POLL).await;
-    }
-    Ok(())
-}
-
-async fn caught_up(rt: &Runtime) -> Result<bool> {
-    let committed: HashMap<TopicPartition, i64> = rt
-        .transport
-        .committed(&rt.app_id)
-        .await?
-        .into_iter()
-        .collect();
-    for topic in rt.ops.topics() {
-        let ends = rt.transport.end_offsets(&topic).await?;
-        for (p, end) in ends.into_iter().enumerate() {
-            let tp = TopicPartition::new(topic.as_str(), p as u32);
-            if end > committed.get(&tp).copied().unwrap_or(0) {
-                return Ok(false);
-            }
-        }
-    }
-    Ok(true)
 }
 
 /// Prints rows under their headers, in aligned columns.
