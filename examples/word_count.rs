@@ -28,6 +28,15 @@ fn split_sentences(mut sentences: Stream<String>) -> impl AsyncIterable<String> 
     }
 }
 
+/// Counts words in the table: every occurrence of a word reaches the same partition, so the
+/// worker that owns the partition holds the word's count.
+async fn count_words(words: Stream<String>, word_counts: Table<String, i64>) {
+    let mut words = words.group_by(GroupBy::new("word", |w: &String| w.clone()));
+    while let Some(word) = words.next().await {
+        word_counts.update(word, |n| *n += 1);
+    }
+}
+
 /// Send sentences; with `--print`, wait until their words are counted and print the counts.
 #[derive(Debug, rill::clap::Args)]
 struct Count {
@@ -46,20 +55,9 @@ fn main() {
 
     app.agent(split_sentences).channel(&sentences).sink(&words);
 
-    let counts = word_counts.clone();
-    app.agent(move |words: Stream<String>| {
-        let word_counts = counts.clone();
-        async move {
-            // Every occurrence of a word reaches the same partition, so the worker that owns
-            // the partition holds the word's count.
-            let mut words = words.group_by(GroupBy::new("word", |w: &String| w.clone()));
-            while let Some(word) = words.next().await {
-                word_counts.update(word, |n| *n += 1);
-            }
-        }
-    })
-    .named("count_words")
-    .channel(&words);
+    app.agent_with(word_counts.clone(), count_words)
+        .named("count_words")
+        .channel(&words);
 
     let local = app.clone();
     // Not `send`: that is the built-in command every app has (`send @count_words '"word"'`).

@@ -93,7 +93,7 @@ mod cli;
 #[doc(inline)]
 pub use agent::{
     marker, Agent, AgentAsk, AgentFn, AgentSend, AsyncIterable, IntoSink, IntoValues, Offered,
-    ReplyTo, Sink, Source,
+    ReplyTo, Sink, Source, WithState,
 };
 #[doc(inline)]
 pub use app::App;

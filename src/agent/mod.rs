@@ -90,6 +90,9 @@ pub mod marker {
     /// A function returning a stream of yielded values (`stream! { ... yield v; }`).
     #[derive(Debug)]
     pub struct Yields<S>(PhantomData<fn() -> S>);
+    /// An agent function that takes state too (see `App::agent_with`), of kind `M`.
+    #[derive(Debug)]
+    pub struct WithState<M>(PhantomData<fn() -> M>);
     /// A plain function sink.
     #[derive(Debug)]
     pub struct SyncFn;
@@ -161,6 +164,62 @@ where
 {
     fn call(&self, stream: Stream<T, K>) -> BoxStream<'static, Result<R, BoxError>> {
         self(stream).map(Ok).boxed()
+    }
+}
+
+/// An agent function `f(stream, state)` with its state: each run of the agent (one per actor,
+/// and again after a restart) gets a clone of `state`. Made by `App::agent_with`.
+#[derive(Debug, Clone)]
+pub struct WithState<F, S> {
+    f: F,
+    state: S,
+}
+
+impl<F, S> WithState<F, S> {
+    pub(crate) fn new(f: F, state: S) -> Self {
+        Self { f, state }
+    }
+}
+
+impl<F, St, Fut, T, K> AgentFn<T, K, (), marker::WithState<marker::Unit<Fut>>> for WithState<F, St>
+where
+    F: Fn(Stream<T, K>, St) -> Fut + Send + Sync + 'static,
+    St: Clone + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    fn call(&self, stream: Stream<T, K>) -> BoxStream<'static, Result<(), BoxError>> {
+        (self.f)(stream, self.state.clone())
+            .into_stream()
+            .filter_map(|()| std::future::ready(None))
+            .boxed()
+    }
+}
+
+impl<F, St, Fut, T, K, E> AgentFn<T, K, (), marker::WithState<marker::Fallible<Fut, E>>>
+    for WithState<F, St>
+where
+    F: Fn(Stream<T, K>, St) -> Fut + Send + Sync + 'static,
+    St: Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), E>> + Send + 'static,
+    E: Into<BoxError> + 'static,
+{
+    fn call(&self, stream: Stream<T, K>) -> BoxStream<'static, Result<(), BoxError>> {
+        (self.f)(stream, self.state.clone())
+            .into_stream()
+            .filter_map(|r| std::future::ready(r.err().map(|e| Err(e.into()))))
+            .boxed()
+    }
+}
+
+impl<F, St, S, T, K, R: 'static> AgentFn<T, K, R, marker::WithState<marker::Yields<S>>>
+    for WithState<F, St>
+where
+    F: Fn(Stream<T, K>, St) -> S + Send + Sync + 'static,
+    St: Clone + Send + Sync + 'static,
+    S: futures::Stream<Item = R> + Send + 'static,
+{
+    fn call(&self, stream: Stream<T, K>) -> BoxStream<'static, Result<R, BoxError>> {
+        (self.f)(stream, self.state.clone()).map(Ok).boxed()
     }
 }
 

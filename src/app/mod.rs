@@ -178,6 +178,42 @@ impl App {
         agent
     }
 
+    /// Declares an agent running `f(stream, state)`: an agent that needs state (a table, a
+    /// client, a counter) stays a plain named function, and each of its runs gets a clone of
+    /// `state`, as an axum handler gets its router's state. Named, and configured, as
+    /// [`agent`](App::agent) does.
+    ///
+    /// ```
+    /// use rill::prelude::*;
+    ///
+    /// async fn count_words(mut words: Stream<String>, counts: Table<String, i64>) {
+    ///     while let Some(word) = words.next().await {
+    ///         counts.update(word, |n| *n += 1);
+    ///     }
+    /// }
+    ///
+    /// let app = App::new("word-count");
+    /// let words = app.topic("words").value_type::<String>();
+    /// let counts = app.table::<String, i64>("counts");
+    /// app.agent_with(counts.clone(), count_words).channel(&words);
+    /// ```
+    pub fn agent_with<S, F, T, K, R, M>(&self, state: S, f: F) -> Agent<T, R, K>
+    where
+        crate::agent::WithState<F, S>: AgentFn<T, K, R, M>,
+        T: Serialize + DeserializeOwned + Send + Sync + 'static,
+        R: Serialize + Clone + Send + Sync + 'static,
+        K: Send + Sync + 'static,
+    {
+        let name = default_name::<F>();
+        let f = crate::agent::WithState::new(f, state);
+        let agent = Agent::new(self.core.clone(), name, Arc::new(move |s| f.call(s)));
+        self.agents
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Arc::new(agent.clone()));
+        agent
+    }
+
     /// Declares a table, Faust's `app.Table(name, default=...)`: partitioned key/value state
     /// kept in memory, written to the changelog topic `<app id>-<name>-changelog`, and
     /// restored when a worker takes its partitions. Missing keys start from `V::default()`
