@@ -144,6 +144,12 @@ async fn memory_store_tables_are_rebuilt_from_the_changelog_on_restart() {
     let wc = word_count("wc-restart", "memory://wc-restart", None);
     let worker = wc.app.start().await.expect("restart");
     wait_for_counts(&wc.counts, &expected(10)).await;
+    // The counts show as the changelog is replayed; the restore is over (and counted) once
+    // the worker is ready.
+    assert!(
+        common::within(WAIT, "the worker to be ready", worker.ready()).await,
+        "the worker stopped"
+    );
     assert!(worker.table_records_replayed("word_counts") > 0);
     send_rounds(&wc, 5).await;
     wait_for_counts(&wc.counts, &expected(15)).await;
