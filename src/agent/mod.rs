@@ -234,6 +234,8 @@ pub(crate) type BoxAgentFn<T, K, R> =
 
 pub(crate) struct Config<T, R, K> {
     pub(crate) name: String,
+    /// Whether `name` was given with [`Agent::named`] (else it is the function's path).
+    pub(crate) named: bool,
     pub(crate) source: Option<Source<T, K>>,
     pub(crate) concurrency: usize,
     pub(crate) sinks: Vec<Arc<dyn Sink<R>>>,
@@ -332,6 +334,7 @@ where
                 core,
                 fun,
                 config: Mutex::new(Config {
+                    named: false,
                     name,
                     source: None,
                     concurrency,
@@ -350,7 +353,10 @@ where
 
     /// Renames the agent. Agents written as closures need a name.
     pub fn named(self, name: impl Into<String>) -> Self {
-        self.inner.config().name = name.into();
+        let mut c = self.inner.config();
+        c.name = name.into();
+        c.named = true;
+        drop(c);
         self
     }
 
@@ -407,7 +413,9 @@ where
         if let Some(s) = &c.source {
             return Ok(s.clone());
         }
-        check_name(&c.name)?;
+        if !c.named {
+            check_name(&c.name)?;
+        }
         let key_codec = default_key_codec::<K>().ok_or_else(|| {
             Error::Config(format!(
                 "agent {:?} reads keys of type {}: give it a topic declared with that key type \
