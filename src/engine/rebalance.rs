@@ -15,22 +15,12 @@ impl Dispatcher {
     /// them, and sets their table partitions aside (dropped when rolling back).
     pub(super) async fn revoke(&mut self, tps: Vec<TopicPartition>) {
         tracing::info!(partitions = %list(&tps), "partitions revoked");
-        self.rt.ops.revoked(&tps);
-        self.retract_backlog(Some(&tps));
-        let trackers = tps
-            .iter()
-            .filter_map(|tp| self.trackers.get(tp).cloned())
-            .collect();
-        finish_in_flight(trackers, self.rt.settings.shutdown_timeout).await;
+        self.stop_reading(&tps).await;
         // Read while the partitions are still this worker's: once the commit lets them
         // go, a new owner may write to their changelogs.
         let ends = changelog_ends(&self.rt).await;
         let committed = self.commit().await;
-        for tp in &tps {
-            self.trackers.remove(tp);
-            self.committed.remove(tp);
-            self.assigned.remove(tp);
-        }
+        self.forget(&tps);
         if self.rolling_back || !committed {
             // Their state holds changes that were never committed (or, when the commit
             // failed, the group may have given the partitions to another worker already,
@@ -43,6 +33,27 @@ impl Dispatcher {
         }
     }
 
+    /// Stops reading `tps`: their records not handed to an agent yet are taken back, and the
+    /// events in flight finish (bounded by `shutdown_timeout`).
+    async fn stop_reading(&mut self, tps: &[TopicPartition]) {
+        self.rt.ops.revoked(tps);
+        self.retract_backlog(Some(tps));
+        let trackers = tps
+            .iter()
+            .filter_map(|tp| self.trackers.get(tp).cloned())
+            .collect();
+        finish_in_flight(trackers, self.rt.settings.shutdown_timeout).await;
+    }
+
+    /// Forgets the offsets and assignment of `tps`.
+    fn forget(&mut self, tps: &[TopicPartition]) {
+        for tp in tps {
+            self.trackers.remove(tp);
+            self.committed.remove(tp);
+            self.assigned.remove(tp);
+        }
+    }
+
     /// Lets `tps` go after the group took them without a handover (see
     /// [`ConsumerEvent::Lost`](crate::transport::ConsumerEvent::Lost)): their new owner may be
     /// processing them already, so nothing is committed, what was processed of them since the
@@ -51,19 +62,9 @@ impl Dispatcher {
     /// restored from the changelog if they come back.
     pub(super) async fn lose(&mut self, tps: Vec<TopicPartition>) {
         tracing::warn!(partitions = %list(&tps), "partitions lost; what was processed of them since the last commit is given up");
-        self.rt.ops.revoked(&tps);
-        self.retract_backlog(Some(&tps));
-        let trackers = tps
-            .iter()
-            .filter_map(|tp| self.trackers.get(tp).cloned())
-            .collect();
         // No agent may change a table partition once it is dropped.
-        finish_in_flight(trackers, self.rt.settings.shutdown_timeout).await;
-        for tp in &tps {
-            self.trackers.remove(tp);
-            self.committed.remove(tp);
-            self.assigned.remove(tp);
-        }
+        self.stop_reading(&tps).await;
+        self.forget(&tps);
         // Outputs that failed meanwhile were thrown away with the partitions' undelivered
         // records: their events are processed again by the partitions' next owner.
         if let Some(f) = self.rt.take_failure() {
