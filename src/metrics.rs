@@ -306,6 +306,58 @@ const STARTING: u8 = 0;
 const RUNNING: u8 = 1;
 const REBALANCING: u8 = 2;
 
+/// How many one-second samples of each agent's throughput and lag the status page charts:
+/// the last five minutes.
+pub(crate) const HISTORY: usize = 300;
+
+/// One sample of an agent: records handed to it per second, and the records of the
+/// partitions it reads not committed yet (unknown before the first lag reading).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Point {
+    pub(crate) rate: f64,
+    pub(crate) lag: Option<i64>,
+}
+
+/// What the status page shows of an agent.
+#[derive(Debug, Clone)]
+pub(crate) struct AgentStatus {
+    pub(crate) info: AgentInfo,
+    /// Records handed to it from its sources (the topics it was declared with).
+    pub(crate) events: u64,
+    /// Its samples, oldest first, one a second, at most [`HISTORY`].
+    pub(crate) history: Vec<Point>,
+}
+
+/// An agent, as the worker counts it.
+#[derive(Debug)]
+struct AgentOps {
+    info: AgentInfo,
+    /// Records handed to it from its sources.
+    total: Arc<AtomicU64>,
+    /// The topics it reads besides its sources (the repartition topic of a `group_by`): their
+    /// lag is its lag, their records are not counted again as events in.
+    internal: BTreeSet<String>,
+    /// `total` at the last sample.
+    sampled: u64,
+    history: std::collections::VecDeque<Point>,
+}
+
+impl AgentOps {
+    fn new(info: AgentInfo) -> Self {
+        Self {
+            info,
+            total: Arc::new(AtomicU64::new(0)),
+            internal: BTreeSet::new(),
+            sampled: 0,
+            history: std::collections::VecDeque::new(),
+        }
+    }
+
+    fn reads(&self, topic: &str) -> bool {
+        self.info.topics.iter().any(|t| t == topic) || self.internal.contains(topic)
+    }
+}
+
 /// A worker's operational state: health, assignment, lag and throughput.
 #[derive(Debug)]
 pub(crate) struct Ops {
@@ -314,7 +366,7 @@ pub(crate) struct Ops {
     /// Set when revocations do not stop the worker from running (embedded transport, or
     /// nothing to be assigned).
     steady: AtomicBool,
-    agents: Mutex<Vec<(AgentInfo, Arc<AtomicU64>)>>,
+    agents: Mutex<Vec<AgentOps>>,
     /// The topics the worker reads as a group member.
     topics: Mutex<Vec<String>>,
     assigned: Mutex<BTreeSet<TopicPartition>>,
@@ -322,6 +374,10 @@ pub(crate) struct Ops {
     /// Records read (all agents).
     events: AtomicU64,
     rate: Mutex<Rate>,
+    /// When the worker was made.
+    born: Instant,
+    /// When the last commit of offsets ended, and how long it took.
+    last_commit: Mutex<Option<(Instant, Duration)>>,
     rebalances: Counter,
     assigned_gauge: Gauge,
     commit_seconds: Histogram,
@@ -357,15 +413,14 @@ impl Ops {
                 events: 0,
                 per_second: 0.0,
             }),
+            born: Instant::now(),
+            last_commit: Mutex::new(None),
         }
     }
 
     /// The agents the worker runs (before their records are counted).
     pub(crate) fn set_agents(&self, agents: Vec<AgentInfo>) {
-        *lock(&self.agents) = agents
-            .into_iter()
-            .map(|a| (a, Arc::new(AtomicU64::new(0))))
-            .collect();
+        *lock(&self.agents) = agents.into_iter().map(AgentOps::new).collect();
     }
 
     /// The worker has started. `steady`: it runs whatever it is assigned (embedded transport,
@@ -377,28 +432,32 @@ impl Ops {
         }
     }
 
-    /// The counter of records handed to `agent` from `topic`.
+    /// The counter of records handed to `agent` from `topic`. Records of a topic the agent
+    /// was not declared with (its `group_by`'s repartition topic) are exported, but not added
+    /// to the agent's events in, which already counted them once from the source.
     pub(crate) fn events_in(&self, agent: &str, topic: &str) -> EventsIn {
         let total = {
             let mut agents = lock(&self.agents);
-            match agents.iter().find(|(a, _)| a.name == agent) {
-                Some((_, t)) => t.clone(),
+            let index = match agents.iter().position(|a| a.info.name == agent) {
+                Some(i) => i,
                 None => {
-                    // An agent the worker was not started with (internal subscriptions of
-                    // agents are counted under the agent's name, so this is rare).
-                    let t = Arc::new(AtomicU64::new(0));
-                    agents.push((
-                        AgentInfo {
-                            name: agent.to_owned(),
-                            topics: Vec::new(),
-                            channel: None,
-                            concurrency: 1,
-                            sinks: Vec::new(),
-                        },
-                        t.clone(),
-                    ));
-                    t
+                    // An agent the worker was not started with.
+                    agents.push(AgentOps::new(AgentInfo {
+                        name: agent.to_owned(),
+                        topics: vec![topic.to_owned()],
+                        channel: None,
+                        concurrency: 1,
+                        sinks: Vec::new(),
+                    }));
+                    agents.len() - 1
                 }
+            };
+            let a = &mut agents[index];
+            if a.info.topics.iter().any(|t| t == topic) {
+                a.total.clone()
+            } else {
+                a.internal.insert(topic.to_owned());
+                Arc::new(AtomicU64::new(0))
             }
         };
         EventsIn {
@@ -457,6 +516,17 @@ impl Ops {
 
     pub(crate) fn committed(&self, took: Duration) {
         self.commit_seconds.record(took);
+        *lock(&self.last_commit) = Some((Instant::now(), took));
+    }
+
+    /// How long ago the last commit of offsets ended, and how long it took.
+    pub(crate) fn last_commit(&self) -> Option<(Duration, Duration)> {
+        lock(&self.last_commit).map(|(at, took)| (at.elapsed(), took))
+    }
+
+    /// How long the worker has been up.
+    pub(crate) fn uptime(&self) -> Duration {
+        self.born.elapsed()
     }
 
     pub(crate) fn health(&self, stopping: bool) -> Health {
@@ -479,11 +549,15 @@ impl Ops {
             .collect()
     }
 
-    /// Each agent with the records it was handed.
-    pub(crate) fn agents(&self) -> Vec<(AgentInfo, u64)> {
+    /// Each agent with its events in and its samples of the last minutes.
+    pub(crate) fn agent_status(&self) -> Vec<AgentStatus> {
         lock(&self.agents)
             .iter()
-            .map(|(a, n)| (a.clone(), n.load(Ordering::Relaxed)))
+            .map(|a| AgentStatus {
+                info: a.info.clone(),
+                events: a.total.load(Ordering::Relaxed),
+                history: a.history.iter().copied().collect(),
+            })
             .collect()
     }
 
@@ -492,14 +566,45 @@ impl Ops {
         lock(&self.rate).per_second
     }
 
-    fn sample_rate(&self) {
+    /// Takes a throughput sample when the last one is at least [`RATE_WINDOW`] old: the
+    /// seconds since it, else `None`.
+    fn sample_rate(&self) -> Option<f64> {
         let events = self.events.load(Ordering::Relaxed);
         let mut r = lock(&self.rate);
         let elapsed = r.at.elapsed();
-        if elapsed >= RATE_WINDOW {
-            r.per_second = events.saturating_sub(r.events) as f64 / elapsed.as_secs_f64();
-            r.at = Instant::now();
-            r.events = events;
+        if elapsed < RATE_WINDOW {
+            return None;
+        }
+        let seconds = elapsed.as_secs_f64();
+        r.per_second = events.saturating_sub(r.events) as f64 / seconds;
+        r.at = Instant::now();
+        r.events = events;
+        Some(seconds)
+    }
+
+    /// Adds a sample to each agent's history: its rate over the last `seconds`, and the lag
+    /// of the assigned partitions of the topics it reads.
+    fn sample_agents(&self, seconds: f64, lag: &BTreeMap<TopicPartition, i64>) {
+        let assigned = lock(&self.assigned);
+        for a in lock(&self.agents).iter_mut() {
+            let total = a.total.load(Ordering::Relaxed);
+            let rate = total.saturating_sub(a.sampled) as f64 / seconds;
+            a.sampled = total;
+            let mut known = false;
+            let mut sum = 0;
+            for tp in assigned.iter().filter(|tp| a.reads(&tp.topic)) {
+                if let Some(l) = lag.get(tp) {
+                    known = true;
+                    sum += l;
+                }
+            }
+            if a.history.len() == HISTORY {
+                a.history.pop_front();
+            }
+            a.history.push_back(Point {
+                rate,
+                lag: known.then_some(sum),
+            });
         }
     }
 }
@@ -523,7 +628,7 @@ pub(crate) async fn refresh(
     transport: &dyn Transport,
     tables: &[TableSize<'_>],
 ) {
-    ops.sample_rate();
+    let sampled = ops.sample_rate();
     let assigned: Vec<TopicPartition> = lock(&ops.assigned).iter().cloned().collect();
     let lag = if transport.kind() == "memory" {
         embedded_lag(app_id, transport, &assigned).await
@@ -538,6 +643,9 @@ pub(crate) async fn refresh(
             })
             .collect()
     };
+    if let Some(seconds) = sampled {
+        ops.sample_agents(seconds, &lag);
+    }
     *lock(&ops.lag) = lag;
     for table in tables {
         let l = labels(app_id, &[("table", table.name)]);

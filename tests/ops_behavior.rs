@@ -345,76 +345,310 @@ async fn health_is_200_running_once_started_and_503_stopping_while_draining() {
         .expect("the worker stops");
 }
 
-/// Loads `url` in headless Chromium and returns the DOM it built.
-async fn chromium_dom(url: &str) -> String {
-    let chromium = require_program("chromium", "RILL_CHROMIUM", "install Debian's `chromium`");
-    let profile = std::env::temp_dir().join(format!(
-        "rill-ops-chromium-{}-{}",
-        std::process::id(),
-        url.len()
-    ));
-    let _ = std::fs::remove_dir_all(&profile);
-    std::fs::create_dir_all(&profile).expect("a fresh profile directory");
-    let mut cmd = tokio::process::Command::new(chromium);
-    cmd.args([
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-    ])
-    .arg(format!("--user-data-dir={}", profile.display()))
-    .args(["--dump-dom", url])
-    .stdin(std::process::Stdio::null())
-    .stdout(std::process::Stdio::piped())
-    .stderr(std::process::Stdio::piped())
-    .kill_on_drop(true);
-    let out = within(
-        Duration::from_secs(120),
-        "chromium --dump-dom",
-        cmd.output(),
-    )
-    .await
-    .expect("chromium runs");
-    let _ = std::fs::remove_dir_all(&profile);
-    assert!(
-        out.status.success(),
-        "chromium failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+/// A ChromeDriver process driving headless Chromium (the W3C WebDriver protocol over HTTP),
+/// stopped by its pid when dropped.
+struct Browser {
+    driver: std::process::Child,
+    addr: SocketAddr,
+    session: String,
+    profile: std::path::PathBuf,
 }
 
-/// The cells of each row of the HTML table with `id` (header row excluded), as the DOM has
-/// them (still escaped).
-fn table_rows(dom: &str, id: &str) -> Vec<Vec<String>> {
-    let start = dom
-        .find(&format!("<table id=\"{id}\">"))
-        .unwrap_or_else(|| panic!("no table {id:?} in the page:\n{dom}"));
-    let table = &dom[start..];
-    let table = &table[..table.find("</table>").expect("the table ends")];
-    table
-        .split("<tr>")
-        .skip(1)
-        .filter(|row| row.contains("<td>"))
-        .map(|row| {
-            row.split("<td>")
-                .skip(1)
-                .map(|cell| cell.split("</td>").next().unwrap_or("").to_owned())
-                .collect()
+/// The screen the status page is made for.
+const SCREEN: (u64, u64) = (1280, 900);
+
+impl Browser {
+    async fn start() -> Self {
+        let chromium = require_program("chromium", "RILL_CHROMIUM", "install Debian's `chromium`");
+        let chromedriver = require_program(
+            "chromedriver",
+            "RILL_CHROMEDRIVER",
+            "install Debian's `chromium-driver`",
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let driver = std::process::Command::new(chromedriver)
+            .arg(format!("--port={port}"))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("chromedriver starts");
+        let profile =
+            std::env::temp_dir().join(format!("rill-ops-chromium-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&profile);
+        std::fs::create_dir_all(&profile).expect("a fresh profile directory");
+        let mut browser = Browser {
+            driver,
+            addr,
+            session: String::new(),
+            profile,
+        };
+        wait_until(WAIT, "chromedriver to be ready", || {
+            std::net::TcpStream::connect(addr).is_ok()
+                && http_json(addr, "GET", "/status", &serde_json::Value::Null)
+                    .1
+                    .contains("\"ready\":true")
         })
-        .collect()
+        .await;
+        let args: Vec<String> = [
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--hide-scrollbars",
+        ]
+        .iter()
+        .map(|a| (*a).to_owned())
+        .chain([
+            format!("--window-size={},{}", SCREEN.0, SCREEN.1),
+            format!("--user-data-dir={}", browser.profile.display()),
+        ])
+        .collect();
+        let created = browser
+            .call(
+                "POST",
+                "/session",
+                serde_json::json!({"capabilities": {"alwaysMatch": {
+                    "browserName": "chrome",
+                    "goog:chromeOptions": {"binary": chromium, "args": args},
+                    "goog:loggingPrefs": {"browser": "ALL"},
+                }}}),
+            )
+            .await;
+        browser.session = created["sessionId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no session: {created}"))
+            .to_owned();
+        // The page's viewport is the screen (the window's size includes its frame).
+        browser
+            .session_call(
+                "POST",
+                "/goog/cdp/execute",
+                serde_json::json!({
+                    "cmd": "Emulation.setDeviceMetricsOverride",
+                    "params": {"width": SCREEN.0, "height": SCREEN.1, "deviceScaleFactor": 1,
+                               "mobile": false},
+                }),
+            )
+            .await;
+        browser
+    }
+
+    /// One WebDriver command; its `value`.
+    async fn call(&self, method: &str, path: &str, body: serde_json::Value) -> serde_json::Value {
+        let (addr, method, path) = (self.addr, method.to_owned(), path.to_owned());
+        let (status, text) = within(
+            Duration::from_secs(120),
+            "a WebDriver command",
+            tokio::task::spawn_blocking(move || http_json(addr, &method, &path, &body)),
+        )
+        .await
+        .expect("the request runs");
+        let reply: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| {
+            panic!("chromedriver answered {status} with no JSON ({e}): {text}")
+        });
+        assert_eq!(status, 200, "WebDriver command failed: {reply}");
+        reply["value"].clone()
+    }
+
+    async fn session_call(
+        &self,
+        method: &str,
+        path: &str,
+        body: serde_json::Value,
+    ) -> serde_json::Value {
+        self.call(method, &format!("/session/{}{path}", self.session), body)
+            .await
+    }
+
+    async fn open(&self, url: &str) {
+        self.session_call("POST", "/url", serde_json::json!({ "url": url }))
+            .await;
+    }
+
+    async fn run(&self, script: &str) -> serde_json::Value {
+        self.session_call(
+            "POST",
+            "/execute/sync",
+            serde_json::json!({ "script": script, "args": [] }),
+        )
+        .await
+    }
+
+    /// The browser console's messages since the last call.
+    async fn console(&self) -> Vec<serde_json::Value> {
+        self.session_call("POST", "/se/log", serde_json::json!({ "type": "browser" }))
+            .await
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// A PNG of the window.
+    async fn screenshot(&self) -> Vec<u8> {
+        use base64::Engine;
+        let png = self
+            .session_call("GET", "/screenshot", serde_json::Value::Null)
+            .await;
+        base64::engine::general_purpose::STANDARD
+            .decode(png.as_str().expect("a base64 screenshot"))
+            .expect("base64")
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        if !self.session.is_empty() {
+            let path = format!("/session/{}", self.session);
+            let _ = std::panic::catch_unwind(|| {
+                http_json(self.addr, "DELETE", &path, &serde_json::Value::Null)
+            });
+        }
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+        let _ = std::fs::remove_dir_all(&self.profile);
+    }
+}
+
+/// An HTTP/1.0 request with a JSON body (none for `null`): status code and body.
+fn http_json(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &serde_json::Value,
+) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to chromedriver");
+    s.set_read_timeout(Some(Duration::from_secs(120)))
+        .expect("timeout");
+    let body = if body.is_null() {
+        String::new()
+    } else {
+        body.to_string()
+    };
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send request");
+    // Read until the response is whole: ChromeDriver keeps the connection open.
+    let mut response = Vec::new();
+    let mut buf = [0u8; 64 * 1024];
+    loop {
+        let n = s.read(&mut buf).expect("read response");
+        response.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&response);
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let status = head
+                .split_whitespace()
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .expect("a status code");
+            let header = |name: &str| {
+                head.lines().find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.trim()
+                        .eq_ignore_ascii_case(name)
+                        .then(|| v.trim().to_owned())
+                })
+            };
+            if let Some(len) = header("content-length").and_then(|l| l.parse::<usize>().ok()) {
+                if body.len() >= len {
+                    return (status, body[..len].to_owned());
+                }
+            } else if header("transfer-encoding").is_some_and(|e| e.eq_ignore_ascii_case("chunked"))
+            {
+                if body.ends_with("0\r\n\r\n") {
+                    return (status, dechunk(body));
+                }
+            } else if n == 0 {
+                return (status, body.to_owned());
+            }
+        }
+        assert!(n > 0, "chromedriver closed the connection mid-response");
+    }
+}
+
+/// The body of a chunked HTTP response.
+fn dechunk(mut rest: &str) -> String {
+    let mut body = String::new();
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let size = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16)
+            .expect("a chunk size");
+        if size == 0 || after.len() < size {
+            break;
+        }
+        body.push_str(&after[..size]);
+        rest = after[size..].trim_start_matches("\r\n");
+    }
+    body
+}
+
+/// What the status page shows, read in the browser: its tables' cells as text (a chart cell
+/// as `chart:<points drawn>:<latest value>`), where its parts are on the screen, and the
+/// facts.
+const READ_PAGE: &str = r#"
+const rows = id => Array.from(document.querySelectorAll('#' + id + ' tr'))
+  .filter(tr => tr.querySelector('td'))
+  .map(tr => Array.from(tr.querySelectorAll('td')).map(td => {
+    const line = td.querySelector('polyline');
+    if (!line) return td.textContent;
+    const points = line.getAttribute('points').trim().split(/\s+/).filter(Boolean).length;
+    return 'chart:' + points + ':' + td.querySelector('.value').textContent;
+  }));
+const rect = id => {
+  const e = document.getElementById(id);
+  if (!e) return null;
+  const r = e.getBoundingClientRect();
+  return { top: r.top, bottom: r.bottom, right: r.right };
+};
+const facts = {};
+document.querySelectorAll('#facts div').forEach(d => {
+  facts[d.querySelector('dt').textContent] = d.querySelector('dd').textContent;
+});
+return {
+  viewport: [window.innerWidth, window.innerHeight],
+  width: document.documentElement.scrollWidth,
+  scripts: document.scripts.length,
+  app: document.getElementById('app').textContent,
+  status: document.getElementById('status').textContent,
+  facts,
+  agents: rows('agents'), partitions: rows('partitions'), tables: rows('tables'),
+  errors: rows('errors'),
+  lastError: (document.getElementById('last-error') || {}).textContent || null,
+  at: { agents: rect('agents'), partitions: rect('partitions'), tables: rect('tables'),
+        errors: rect('errors') },
+};
+"#;
+
+/// The width and height of a PNG, from its header.
+fn png_size(png: &[u8]) -> (u64, u64) {
+    assert!(
+        png.len() > 24 && png.starts_with(b"\x89PNG\r\n\x1a\n") && &png[12..16] == b"IHDR",
+        "not a PNG"
+    );
+    let be = |b: &[u8]| u64::from(u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+    (be(&png[16..20]), be(&png[20..24]))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_status_page_in_chromium_shows_the_agents_partitions_and_tables() {
+async fn the_status_page_in_chromium_fits_one_screen_with_charts_partitions_tables_and_errors() {
     let id = "ops-status";
     let app = app(id);
     let orders = app.topic("orders").value_type::<Reading>().partitions(3);
     let tallies = app.topic("tallies").value_type::<u32>();
+    let words = app.topic("words").value_type::<String>().partitions(2);
+    let readings = app.topic("readings").value_type::<Reading>().partitions(1);
     let totals = app.table::<String, i64>("totals");
     let t = totals.clone();
     app.agent(move |mut stream: Stream<Reading>| {
@@ -434,6 +668,25 @@ async fn the_status_page_in_chromium_shows_the_agents_partitions_and_tables() {
         .named("audit<script>&co")
         .concurrency(3)
         .channel(&tallies);
+    // Reads each word twice (from `words`, then from its repartition topic): counted once.
+    app.agent(|stream: Stream<String>| async move {
+        let mut words = stream.group_by(GroupBy::new("word", |w: &String| w.clone()));
+        while words.next().await.is_some() {}
+    })
+    .named("count_words")
+    .channel(&words);
+    // Fails on 13; sends bad input to its dead-letter topic.
+    app.agent(|mut stream: Stream<Reading>| async move {
+        while let Some(r) = stream.next().await {
+            if r.n == 13 {
+                return Err(format!("unlucky {}", r.n));
+            }
+        }
+        Ok(())
+    })
+    .named("checked")
+    .dead_letter(true)
+    .channel(&readings);
 
     let worker = within(WAIT, "the worker to start", app.start())
         .await
@@ -441,42 +694,243 @@ async fn the_status_page_in_chromium_shows_the_agents_partitions_and_tables() {
     for n in 1..=6 {
         orders.send(Reading { n }).await.expect("send");
     }
-    wait_committed(&app, "orders").await;
-    wait_committed(&app, "tallies").await;
+    for w in ["a", "b", "a", "c"] {
+        words.send(w.to_owned()).await.expect("send");
+    }
+    readings
+        .send_raw(None, Some(bytes::Bytes::from_static(b"{not json")), Some(0))
+        .await
+        .expect("send bad input");
+    for n in [12, 13, 14] {
+        readings.send(Reading { n }).await.expect("send");
+    }
+    for topic in ["orders", "tallies", "readings"] {
+        wait_committed(&app, topic).await;
+    }
+    let counted = &worker;
+    eventually(
+        "the dead letter and the agent error to be counted",
+        move || async move {
+            let counts = (
+                counted.dead_letters("checked"),
+                counted.agent_errors("checked"),
+            );
+            if counts == (1, 1) {
+                Ok(())
+            } else {
+                Err(format!("dead letters, errors: {counts:?}"))
+            }
+        },
+    )
+    .await;
 
-    let dom = chromium_dom(&format!("http://{}/", web_addr(&worker))).await;
-    assert!(dom.contains(id), "the app id: {dom}");
-    assert!(
-        !dom.contains("<script>"),
-        "names are escaped, not markup: {dom}"
-    );
-    let agents = table_rows(&dom, "agents");
+    let browser = Browser::start().await;
+    let url = format!("http://{}/", web_addr(&worker));
+    // The charts fill once a second: wait for a few samples after the events.
+    let (b, u) = (&browser, &url);
+    let page = eventually(
+        "the charts to have three samples with every event in",
+        move || async move {
+            b.open(u).await;
+            let browser = b;
+            let page = browser.run(READ_PAGE).await;
+            let drawn = |cell: &serde_json::Value| {
+                cell.as_str()
+                    .and_then(|c| c.strip_prefix("chart:"))
+                    .and_then(|c| c.split(':').next())
+                    .and_then(|n| n.parse::<u32>().ok())
+                    .unwrap_or(0)
+            };
+            let agents = page["agents"].as_array().cloned().unwrap_or_default();
+            let lagging = page["partitions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|r| r[3] != "0");
+            if agents.len() == 4
+                && agents
+                    .iter()
+                    .all(|r| drawn(&r[6]) >= 3 && drawn(&r[7]) >= 3)
+                && !lagging
+            {
+                Ok(page)
+            } else {
+                Err(page)
+            }
+        },
+    )
+    .await;
+    let cells = |name: &str| -> Vec<String> {
+        page[name]
+            .as_array()
+            .unwrap_or_else(|| panic!("no table {name}: {page}"))
+            .iter()
+            .map(|r| {
+                r.as_array()
+                    .expect("a row")
+                    .iter()
+                    .map(|c| c.as_str().unwrap_or_default().to_owned())
+                    .collect::<Vec<_>>()
+                    .join(" | ")
+            })
+            .collect()
+    };
+
+    assert_eq!(page["app"], id);
+    assert_eq!(page["status"], "running");
+    assert_eq!(page["scripts"], 0, "names are text, not markup: {page}");
+    let facts = &page["facts"];
+    for fact in [
+        "uptime",
+        "last commit",
+        "events/s",
+        "partitions",
+        "transport",
+        "processing guarantee",
+    ] {
+        assert!(facts[fact].is_string(), "fact {fact:?} missing: {facts}");
+    }
+    assert_ne!(facts["last commit"], "none yet", "{facts}");
+    assert_eq!(facts["transport"], "memory");
+
+    // Agents: what each was handed from its source, its errors, and two charts. A chart cell
+    // reads `chart:<points>:<latest value>`; the sources are idle by now, so the latest rate
+    // and lag are 0.
+    let agents: Vec<Vec<String>> = cells("agents")
+        .iter()
+        .map(|r| {
+            r.split(" | ")
+                .map(|c| match c.strip_prefix("chart:") {
+                    Some(chart) => {
+                        format!("chart latest {}", chart.split(':').nth(1).unwrap_or(""))
+                    }
+                    None => c.to_owned(),
+                })
+                .collect()
+        })
+        .collect();
     assert_eq!(
         agents,
         vec![
-            vec!["tally", "orders", "1", "topic tallies", "6"],
-            vec!["audit&lt;script&gt;&amp;co", "tallies", "3", "-", "6"],
+            vec![
+                "tally",
+                "orders",
+                "1",
+                "topic tallies",
+                "6",
+                "0",
+                "chart latest 0",
+                "chart latest 0"
+            ],
+            vec![
+                "audit<script>&co",
+                "tallies",
+                "3",
+                "-",
+                "6",
+                "0",
+                "chart latest 0",
+                "chart latest 0"
+            ],
+            vec![
+                "count_words",
+                "words",
+                "1",
+                "-",
+                "4",
+                "0",
+                "chart latest 0",
+                "chart latest 0"
+            ],
+            vec![
+                "checked",
+                "readings",
+                "1",
+                "-",
+                "4",
+                "1",
+                "chart latest 0",
+                "chart latest 0"
+            ],
         ],
-        "agent, source, concurrency, sinks, events in"
+        "agent, source, concurrency, sinks, events in (from the source only), errors, charts"
     );
-    let mut partitions = table_rows(&dom, "partitions");
+    // Partitions: one row per topic.
+    let mut partitions = cells("partitions");
     partitions.sort();
-    let mut expected: Vec<Vec<String>> = Vec::new();
-    for topic in ["orders", "tallies"] {
-        let n = if topic == "orders" { 3 } else { 8 };
-        for p in 0..n {
-            expected.push(vec![topic.into(), p.to_string(), "0".into()]);
-        }
-    }
-    expected.sort();
-    assert_eq!(partitions, expected, "topic, partition, lag");
-    let tables = table_rows(&dom, "tables");
-    assert_eq!(tables.len(), 1, "{tables:?}");
+    assert_eq!(partitions.len(), 5, "{partitions:?}");
     assert_eq!(
-        tables[0][..3],
-        ["totals", "ops-status-totals-changelog", "8"]
+        partitions[0], "ops-status-words-word-repartition | 0-1 | 2 | 0 | 0",
+        "{partitions:?}"
     );
-    assert_eq!(tables[0][5], "ready", "{tables:?}");
+    assert_eq!(
+        partitions[1..],
+        [
+            "orders | 0-2 | 3 | 0 | 0",
+            "readings | 0 | 1 | 0 | 0",
+            "tallies | 0-7 | 8 | 0 | 0",
+            "words | 0-1 | 2 | 0 | 0",
+        ],
+        "topic, partitions, count, lag, most lag"
+    );
+    // The key is written in the partition of each event that updated it (as in Faust): one
+    // copy in each of the 3 partitions of `orders`.
+    assert_eq!(
+        cells("tables"),
+        ["totals | ops-status-totals-changelog | 8 | 0-7 | - | 3 | ready"],
+        "table, changelog, partitions, held here, standby, keys, state"
+    );
+    assert_eq!(
+        cells("errors"),
+        [
+            "bad input | readings | 1",
+            "agent error | checked | 1",
+            "dead letter | checked | 1",
+        ],
+        "kind, where, count"
+    );
+    let last = page["lastError"].as_str().unwrap_or_default();
+    assert!(
+        last.contains("checked") && last.contains("unlucky 13") && last.contains("readings[0]@"),
+        "the last error names the agent, the error and where: {last:?}"
+    );
+
+    // One screen of 1280×900 holds it all, tables and errors included, with no sideways
+    // scrolling.
+    assert_eq!(
+        page["viewport"],
+        serde_json::json!([SCREEN.0, SCREEN.1]),
+        "{page}"
+    );
+    assert!(
+        page["width"].as_u64() <= Some(SCREEN.0),
+        "no sideways scrolling: {page}"
+    );
+    for part in ["agents", "partitions", "tables", "errors"] {
+        let bottom = page["at"][part]["bottom"].as_f64().unwrap_or(f64::MAX);
+        assert!(
+            bottom <= SCREEN.1 as f64,
+            "{part} ends below the fold at {bottom}: {page}"
+        );
+    }
+    let console = browser.console().await;
+    assert!(
+        console.is_empty(),
+        "the page logs nothing to the console: {console:?}"
+    );
+    let png = browser.screenshot().await;
+    assert_eq!(
+        png_size(&png),
+        SCREEN,
+        "the screenshot is of the whole screen"
+    );
+    let shot = std::env::var_os("RILL_STATUS_SCREENSHOT")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::env::temp_dir().join(format!("rill-status-{}.png", std::process::id()))
+        });
+    std::fs::write(&shot, &png).expect("the screenshot is written");
+    drop(browser);
 
     within(WAIT, "the worker to stop", worker.shutdown())
         .await

@@ -254,7 +254,16 @@ where
     }
 
     fn report(&self, ctx: &ActorCtx, error: &str, what: &str) {
-        let count = self.rt.stats.agent_error(&self.name);
+        let count = self.rt.stats.agent_error(
+            &self.name,
+            match ctx.current() {
+                Some(m) => format!(
+                    "{what} at {}[{}]@{}: {error}",
+                    m.topic, m.partition, m.offset
+                ),
+                None => format!("{what}: {error}"),
+            },
+        );
         let topic = ctx.current().map(|m| m.topic.clone());
         crate::metrics::agent_error(
             &self.rt.app_id,

@@ -95,6 +95,15 @@ impl Worker {
             .unwrap_or(0)
     }
 
+    /// How many records the agent `agent` wrote to its dead-letter topic (see
+    /// [`Agent::dead_letter`](crate::Agent::dead_letter)).
+    pub fn dead_letters(&self, agent: &str) -> u64 {
+        crate::engine::Stats::read(&self.rt.stats.dead_letters)
+            .get(agent)
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// The address of the worker's web server, if it serves one (see
     /// [`Settings::web_port`](crate::Settings::web_port)).
     pub fn web_addr(&self) -> Option<std::net::SocketAddr> {

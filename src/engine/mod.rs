@@ -35,4 +35,4 @@ pub(crate) mod state;
 pub(crate) use self::core::AppCore;
 pub(crate) use dispatch::Dispatcher;
 pub(crate) use handle::{StateHandle, WorkerRef};
-pub(crate) use runtime::{random_id, Runtime};
+pub(crate) use runtime::{random_id, Runtime, Stats};

@@ -29,10 +29,24 @@ pub(crate) struct Stats {
     pub(crate) decode_errors: Mutex<BTreeMap<String, u64>>,
     pub(crate) agent_errors: Mutex<BTreeMap<String, u64>>,
     pub(crate) table_replayed: Mutex<BTreeMap<String, u64>>,
+    /// Records each agent sent to its dead-letter topic.
+    pub(crate) dead_letters: Mutex<BTreeMap<String, u64>>,
+    /// The last error: when, where, and what.
+    pub(crate) last_error: Mutex<Option<LastError>>,
+}
+
+/// The last error a worker met, for the status page.
+#[derive(Debug, Clone)]
+pub(crate) struct LastError {
+    pub(crate) at: std::time::Instant,
+    /// The agent, or the topic of bad input.
+    pub(crate) source: String,
+    pub(crate) message: String,
 }
 
 impl Stats {
-    pub(crate) fn decode_error(&self, topic: &str) {
+    pub(crate) fn decode_error(&self, topic: &str, message: String) {
+        self.error(format!("bad input in {topic}"), message);
         *self
             .decode_errors
             .lock()
@@ -50,11 +64,35 @@ impl Stats {
             .or_default() += records;
     }
 
-    pub(crate) fn agent_error(&self, agent: &str) -> u64 {
+    pub(crate) fn agent_error(&self, agent: &str, message: String) -> u64 {
+        self.error(format!("agent {agent}"), message);
         let mut m = self.agent_errors.lock().unwrap_or_else(|e| e.into_inner());
         let n = m.entry(agent.to_owned()).or_default();
         *n += 1;
         *n
+    }
+
+    /// Counts a record `agent` wrote to its dead-letter topic.
+    pub(crate) fn dead_lettered(&self, agent: &str) {
+        *self
+            .dead_letters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(agent.to_owned())
+            .or_default() += 1;
+    }
+
+    fn error(&self, source: String, message: String) {
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(LastError {
+            at: std::time::Instant::now(),
+            source,
+            message,
+        });
+    }
+
+    /// A copy of a counter map.
+    pub(crate) fn read(map: &Mutex<BTreeMap<String, u64>>) -> BTreeMap<String, u64> {
+        map.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 

@@ -102,7 +102,13 @@ pub(crate) fn dead_letter_spec(
 pub(crate) async fn reject(ctx: Arc<ActorCtx>, r: Rejected) {
     let rt = &ctx.runtime;
     let m = &r.message;
-    rt.stats.decode_error(&m.topic);
+    rt.stats.decode_error(
+        &m.topic,
+        format!(
+            "cannot read the {} at {}[{}]@{}: {}",
+            r.part, m.topic, m.partition, m.offset, r.error
+        ),
+    );
     crate::metrics::decode_error(&rt.app_id, &m.topic);
     let dead_letter = ctx.dead_letter.as_ref();
     let action = match dead_letter {
@@ -215,7 +221,10 @@ impl DeadLetter {
                 }),
             };
             let e = match sent {
-                Ok(()) => return drop(self.r.acks),
+                Ok(()) => {
+                    rt.stats.dead_lettered(&self.ctx.agent);
+                    return drop(self.r.acks);
+                }
                 Err(e) => e,
             };
             let permanent = matches!(&e, crate::Error::Transport(t) if t.is_permanent());
