@@ -1020,7 +1020,7 @@ async fn on_kafka_the_lag_of_each_partition_comes_from_librdkafkas_statistics() 
     assert_eq!(status, 200, "{body}");
     let (_, page) = get(addr, "/").await;
     assert!(
-        page.contains("<tr><td>ops-jobs</td><td>0</td><td>5</td></tr>"),
+        page.contains("<tr><td>ops-jobs</td><td>0</td><td>1</td><td>5</td><td>5</td></tr>"),
         "the status page shows the lag: {page}"
     );
 

@@ -1370,6 +1370,17 @@ struct HeldBack {
     partitions: Vec<(String, i32)>,
 }
 
+/// Sends an event from a librdkafka callback: waiting for room on the poll thread, without a
+/// wait on a runtime's thread (where a consumer dropped inside async code closes). Whether
+/// it was sent.
+fn send_from_callback(tx: &mpsc::Sender<Polled>, event: Polled) -> bool {
+    if tokio::runtime::Handle::try_current().is_ok() {
+        tx.try_send(event).is_ok()
+    } else {
+        tx.blocking_send(event).is_ok()
+    }
+}
+
 fn partition_list(partitions: &[(String, i32)]) -> TopicPartitionList {
     let mut tpl = TopicPartitionList::new();
     for (topic, partition) in partitions {
@@ -1585,10 +1596,7 @@ fn release_held_back(consumer: &BaseConsumer<GroupCtx>, tx: &mpsc::Sender<Polled
         .iter()
         .map(|(t, p)| TopicPartition::new(t.as_str(), *p as u32))
         .collect();
-    if tx
-        .blocking_send(Polled::Event(ConsumerEvent::Assigned(assigned)))
-        .is_err()
-    {
+    if !send_from_callback(tx, Polled::Event(ConsumerEvent::Assigned(assigned))) {
         return;
     }
     let tpl = partition_list(&partitions);
@@ -1702,7 +1710,13 @@ impl GroupCtx {
         } else {
             Polled::Revoking(revoked, tx)
         };
-        if self.events.blocking_send(event).is_ok() && rx.recv_timeout(self.revoke_timeout).is_err()
+        // Dropped on a runtime's thread (a worker dropped without a shutdown), the consumer
+        // closes there: nothing may block it, so the worker is told without a wait.
+        let in_runtime = tokio::runtime::Handle::try_current().is_ok();
+        if in_runtime {
+            let _ = self.events.try_send(event);
+        } else if self.events.blocking_send(event).is_ok()
+            && rx.recv_timeout(self.revoke_timeout).is_err()
         {
             tracing::warn!(
                 "revoked partitions were not committed within {:?}",
@@ -1746,16 +1760,18 @@ impl ConsumerContext for GroupCtx {
                 // An empty assignment (more members than partitions) is said too: the worker
                 // is then settled, with nothing to do.
                 if !assigned.is_empty() || list.count() == 0 {
-                    let _ = self
-                        .events
-                        .blocking_send(Polled::Event(ConsumerEvent::Assigned(assigned)));
+                    send_from_callback(
+                        &self.events,
+                        Polled::Event(ConsumerEvent::Assigned(assigned)),
+                    );
                 }
             }
             Rebalance::Error(e) => {
                 self.drop_held_back(consumer);
-                let _ = self
-                    .events
-                    .blocking_send(Polled::Error(err(format!("rebalance failed: {e}"))));
+                send_from_callback(
+                    &self.events,
+                    Polled::Error(err(format!("rebalance failed: {e}"))),
+                );
             }
             Rebalance::Revoke(_) => self.drop_held_back(consumer),
         }
