@@ -93,7 +93,7 @@ mod cli;
 #[doc(inline)]
 pub use agent::{
     marker, Agent, AgentAsk, AgentFn, AgentSend, AsyncIterable, IntoSink, IntoValues, Offered,
-    ReplyTo, Sink, Source, WithState,
+    ReplyTo, Sink, Source, TryAsyncIterable, TryYields, WithState,
 };
 #[doc(inline)]
 pub use app::App;
@@ -119,6 +119,12 @@ pub use topic::{Topic, TopicNames, TopicSend};
 /// Write an agent body that yields values: `stream! { ... yield value; }` (from
 /// `async-stream`).
 pub use async_stream::stream;
+/// What the crate's macros use; not public API.
+#[doc(hidden)]
+pub mod __private {
+    pub use async_stream;
+}
+
 /// Byte buffers used for raw keys and values.
 pub use bytes::Bytes;
 /// Argument parsing for commands (`#[derive(clap::Args)]`).
@@ -128,8 +134,8 @@ pub use clap;
 pub mod prelude {
     pub use crate::codec::{Json, Raw, Utf8};
     pub use crate::{
-        field, stream, Agent, App, AsyncIterable, Bytes, Channel, Event, GroupBy, NoArgs, Settings,
-        Stream, Table, TableReader, Topic,
+        field, stream, try_stream, Agent, App, AsyncIterable, Bytes, Channel, Event, GroupBy,
+        NoArgs, Settings, Stream, Table, TableReader, Topic, TryAsyncIterable,
     };
     pub use futures::StreamExt;
     pub use serde::{Deserialize, Serialize};
