@@ -30,7 +30,7 @@ fn adding(mut stream: Stream<Add>) -> impl AsyncIterable<i64> {
 }
 
 /// Send an Add request to the adding agent and print the reply.
-#[derive(Debug, rill::clap::Args)]
+#[derive(Debug, clap::Args)]
 struct SendValue {
     /// First number to add
     a: i64,

@@ -38,7 +38,7 @@ async fn another_agent(mut stream: Stream<i64>) {
 }
 
 /// Cast to the adder, ask it, and send to it with the reply going to another agent.
-#[derive(Debug, rill::clap::Args)]
+#[derive(Debug, clap::Args)]
 struct NoArgs {}
 
 fn main() {

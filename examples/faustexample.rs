@@ -30,7 +30,7 @@ async fn myagent(mut stream: Stream<serde_json::Value>) {
 }
 
 /// Send events to myagent and wait until it has processed them.
-#[derive(Debug, rill::clap::Args)]
+#[derive(Debug, clap::Args)]
 struct SendEvents {
     /// How many events to send
     #[arg(long, default_value_t = 3)]

@@ -59,7 +59,7 @@ fn received() -> std::sync::MutexGuard<'static, Vec<(String, u32)>> {
 }
 
 /// Send transfers for a few accounts and show where each reaches the agent.
-#[derive(Debug, rill::clap::Args)]
+#[derive(Debug, clap::Args)]
 struct NoArgs {}
 
 fn main() {

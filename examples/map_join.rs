@@ -25,7 +25,7 @@ fn pow2(mut stream: Stream<i64>) -> impl AsyncIterable<i64> {
 }
 
 /// Stream values through pow2 with map, kvmap, join and kvjoin.
-#[derive(Debug, rill::clap::Args)]
+#[derive(Debug, clap::Args)]
 struct NoArgs {}
 
 fn main() {

@@ -65,7 +65,7 @@ fn db() -> std::sync::MutexGuard<'static, Vec<Response>> {
 }
 
 /// Publish articles to the news topic and wait until they are all stored.
-#[derive(Debug, rill::clap::Args)]
+#[derive(Debug, clap::Args)]
 struct PublishArticles {
     /// How many articles to publish
     #[arg(long, default_value_t = 50)]

@@ -93,7 +93,7 @@ fn agent_a(mut stream: Stream<String>) -> impl AsyncIterable<String> {
 }
 
 /// Send a few values to each agent and show every sink receiving them.
-#[derive(Debug, rill::clap::Args)]
+#[derive(Debug, clap::Args)]
 struct NoArgs {}
 
 fn main() {

@@ -42,7 +42,7 @@ fn adding_events(stream: Stream<Add>) -> impl AsyncIterable<String> {
 }
 
 /// Send an Add request to the adding agent and print the reply.
-#[derive(Debug, rill::clap::Args)]
+#[derive(Debug, clap::Args)]
 struct SendValue {
     /// First number to add
     #[arg(allow_negative_numbers = true)]

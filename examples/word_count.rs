@@ -38,7 +38,7 @@ async fn count_words(words: Stream<String>, word_counts: Table<String, i64>) {
 }
 
 /// Send sentences; with `--print`, wait until their words are counted and print the counts.
-#[derive(Debug, rill::clap::Args)]
+#[derive(Debug, clap::Args)]
 struct Count {
     /// The sentences.
     sentences: Vec<String>,

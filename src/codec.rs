@@ -3,12 +3,146 @@
 //! Every topic has a key codec and a value codec. [`Json`] is the default; [`Raw`] passes bytes
 //! through and [`Utf8`] reads and writes UTF-8 text. Implement [`Codec`] for anything else
 //! (Avro, protobuf, compressed JSON, ...).
+//!
+//! Codecs can also be named by string, as Faust's serializers are (`key_serializer='json'`):
+//! see [`by_name`] and [`SERIALIZERS`], [`Topic::key_serializer`](crate::Topic::key_serializer)
+//! and the app-wide [`Settings::key_serializer`](crate::Settings::key_serializer).
 
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use std::any::Any;
 use std::fmt;
 use std::marker::PhantomData;
+use std::sync::Arc;
+
+/// The names of the serializers [`by_name`] knows: `json` ([`Json`], any serde type), `raw`
+/// (the bytes as they are: [`Raw`] for [`Bytes`], the text's UTF-8 bytes for `String`) and
+/// `utf-8` ([`Utf8`], for `String`).
+pub const SERIALIZERS: &[&str] = &["json", "raw", "utf-8"];
+
+/// Why a serializer named by string cannot be used.
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SerializerError {
+    /// No serializer has this name.
+    #[error("unknown serializer {name:?}: the known serializers are {}", SERIALIZERS.join(", "))]
+    Unknown {
+        /// The name asked for.
+        name: String,
+    },
+    /// The serializer exists but cannot carry this type.
+    #[error("serializer {name:?} cannot carry values of type {type_name}: it takes {takes}")]
+    WrongType {
+        /// The serializer's name.
+        name: &'static str,
+        /// The type it was asked to carry.
+        type_name: &'static str,
+        /// The types it can carry.
+        takes: &'static str,
+    },
+}
+
+/// The codec of the serializer named `name` (one of [`SERIALIZERS`]) for values of type `T`.
+///
+/// ```
+/// use rill::codec::{by_name, SerializerError};
+/// use rill::Bytes;
+///
+/// let json = by_name::<Vec<u32>>("json").unwrap();
+/// assert_eq!(&json.encode(&vec![1, 2]).unwrap()[..], b"[1,2]");
+/// let raw = by_name::<Bytes>("raw").unwrap();
+/// assert_eq!(&raw.encode(&Bytes::from_static(b"\x01")).unwrap()[..], b"\x01");
+/// let err = by_name::<u32>("yaml").unwrap_err();
+/// assert!(matches!(err, SerializerError::Unknown { .. }));
+/// assert_eq!(err.to_string(), "unknown serializer \"yaml\": the known serializers are json, raw, utf-8");
+/// ```
+pub fn by_name<T>(name: &str) -> Result<Arc<dyn Codec<T>>, SerializerError>
+where
+    T: Serialize + DeserializeOwned + 'static,
+{
+    let wrong = |name: &'static str, takes: &'static str| SerializerError::WrongType {
+        name,
+        type_name: std::any::type_name::<T>(),
+        takes,
+    };
+    match name {
+        "json" => Ok(Arc::new(Json::<T>::new())),
+        "raw" => {
+            let bytes: Arc<dyn Codec<Bytes>> = Arc::new(Raw);
+            let text: Arc<dyn Codec<String>> = Arc::new(RawText);
+            downcast::<T, _>(bytes)
+                .or_else(|| downcast::<T, _>(text))
+                .ok_or_else(|| wrong("raw", "Bytes or String"))
+        }
+        "utf-8" => {
+            let text: Arc<dyn Codec<String>> = Arc::new(Utf8);
+            downcast::<T, _>(text).ok_or_else(|| wrong("utf-8", "String"))
+        }
+        other => Err(SerializerError::Unknown {
+            name: other.to_owned(),
+        }),
+    }
+}
+
+/// The codec rill uses for `T` when no serializer is named: [`Raw`] for [`Bytes`], [`Json`]
+/// for everything else.
+pub(crate) fn default_for<T>() -> Arc<dyn Codec<T>>
+where
+    T: Serialize + DeserializeOwned + 'static,
+{
+    let bytes: Arc<dyn Codec<Bytes>> = Arc::new(Raw);
+    downcast::<T, _>(bytes).unwrap_or_else(|| Arc::new(Json::<T>::new()))
+}
+
+/// `codec` as a codec of `T`, if `T` is the type it carries.
+fn downcast<T: 'static, C: Any>(codec: C) -> Option<Arc<dyn Codec<T>>> {
+    let any: Box<dyn Any> = Box::new(codec);
+    any.downcast::<Arc<dyn Codec<T>>>().ok().map(|b| *b)
+}
+
+/// Text as its UTF-8 bytes, named `raw`: the `raw` serializer for `String`.
+#[derive(Debug, Clone, Copy)]
+struct RawText;
+
+impl Codec<String> for RawText {
+    fn name(&self) -> &'static str {
+        "raw"
+    }
+
+    fn encode(&self, value: &String) -> Result<Bytes, CodecError> {
+        Ok(Bytes::copy_from_slice(value.as_bytes()))
+    }
+
+    fn decode(&self, bytes: &[u8]) -> Result<String, CodecError> {
+        std::str::from_utf8(bytes)
+            .map(str::to_owned)
+            .map_err(|e| CodecError::new("raw", e))
+    }
+}
+
+/// Stands in for a serializer that cannot be used (its error says why): every encode and
+/// decode fails with that error.
+pub(crate) struct Unusable {
+    pub(crate) error: SerializerError,
+}
+
+impl<T> Codec<T> for Unusable {
+    fn name(&self) -> &'static str {
+        match &self.error {
+            SerializerError::WrongType { name, .. } => name,
+            SerializerError::Unknown { .. } => "unknown",
+        }
+    }
+
+    fn encode(&self, _: &T) -> Result<Bytes, CodecError> {
+        Err(CodecError::new(Codec::<T>::name(self), &self.error))
+    }
+
+    fn decode(&self, _: &[u8]) -> Result<T, CodecError> {
+        Err(CodecError::new(Codec::<T>::name(self), &self.error))
+    }
+}
 
 /// Why a codec could not encode or decode a payload.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +179,12 @@ pub trait Codec<T>: Send + Sync + 'static {
     /// encodes that, so `--key word` becomes `"word"` and `--key 42` stays `42`.
     fn encode_text(&self, text: &str) -> Result<Bytes, CodecError> {
         Ok(Bytes::copy_from_slice(text.as_bytes()))
+    }
+}
+
+impl<T: 'static> fmt::Debug for dyn Codec<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Codec").field(&self.name()).finish()
     }
 }
 
@@ -177,6 +317,28 @@ mod tests {
         let err = Json::<u64>::new().encode_text("forty-two").unwrap_err();
         assert!(err.message.contains("forty-two"), "{err}");
         assert_eq!(&Raw.encode_text("k1").unwrap()[..], b"k1");
+    }
+
+    #[test]
+    fn serializers_by_name_carry_their_types() {
+        assert_eq!(by_name::<u32>("json").unwrap().name(), "json");
+        assert_eq!(by_name::<Bytes>("json").unwrap().name(), "json");
+        assert_eq!(by_name::<Bytes>("raw").unwrap().name(), "raw");
+        let raw_text = by_name::<String>("raw").unwrap();
+        assert_eq!(
+            &raw_text.encode(&"hé".to_owned()).unwrap()[..],
+            "hé".as_bytes()
+        );
+        assert_eq!(by_name::<String>("utf-8").unwrap().name(), "utf-8");
+        let err = by_name::<u32>("raw").unwrap_err().to_string();
+        assert!(err.contains("\"raw\"") && err.contains("u32"), "{err}");
+        let err = by_name::<u32>("pickle").unwrap_err().to_string();
+        assert!(
+            err.contains("\"pickle\"") && err.contains("json, raw, utf-8"),
+            "{err}"
+        );
+        assert_eq!(default_for::<Bytes>().name(), "raw");
+        assert_eq!(default_for::<String>().name(), "json");
     }
 
     #[test]

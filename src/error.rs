@@ -1,6 +1,6 @@
 //! The crate's error type.
 
-use crate::codec::CodecError;
+use crate::codec::{CodecError, SerializerError};
 use std::time::Duration;
 
 /// A boxed error from user code (agent bodies, sinks, commands).
@@ -95,6 +95,16 @@ pub enum Error {
         command: String,
         /// What the command returned.
         source: BoxError,
+    },
+    /// A serializer named by string (a topic's, or the app's default) is unknown or cannot
+    /// carry the type it is given (reported when the worker starts).
+    #[error("{what}: {source}")]
+    Serializer {
+        /// Whose serializer: e.g. `the value serializer of topic "orders"` or
+        /// `Settings::key_serializer`.
+        what: String,
+        /// What is wrong with it.
+        source: SerializerError,
     },
     /// A crontab's expression or time zone is invalid (reported when the worker starts).
     #[error("invalid crontab {expression:?}: {message}")]

@@ -93,7 +93,7 @@ mod cli;
 #[doc(inline)]
 pub use agent::{
     marker, Agent, AgentAsk, AgentFn, AgentSend, AsyncIterable, IntoSink, IntoValues, Offered,
-    ReplyTo, Sink, Source, WithState,
+    ReplyTo, Sink, Source, TryAsyncIterable, TryYields, WithState,
 };
 #[doc(inline)]
 pub use app::App;
@@ -119,17 +119,48 @@ pub use topic::{Topic, TopicNames, TopicSend};
 /// Write an agent body that yields values: `stream! { ... yield value; }` (from
 /// `async-stream`).
 pub use async_stream::stream;
+/// What the crate's macros use; not public API.
+#[doc(hidden)]
+pub mod __private {
+    pub use async_stream;
+}
+
 /// Byte buffers used for raw keys and values.
 pub use bytes::Bytes;
-/// Argument parsing for commands (`#[derive(clap::Args)]`).
+/// Argument parsing for commands: the arguments of [`App::command`] are a `clap::Args`
+/// struct. The prelude brings `clap` into scope, so `#[derive(clap::Args)]` works in a crate
+/// that does not depend on clap itself (the derive's code names `clap::...`); without the
+/// prelude, `use rill::clap;` does the same.
+///
+/// ```
+/// use rill::prelude::*;
+///
+/// #[derive(clap::Args)]
+/// struct SendValue {
+///     /// First number to add
+///     a: i64,
+///     #[arg(long)]
+///     print: bool,
+/// }
+///
+/// let app = App::new("command-doc");
+/// app.command("send_value", |SendValue { a, print }| async move {
+///     if print {
+///         println!("{a}");
+///     }
+///     Ok::<_, rill::Error>(())
+/// });
+/// ```
 pub use clap;
 
 /// The names almost every app uses.
 pub mod prelude {
+    /// `clap`, for `#[derive(clap::Args)]` on the arguments of a command.
+    pub use crate::clap;
     pub use crate::codec::{Json, Raw, Utf8};
     pub use crate::{
-        field, stream, Agent, App, AsyncIterable, Bytes, Channel, Event, GroupBy, NoArgs, Settings,
-        Stream, Table, TableReader, Topic,
+        field, stream, try_stream, Agent, App, AsyncIterable, Bytes, Channel, Event, GroupBy,
+        NoArgs, Settings, Stream, Table, TableReader, Topic, TryAsyncIterable,
     };
     pub use futures::StreamExt;
     pub use serde::{Deserialize, Serialize};

@@ -166,6 +166,18 @@ pub struct Settings {
     /// e.g. `("security.protocol", "SASL_SSL")`. `RILL_KAFKA_*` environment variables add to
     /// them (`RILL_KAFKA_SASL_PASSWORD` sets `sasl.password`). Values are never logged.
     pub kafka: BTreeMap<String, String>,
+    /// The serializer of the keys of the app's topics, by name (Faust's `key_serializer`): one
+    /// of [`SERIALIZERS`](crate::codec::SERIALIZERS) (`json`, `raw`, `utf-8`). A topic's own
+    /// [`key_serializer`](crate::Topic::key_serializer) or
+    /// [`key_codec`](crate::Topic::key_codec) overrides it. `None` (the default): raw bytes
+    /// for untyped keys ([`Bytes`](crate::Bytes)), JSON for typed ones. Read when a topic is
+    /// declared (set it in [`App::with_settings`](crate::App::with_settings), or with
+    /// `configure` before declaring topics); an unknown name fails `App::start`.
+    pub key_serializer: Option<String>,
+    /// The serializer of the values of the app's topics, by name (Faust's
+    /// `value_serializer`), as [`key_serializer`](Settings::key_serializer) is for keys.
+    /// `None` (the default): JSON, or raw bytes for [`Bytes`](crate::Bytes) values.
+    pub value_serializer: Option<String>,
     /// The wall-clock time at the moment the worker starts, for crontabs on virtual time:
     /// with `Some(t)`, crontabs take "now" to be `t` plus the tokio time elapsed since the
     /// worker started, so under a paused tokio clock (`#[tokio::test(start_paused = true)]`)
@@ -194,6 +206,8 @@ impl Default for Settings {
             web_bind: "127.0.0.1".to_owned(),
             web_host: None,
             kafka: BTreeMap::new(),
+            key_serializer: None,
+            value_serializer: None,
             clock_start: None,
         }
     }

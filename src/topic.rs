@@ -1,6 +1,6 @@
 //! Topics: named, partitioned logs with a key and a value type.
 
-use crate::codec::{Codec, Json, Raw};
+use crate::codec::{Codec, SerializerError};
 use crate::engine::AppCore;
 use crate::error::Result;
 use crate::transport::{Headers, RecordPosition, TopicSpec};
@@ -20,6 +20,14 @@ use std::sync::Arc;
 /// JSON (`serde_json::Value`); [`key_type`](Topic::key_type) and
 /// [`value_type`](Topic::value_type) make them typed.
 ///
+/// Keys and values are encoded by the serializer named for the topic
+/// ([`key_serializer`](Topic::key_serializer), [`value_serializer`](Topic::value_serializer),
+/// as Faust's `app.topic(..., key_serializer='json')`), else by the app's
+/// ([`Settings::key_serializer`](crate::Settings::key_serializer),
+/// [`Settings::value_serializer`](crate::Settings::value_serializer)), else by the default
+/// (raw bytes for [`Bytes`], JSON for other types). [`key_codec`](Topic::key_codec) and
+/// [`value_codec`](Topic::value_codec) set a codec outright.
+///
 /// ```
 /// # use rill::prelude::*;
 /// #[derive(Serialize, Deserialize)]
@@ -35,6 +43,12 @@ pub struct Topic<K = Bytes, V = serde_json::Value> {
     partitions: Option<u32>,
     pub(crate) key_codec: Arc<dyn Codec<K>>,
     pub(crate) value_codec: Arc<dyn Codec<V>>,
+    /// The serializers named for this topic (`key_serializer`, `value_serializer`).
+    key_serializer: Option<Arc<str>>,
+    value_serializer: Option<Arc<str>>,
+    /// Why the key or value serializer cannot be used with the topic's types, if it cannot.
+    key_problem: Option<SerializerError>,
+    value_problem: Option<SerializerError>,
 }
 
 impl<K, V> Clone for Topic<K, V> {
@@ -45,6 +59,68 @@ impl<K, V> Clone for Topic<K, V> {
             partitions: self.partitions,
             key_codec: self.key_codec.clone(),
             value_codec: self.value_codec.clone(),
+            key_serializer: self.key_serializer.clone(),
+            value_serializer: self.value_serializer.clone(),
+            key_problem: self.key_problem.clone(),
+            value_problem: self.value_problem.clone(),
+        }
+    }
+}
+
+/// Keys or values.
+#[derive(Clone, Copy)]
+enum Side {
+    Key,
+    Value,
+}
+
+impl Side {
+    fn as_str(self) -> &'static str {
+        match self {
+            Side::Key => "key",
+            Side::Value => "value",
+        }
+    }
+}
+
+/// The codec of the serializer `named` for the topic (else the app's, else the default) for
+/// `T`; if it cannot be used, a codec that fails, and why. An unknown name is also recorded
+/// in `core`, so the worker refuses to start.
+fn resolve<T>(
+    core: &AppCore,
+    topic: &str,
+    side: Side,
+    named: Option<&str>,
+) -> (Arc<dyn Codec<T>>, Option<SerializerError>)
+where
+    T: Serialize + DeserializeOwned + 'static,
+{
+    let settings = core.settings();
+    let name = named.map(str::to_owned).or(match side {
+        Side::Key => settings.key_serializer,
+        Side::Value => settings.value_serializer,
+    });
+    let Some(name) = name else {
+        return (crate::codec::default_for::<T>(), None);
+    };
+    match crate::codec::by_name::<T>(&name) {
+        Ok(codec) => (codec, None),
+        Err(error) => {
+            if let SerializerError::Unknown { .. } = error {
+                let whose = if named.is_some() {
+                    ""
+                } else {
+                    " (the app's default)"
+                };
+                core.unknown_serializer(
+                    format!("the {} serializer of topic {topic:?}{whose}", side.as_str()),
+                    error.clone(),
+                );
+            }
+            let codec = Arc::new(crate::codec::Unusable {
+                error: error.clone(),
+            });
+            (codec, Some(error))
         }
     }
 }
@@ -95,12 +171,18 @@ impl Topic<Bytes, serde_json::Value> {
         for n in &names {
             core.declare(n, None);
         }
+        let (key_codec, key_problem) = resolve(&core, &names[0], Side::Key, None);
+        let (value_codec, value_problem) = resolve(&core, &names[0], Side::Value, None);
         Self {
             core,
             names: names.into(),
             partitions: None,
-            key_codec: Arc::new(Raw),
-            value_codec: Arc::new(Json::new()),
+            key_codec,
+            value_codec,
+            key_serializer: None,
+            value_serializer: None,
+            key_problem,
+            value_problem,
         }
     }
 }
@@ -131,41 +213,142 @@ impl<K: 'static, V: 'static> Topic<K, V> {
         self
     }
 
-    /// Values are `V2`, encoded as JSON.
+    /// Values are `V2`, encoded by the topic's value serializer (by default JSON; raw for
+    /// [`Bytes`]).
     pub fn value_type<V2>(self) -> Topic<K, V2>
     where
         V2: Serialize + DeserializeOwned + 'static,
     {
-        self.value_codec(Json::<V2>::new())
+        let (codec, problem) = resolve::<V2>(
+            &self.core,
+            self.name(),
+            Side::Value,
+            self.value_serializer.as_deref(),
+        );
+        let mut topic = self.value_codec_arc(codec);
+        topic.value_problem = problem;
+        topic
     }
 
-    /// Keys are `K2`, encoded as JSON.
+    /// Keys are `K2`, encoded by the topic's key serializer (by default JSON; raw for
+    /// [`Bytes`]).
     pub fn key_type<K2>(self) -> Topic<K2, V>
     where
         K2: Serialize + DeserializeOwned + 'static,
     {
-        self.key_codec(Json::<K2>::new())
+        let (codec, problem) = resolve::<K2>(
+            &self.core,
+            self.name(),
+            Side::Key,
+            self.key_serializer.as_deref(),
+        );
+        let mut topic = self.key_codec_arc(codec);
+        topic.key_problem = problem;
+        topic
+    }
+
+    /// Encodes values with the serializer named `name` (Faust's
+    /// `app.topic(..., value_serializer='raw')`): `json`, `raw` or `utf-8` (see
+    /// [`SERIALIZERS`](crate::codec::SERIALIZERS)), for the value type given before or after
+    /// with [`value_type`](Topic::value_type). An unknown name, or one that cannot carry the
+    /// value type (`raw` takes [`Bytes`] or `String`), fails `App::start` with
+    /// [`Error::Serializer`](crate::Error::Serializer) naming the topic, the serializer and
+    /// the known ones.
+    ///
+    /// ```
+    /// # use rill::prelude::*;
+    /// let app = App::new("serializers-doc");
+    /// let raw = app
+    ///     .topic("raw-events")
+    ///     .key_serializer("json")
+    ///     .value_serializer("raw")
+    ///     .key_type::<String>()
+    ///     .value_type::<Bytes>();
+    /// ```
+    pub fn value_serializer(mut self, name: &str) -> Self
+    where
+        V: Serialize + DeserializeOwned + 'static,
+    {
+        self.value_serializer = Some(Arc::from(name));
+        let (codec, problem) = resolve::<V>(&self.core, self.name(), Side::Value, Some(name));
+        self.value_codec = codec;
+        self.value_problem = problem;
+        self
+    }
+
+    /// Encodes keys with the serializer named `name` (Faust's
+    /// `app.topic(..., key_serializer='json')`), as
+    /// [`value_serializer`](Topic::value_serializer) does values.
+    pub fn key_serializer(mut self, name: &str) -> Self
+    where
+        K: Serialize + DeserializeOwned + 'static,
+    {
+        self.key_serializer = Some(Arc::from(name));
+        let (codec, problem) = resolve::<K>(&self.core, self.name(), Side::Key, Some(name));
+        self.key_codec = codec;
+        self.key_problem = problem;
+        self
+    }
+
+    /// An error if the key or value serializer cannot be used with the topic's types.
+    pub(crate) fn check_serializers(&self) -> Result<()> {
+        for (side, problem) in [
+            (Side::Key, &self.key_problem),
+            (Side::Value, &self.value_problem),
+        ] {
+            if let Some(problem) = problem {
+                return Err(crate::Error::Serializer {
+                    what: format!(
+                        "the {} serializer of topic {:?}",
+                        side.as_str(),
+                        self.name()
+                    ),
+                    source: problem.clone(),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Values are `V2`, encoded by `codec` (e.g. [`Utf8`](crate::codec::Utf8)).
     pub fn value_codec<V2>(self, codec: impl Codec<V2>) -> Topic<K, V2> {
+        let mut topic = self.value_codec_arc(Arc::new(codec));
+        topic.value_problem = None;
+        topic
+    }
+
+    /// Keys are `K2`, encoded by `codec`.
+    pub fn key_codec<K2>(self, codec: impl Codec<K2>) -> Topic<K2, V> {
+        let mut topic = self.key_codec_arc(Arc::new(codec));
+        topic.key_problem = None;
+        topic
+    }
+
+    fn value_codec_arc<V2>(self, codec: Arc<dyn Codec<V2>>) -> Topic<K, V2> {
         Topic {
             core: self.core,
             names: self.names,
             partitions: self.partitions,
             key_codec: self.key_codec,
-            value_codec: Arc::new(codec),
+            value_codec: codec,
+            key_serializer: self.key_serializer,
+            value_serializer: self.value_serializer,
+            key_problem: self.key_problem,
+            value_problem: self.value_problem,
         }
     }
 
-    /// Keys are `K2`, encoded by `codec`.
-    pub fn key_codec<K2>(self, codec: impl Codec<K2>) -> Topic<K2, V> {
+    fn key_codec_arc<K2>(self, codec: Arc<dyn Codec<K2>>) -> Topic<K2, V> {
         Topic {
             core: self.core,
             names: self.names,
             partitions: self.partitions,
-            key_codec: Arc::new(codec),
+            key_codec: codec,
             value_codec: self.value_codec,
+            key_serializer: self.key_serializer,
+            value_serializer: self.value_serializer,
+            key_problem: self.key_problem,
+            value_problem: self.value_problem,
         }
     }
 

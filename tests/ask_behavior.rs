@@ -192,6 +192,89 @@ async fn send_with_reply_to_forwards_the_result_to_another_agent_or_topic() -> a
     Ok(())
 }
 
+/// Faust's `ask(value, reply_to=..., correlation_id=...)`: the reply goes through the topic
+/// the caller names, carries the caller's correlation id, and still comes back to the ask.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ask_with_reply_to_and_correlation_id_gets_its_reply_through_that_topic(
+) -> anyhow::Result<()> {
+    let app = App::new("ask-reply-to-topic");
+    app.configure(|s| s.commit_interval = Duration::from_millis(20));
+    let topic = app.topic("adding").value_type::<Add>();
+    let adder = app.agent(adding).channel(&topic);
+    let answers = app.topic("answers").partitions(1).value_type::<i64>();
+    let worker = app.start().await?;
+
+    let reply = adder
+        .ask(Add { a: 20, b: 22 })
+        .reply_to(&answers)
+        .correlation_id("order-17")
+        .timeout(WAIT)
+        .await?;
+    assert_eq!(reply, 42);
+    // A topic named only by its name, that nobody declared: created and read the same way.
+    let reply = adder
+        .ask(Add { a: 1, b: 2 })
+        .reply_to("elsewhere")
+        .timeout(WAIT)
+        .await?;
+    assert_eq!(reply, 3);
+    // Several asks on the same reply topic each get their own reply.
+    let many = futures::future::try_join_all((0..10).map(|i| {
+        adder
+            .ask(Add { a: i, b: 100 })
+            .reply_to(&answers)
+            .correlation_id(format!("many-{i}"))
+            .timeout(WAIT)
+            .into_future()
+    }))
+    .await?;
+    assert_eq!(many, (100..110).collect::<Vec<i64>>());
+
+    // The reply is in the named topic, with the caller's correlation id, for every reader.
+    wait_until_state(
+        WAIT,
+        "the replies are in the answers topic",
+        || app.memory_broker().end_offset("answers", 0),
+        |n| *n >= Some(11),
+    )
+    .await;
+    let first = read_all(&app, "answers")
+        .into_iter()
+        .find(|m| m.value.as_deref() == Some(&b"42"[..]))
+        .expect("the reply to the first ask is in the topic");
+    assert!(
+        first.headers.iter().any(|(_, v)| v.as_ref() == b"order-17"),
+        "the reply carries the caller's correlation id: {:?}",
+        first.headers
+    );
+
+    // Two asks waiting with the same correlation id would be ambiguous: the second is refused.
+    let silent_app = App::new("ask-same-id");
+    let numbers = silent_app.topic("numbers").value_type::<i64>();
+    let quiet = silent_app.agent(silent).channel(&numbers);
+    let silent_worker = silent_app.start().await?;
+    let ask = |n| {
+        quiet
+            .ask(n)
+            .correlation_id("same")
+            .timeout(Duration::from_millis(200))
+            .into_future()
+    };
+    let (a, b) = tokio::join!(ask(1), ask(2));
+    let (refused, timed_out) = match (a, b) {
+        (Err(Error::Config(m)), other) | (other, Err(Error::Config(m))) => (m, other),
+        other => panic!("expected one of the two asks to be refused, got {other:?}"),
+    };
+    assert!(refused.contains("\"same\""), "{refused}");
+    assert!(
+        matches!(timed_out, Err(Error::AskTimeout { .. })),
+        "{timed_out:?}"
+    );
+    silent_worker.shutdown().await?;
+    worker.shutdown().await?;
+    Ok(())
+}
+
 // Virtual time: replies come back in reverse order, so `join` has to put them back.
 #[tokio::test(start_paused = true)]
 async fn map_yields_every_reply_as_it_comes_and_join_restores_input_order() -> anyhow::Result<()> {

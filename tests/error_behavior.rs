@@ -182,6 +182,79 @@ async fn panicking_and_failing_agents_skip_the_bad_event_and_process_the_rest() 
     Ok(())
 }
 
+/// Why `checked_halves` fails an event.
+#[derive(Debug)]
+struct Odd(u64);
+
+impl std::fmt::Display for Odd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} is odd", self.0)
+    }
+}
+
+impl std::error::Error for Odd {}
+
+/// A yielding agent that can fail: `?` in `try_stream!` fails the event with an error.
+fn checked_halves(mut numbers: Stream<u64>) -> impl TryAsyncIterable<u64> {
+    try_stream! {
+        while let Some(n) = numbers.next().await {
+            if n % 2 == 1 {
+                Err(Odd(n))?;
+            }
+            let half: u64 = format!("{}", n / 2).parse()?;
+            yield half;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_yielding_agent_fails_an_event_with_an_error_and_goes_on() -> anyhow::Result<()> {
+    let values: Vec<u64> = (0..EVENTS).collect();
+    preload("errors-try-broker", "numbers", 8, &values).await;
+    let app = App::new("errors-try");
+    app.configure(|s| s.broker = "memory://errors-try-broker".into());
+    let topic = app.topic("numbers").value_type::<u64>();
+    let halves: Recorder<u64> = Recorder::new();
+    let sink = halves.clone();
+    let agent = app
+        .agent(checked_halves)
+        .channel(&topic)
+        .sink(move |v: u64| sink.push(v));
+    let worker = app.start().await?;
+    let name = agent.name();
+    let odd = EVENTS / 2;
+    wait_until_state(
+        WAIT,
+        "every even number halved and every odd one counted as an error",
+        || (halves.len() as u64, worker.agent_errors(&name)),
+        |s| *s == (EVENTS - odd, odd),
+    )
+    .await;
+    // The agent still answers after its failures; a failing request gets no reply.
+    assert_eq!(agent.ask(42).await?, 21);
+    let failed = agent
+        .ask(43)
+        .timeout(std::time::Duration::from_millis(200))
+        .await;
+    assert!(
+        matches!(failed, Err(rill::Error::AskTimeout { .. })),
+        "{failed:?}"
+    );
+    assert_eq!(worker.agent_errors(&name), odd + 1);
+    worker.processed(WAIT).await?;
+    worker.shutdown().await?;
+
+    let mut got = halves.snapshot();
+    got.sort_unstable();
+    let mut want: Vec<u64> = (0..EVENTS).step_by(2).map(|n| n / 2).collect();
+    want.push(21);
+    want.sort_unstable();
+    assert_eq!(got, want, "each even number is halved once");
+    // The failed events are acked: the commit goes past them to the end of every partition.
+    assert_committed_to_end(&app, "numbers");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_event_in_one_partition_does_not_hold_back_its_commit() -> anyhow::Result<()> {
     quiet_deliberate_panics();

@@ -421,6 +421,43 @@ async fn now_and_relative_to_now_read_the_tables_clock() {
     worker.shutdown().await.expect("stop");
 }
 
+/// Faust's `WindowSet.now()` reads the earliest hopping window holding the clock
+/// (`window.earliest(now)`), while `value()` and `at(t)` read the newest (`window.current(t)`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn now_reads_the_earliest_hopping_window_holding_the_clock() {
+    let clock = Arc::new(AtomicI64::new(T0 + 2 * SEC));
+    let c = clock.clone();
+    let v = views_app("win-now-hopping", "memory://", 1, move |t| {
+        t.hopping(Duration::from_secs(10), Duration::from_secs(5), None)
+            .relative_to_now()
+            .clock(move || c.load(Ordering::SeqCst))
+    });
+    let worker = v.app.start().await.expect("start");
+    // At T0+2s: counted in [T0-5s, T0+5s) and [T0, T0+10s).
+    v.send("a", 0).await;
+    v.wait_seen(1).await;
+    // At T0+7s: counted in [T0, T0+10s) and [T0+5s, T0+15s).
+    clock.store(T0 + 7 * SEC, Ordering::SeqCst);
+    v.send("a", 0).await;
+    v.wait_seen(2).await;
+    assert_eq!(
+        snapshot(&v.table),
+        windows(&[("a", T0 - 5 * SEC, 1), ("a", T0, 2), ("a", T0 + 5 * SEC, 1)])
+    );
+    let a = v.table.get(&"a".to_owned());
+    assert_eq!(
+        a.now(),
+        2,
+        "the earliest window holding T0+7s is [T0, T0+10s)"
+    );
+    assert_eq!(a.value(), 1, "value() reads the newest, [T0+5s, T0+15s)");
+    assert_eq!(a.at(T0 + 7 * SEC), 1);
+    // At T0+12s the earliest window holding the clock is [T0+5s, T0+15s).
+    clock.store(T0 + 12 * SEC, Ordering::SeqCst);
+    assert_eq!(a.now(), 1);
+    worker.shutdown().await.expect("stop");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn current_and_delta_read_the_windows_of_the_message_timestamp() {
     // Windows of 2 ms relative to the messages' own timestamps (set by the broker when they

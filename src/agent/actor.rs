@@ -64,6 +64,9 @@ where
     fn start(&self, rt: &Arc<Runtime>, actors: &TaskTracker, queue: Option<Queue>) -> Result<()> {
         let dead_letter = self.dead_letter_spec(&rt.settings)?;
         let source = self.source()?;
+        if let Source::Topic(topic) = &source {
+            topic.check_serializers()?;
+        }
         let _ = self.inner.resolved.set(source.clone());
         let (name, concurrency, sinks) = {
             let c = self.inner.config();

@@ -5,6 +5,30 @@ mod request;
 mod sink;
 
 pub use request::{AgentAsk, AgentSend, IntoValues, ReplyTo};
+
+/// Writes the body of an agent that yields values and can fail: as
+/// [`stream!`](crate::stream), where `?` on an error (anything that converts into a
+/// [`BoxError`](crate::BoxError)) ends the run with it. The agent function returns
+/// `impl TryAsyncIterable<T>`; see [`TryAsyncIterable`] for what happens to the error.
+///
+/// ```
+/// use rill::prelude::*;
+///
+/// fn checked(mut numbers: Stream<i64>) -> impl TryAsyncIterable<i64> {
+///     try_stream! {
+///         while let Some(n) = numbers.next().await {
+///             let doubled = n.checked_mul(2).ok_or("overflow")?;
+///             yield doubled;
+///         }
+///     }
+/// }
+/// ```
+#[macro_export]
+macro_rules! try_stream {
+    ($($body:tt)*) => {
+        $crate::TryYields::new($crate::__private::async_stream::try_stream! { $($body)* })
+    };
+}
 pub use sink::{IntoSink, Offered, Sink};
 
 use crate::channel::Channel;
@@ -90,6 +114,9 @@ pub mod marker {
     /// A function returning a stream of yielded values (`stream! { ... yield v; }`).
     #[derive(Debug)]
     pub struct Yields<S>(PhantomData<fn() -> S>);
+    /// A function returning yielded values or an error (`try_stream! { ... yield v; }`).
+    #[derive(Debug)]
+    pub struct TryYields<I>(PhantomData<fn() -> I>);
     /// An agent function that takes state too (see `App::agent_with`), of kind `M`.
     #[derive(Debug)]
     pub struct WithState<M>(PhantomData<fn() -> M>);
@@ -120,10 +147,17 @@ pub mod marker {
 ///
 /// - `async fn(Stream<T, K>)`, and `async fn(Stream<T, K>) -> Result<(), E>`;
 /// - `fn(Stream<T, K>) -> impl AsyncIterable<R>`, usually written with [`stream!`](crate::stream)
-///   so the body can `yield` values, as a Faust agent does.
+///   so the body can `yield` values, as a Faust agent does;
+/// - `fn(Stream<T, K>) -> impl TryAsyncIterable<R>`, written with
+///   [`try_stream!`](crate::try_stream): a body that yields values and can fail with `?`.
+///
+/// An agent that fails (returns `Err`, fails with `?` in `try_stream!`, or panics) has the
+/// error logged with the event it was processing (`topic[partition]@offset`) and counted
+/// ([`Worker::agent_errors`](crate::Worker::agent_errors)); that event is acked, not
+/// retried, and the agent is restarted on the rest of its stream, as a crashed Faust agent is.
 #[diagnostic::on_unimplemented(
     message = "`{Self}` cannot be used as an agent",
-    note = "an agent is `async fn(Stream<T>)`, `async fn(Stream<T>) -> Result<(), E>`, or a function returning `stream! {{ ... yield value; }}`; annotate a closure's argument: `|stream: Stream<MyRecord>|`"
+    note = "an agent is `async fn(Stream<T>)`, `async fn(Stream<T>) -> Result<(), E>`, a function returning `stream! {{ ... yield value; }}`, or one returning `try_stream! {{ ... yield value?; }}`; annotate a closure's argument: `|stream: Stream<MyRecord>|`"
 )]
 pub trait AgentFn<T, K, R, M>: Send + Sync + 'static {
     /// Runs the agent over `stream`, as a stream of yielded values.
@@ -164,6 +198,16 @@ where
 {
     fn call(&self, stream: Stream<T, K>) -> BoxStream<'static, Result<R, BoxError>> {
         self(stream).map(Ok).boxed()
+    }
+}
+
+impl<F, I, T, K, R: 'static> AgentFn<T, K, R, marker::TryYields<I>> for F
+where
+    F: Fn(Stream<T, K>) -> I + Send + Sync + 'static,
+    I: TryAsyncIterable<R>,
+{
+    fn call(&self, stream: Stream<T, K>) -> BoxStream<'static, Result<R, BoxError>> {
+        self(stream).into_results()
     }
 }
 
@@ -223,11 +267,100 @@ where
     }
 }
 
+impl<F, St, I, T, K, R: 'static> AgentFn<T, K, R, marker::WithState<marker::TryYields<I>>>
+    for WithState<F, St>
+where
+    F: Fn(Stream<T, K>, St) -> I + Send + Sync + 'static,
+    St: Clone + Send + Sync + 'static,
+    I: TryAsyncIterable<R>,
+{
+    fn call(&self, stream: Stream<T, K>) -> BoxStream<'static, Result<R, BoxError>> {
+        (self.f)(stream, self.state.clone()).into_results()
+    }
+}
+
 /// What an agent function returns when it yields values: an async iterable of `T`, as in the
 /// type hint `AsyncIterable[int]` of a Faust agent.
 pub trait AsyncIterable<T>: futures::Stream<Item = T> + Send + 'static {}
 
 impl<T, S> AsyncIterable<T> for S where S: futures::Stream<Item = T> + Send + 'static {}
+
+/// What an agent function returns when it yields values of type `T` and can fail: the body of
+/// a [`try_stream!`](crate::try_stream), where `?` ends the run with an error.
+///
+/// The error is the agent's failure on the event it was processing, as when a Faust agent
+/// raises: it is logged with the agent, the event (`topic[partition]@offset`) and the
+/// error, and counted ([`Worker::agent_errors`](crate::Worker::agent_errors),
+/// `rill_agent_errors_total`); the event is acked, not retried (at-least-once does not mean
+/// redelivered forever), and the agent is restarted on the rest of its stream. An `ask`
+/// waiting for that event gets no reply (it times out). This is what an `async fn` agent
+/// returning `Err` gets too.
+///
+/// ```
+/// use rill::prelude::*;
+///
+/// // Parses numbers; text that is not one fails the event (and only that event).
+/// fn parse(mut lines: Stream<String>) -> impl TryAsyncIterable<i64> {
+///     try_stream! {
+///         while let Some(line) = lines.next().await {
+///             let n: i64 = line.trim().parse()?;
+///             if n < 0 {
+///                 Err(format!("negative number {n}"))?;
+///             }
+///             yield n;
+///         }
+///     }
+/// }
+///
+/// # #[tokio::main] async fn main() -> rill::Result<()> {
+/// let app = App::new("parse-doc");
+/// let lines = app.topic("lines").value_type::<String>();
+/// let parse = app.agent(parse).channel(&lines);
+/// let worker = app.start().await?;
+/// assert_eq!(parse.ask("42".to_owned()).await?, 42);
+/// lines.send("forty-two".to_owned()).await?; // logged and counted; the agent goes on
+/// assert_eq!(parse.ask("7".to_owned()).await?, 7);
+/// worker.shutdown().await?;
+/// # Ok(()) }
+/// ```
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not the body of a fallible agent",
+    note = "write the body with `rill::try_stream! {{ ... yield value; }}` (use `stream!` and `impl AsyncIterable<T>` for a body that cannot fail)"
+)]
+pub trait TryAsyncIterable<T>: Send + 'static {
+    /// The yielded values and the error that ended the run, if one did.
+    fn into_results(self) -> BoxStream<'static, Result<T, BoxError>>;
+}
+
+/// The body of a fallible yielding agent, made by [`try_stream!`](crate::try_stream): a
+/// stream of values that ends at the first error.
+#[must_use = "an agent body does nothing until the worker runs it"]
+pub struct TryYields<S>(S);
+
+impl<S> fmt::Debug for TryYields<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("TryYields")
+    }
+}
+
+impl<S, T> TryYields<S>
+where
+    S: futures::Stream<Item = Result<T, BoxError>> + Send + 'static,
+{
+    /// Wraps a stream of results; what [`try_stream!`](crate::try_stream) expands to.
+    pub fn new(stream: S) -> Self {
+        Self(stream)
+    }
+}
+
+impl<S, T> TryAsyncIterable<T> for TryYields<S>
+where
+    S: futures::Stream<Item = Result<T, BoxError>> + Send + 'static,
+{
+    fn into_results(self) -> BoxStream<'static, Result<T, BoxError>> {
+        self.0.boxed()
+    }
+}
 
 pub(crate) type BoxAgentFn<T, K, R> =
     Arc<dyn Fn(Stream<T, K>) -> BoxStream<'static, Result<R, BoxError>> + Send + Sync>;

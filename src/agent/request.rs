@@ -115,6 +115,11 @@ where
     /// Sends `value` and waits for what the agent yields for it. Fails with
     /// [`Error::AskTimeout`] when no reply comes within the app's `ask_timeout` (or the
     /// builder's `timeout`).
+    ///
+    /// As with [`send`](Agent::send), the builder sets a key, a partition, the
+    /// [`reply_to`](AgentAsk::reply_to) topic and the
+    /// [`correlation_id`](AgentAsk::correlation_id) (Faust's
+    /// `ask(value, reply_to=..., correlation_id=...)`); the reply comes back either way.
     pub fn ask(&self, value: T) -> AgentAsk<'_, T, R, K> {
         AgentAsk {
             agent: self,
@@ -122,6 +127,8 @@ where
             key: None,
             partition: None,
             timeout: None,
+            reply_to: None,
+            correlation_id: None,
         }
     }
 
@@ -393,6 +400,34 @@ where
 }
 
 /// A pending [`Agent::ask`]; `.await` it for the reply.
+///
+/// ```
+/// use rill::prelude::*;
+/// use std::time::Duration;
+///
+/// fn double(mut numbers: Stream<i64>) -> impl AsyncIterable<i64> {
+///     stream! {
+///         while let Some(n) = numbers.next().await {
+///             yield n * 2;
+///         }
+///     }
+/// }
+///
+/// # #[tokio::main] async fn main() -> rill::Result<()> {
+/// let app = App::new("ask-doc");
+/// let numbers = app.topic("numbers").value_type::<i64>();
+/// let double = app.agent(double).channel(&numbers);
+/// let worker = app.start().await?;
+/// let reply = double
+///     .ask(21)
+///     .reply_to("doubled")        // the reply travels through this topic
+///     .correlation_id("order-17") // and carries this id
+///     .timeout(Duration::from_secs(5))
+///     .await?;
+/// assert_eq!(reply, 42);
+/// worker.shutdown().await?;
+/// # Ok(()) }
+/// ```
 #[must_use = "an ask does nothing until awaited"]
 pub struct AgentAsk<'a, T, R, K> {
     agent: &'a Agent<T, R, K>,
@@ -400,6 +435,8 @@ pub struct AgentAsk<'a, T, R, K> {
     key: Option<K>,
     partition: Option<u32>,
     timeout: Option<Duration>,
+    reply_to: Option<Result<String>>,
+    correlation_id: Option<String>,
 }
 
 impl<T, R, K> fmt::Debug for AgentAsk<'_, T, R, K> {
@@ -407,6 +444,8 @@ impl<T, R, K> fmt::Debug for AgentAsk<'_, T, R, K> {
         f.debug_struct("AgentAsk")
             .field("partition", &self.partition)
             .field("timeout", &self.timeout)
+            .field("reply_to", &self.reply_to.as_ref().map(|r| r.as_ref().ok()))
+            .field("correlation_id", &self.correlation_id)
             .finish()
     }
 }
@@ -429,6 +468,29 @@ impl<T, R, K> AgentAsk<'_, T, R, K> {
         self.timeout = Some(timeout);
         self
     }
+
+    /// The topic the agent sends its reply to (default: this worker's own reply topic): a
+    /// topic name, a topic, or an agent (its topic; an agent reading a channel is an error
+    /// when the ask is awaited).
+    ///
+    /// The ask still waits for the reply, on that topic, as Faust's `ask(reply_to=...)` does:
+    /// the first time a worker names a topic here, it creates the topic if it is missing (with
+    /// the app's `topic_partitions`) and reads it, from its end, outside any consumer group,
+    /// until the worker stops. Everyone else reading the topic (an agent, another service)
+    /// sees the reply too, with the request's correlation id in its `rill-correlation-id`
+    /// header.
+    pub fn reply_to(mut self, target: impl ReplyTo) -> Self {
+        self.reply_to = Some(target.reply_topic());
+        self
+    }
+
+    /// The correlation id the request and its reply carry (default: a new id unique to this
+    /// worker). Awaiting the ask fails with [`Error::Config`] while another ask of this worker
+    /// with the same id waits for its reply.
+    pub fn correlation_id(mut self, id: impl Into<String>) -> Self {
+        self.correlation_id = Some(id.into());
+        self
+    }
 }
 
 impl<'a, T, R, K> IntoFuture for AgentAsk<'a, T, R, K>
@@ -443,15 +505,21 @@ where
     fn into_future(self) -> Self::IntoFuture {
         async move {
             let rt = self.agent.inner.core.runtime()?;
+            let reply_topic = match self.reply_to {
+                Some(topic) => topic?,
+                None => rt.reply_topic.clone(),
+            };
+            crate::engine::reply::listen(&rt, &reply_topic).await?;
+            let id = self.correlation_id.unwrap_or_else(|| rt.replies.new_id());
             // Given up when this future is dropped, whether it was sent or not.
-            let (waiting, reply) = WaitingOne::new(rt.clone(), rt.replies.new_id());
-            let headers = request_headers(&rt.reply_topic, &waiting.id);
+            let (waiting, reply) = WaitingOne::new(rt.clone(), id)?;
+            let headers = request_headers(&reply_topic, &waiting.id);
             self.agent
                 .deliver(self.value, self.key, self.partition, headers, false)
                 .await?;
             let timeout = self.timeout.unwrap_or(rt.settings.ask_timeout);
             match tokio::time::timeout(timeout, reply).await {
-                Ok(Ok(bytes)) => decode_reply(&rt.reply_topic, &bytes),
+                Ok(Ok(bytes)) => decode_reply(&reply_topic, &bytes),
                 Ok(Err(_)) => Err(Error::ShuttingDown {
                     app: rt.app_id.to_string(),
                 }),

@@ -431,6 +431,7 @@ impl App {
                 self.core.id
             )));
         }
+        self.core.check_serializers()?;
         let settings = self.core.settings();
         let timers = if role == Role::Worker {
             self.timers.plan()?

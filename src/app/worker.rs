@@ -218,6 +218,7 @@ impl Worker {
         if let Some(replies) = self.replies.take() {
             let _ = replies.await;
         }
+        self.rt.replies.stop_listening().await;
         if let Some(web) = self.web.take() {
             let _ = web.server.await;
         }
@@ -335,5 +336,6 @@ impl Drop for Worker {
     fn drop(&mut self) {
         self.rt.stop.cancel();
         self.closed.cancel();
+        self.rt.replies.cancel_listening();
     }
 }

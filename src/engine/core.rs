@@ -2,6 +2,7 @@
 //! declared, its embedded broker, and the runtime of the worker that runs it.
 
 use super::Runtime;
+use crate::codec::{SerializerError, SERIALIZERS};
 use crate::error::{Error, Result};
 use crate::settings::Settings;
 use crate::transport::{MemoryBroker, TopicSpec};
@@ -14,6 +15,8 @@ pub(crate) struct AppCore {
     settings: RwLock<Settings>,
     memory: Arc<MemoryBroker>,
     declared: Mutex<BTreeMap<String, Option<u32>>>,
+    /// Serializers named in declarations that do not exist: whose, and the error.
+    unknown_serializers: Mutex<Vec<(String, SerializerError)>>,
     runtime: RwLock<Option<Arc<Runtime>>>,
 }
 
@@ -24,6 +27,7 @@ impl AppCore {
             settings: RwLock::new(settings),
             memory: MemoryBroker::new(),
             declared: Mutex::new(BTreeMap::new()),
+            unknown_serializers: Mutex::new(Vec::new()),
             runtime: RwLock::new(None),
         }
     }
@@ -50,6 +54,45 @@ impl AppCore {
         let entry = d.entry(name.to_owned()).or_default();
         if partitions.is_some() {
             *entry = partitions;
+        }
+    }
+
+    /// Records that a declaration names a serializer that does not exist: the worker refuses
+    /// to start (see [`check_serializers`](AppCore::check_serializers)).
+    pub(crate) fn unknown_serializer(&self, what: String, error: SerializerError) {
+        self.unknown_serializers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((what, error));
+    }
+
+    /// The first serializer named by string that does not exist: in the settings, or in a
+    /// topic's declaration.
+    pub(crate) fn check_serializers(&self) -> Result<()> {
+        let settings = self.settings();
+        for (what, name) in [
+            ("Settings::key_serializer", &settings.key_serializer),
+            ("Settings::value_serializer", &settings.value_serializer),
+        ] {
+            if let Some(name) = name.as_deref().filter(|n| !SERIALIZERS.contains(n)) {
+                return Err(Error::Serializer {
+                    what: what.to_owned(),
+                    source: SerializerError::Unknown {
+                        name: name.to_owned(),
+                    },
+                });
+            }
+        }
+        let unknown = self
+            .unknown_serializers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match unknown.first() {
+            Some((what, error)) => Err(Error::Serializer {
+                what: what.clone(),
+                source: error.clone(),
+            }),
+            None => Ok(()),
         }
     }
 

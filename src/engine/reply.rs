@@ -1,14 +1,16 @@
 //! Replies to `ask`, `map` and `join`: correlation ids and the waiters behind them.
 
 use super::runtime::Runtime;
-use crate::transport::{Consumer, ConsumerEvent};
+use crate::error::{Error, Result, TransportError};
+use crate::transport::{Consumer, ConsumerEvent, StartAt};
 use bytes::Bytes;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// Header naming the topic a reply goes to.
 pub(crate) const REPLY_TO: &str = "rill-reply-to";
@@ -25,6 +27,12 @@ pub(crate) struct Replies {
     prefix: String,
     next: AtomicU64,
     pending: Mutex<HashMap<String, Waiter>>,
+    /// Topics other than the worker's reply topic that an `ask` named as its `reply_to`, and
+    /// that this worker reads replies from until it stops.
+    listening: tokio::sync::Mutex<HashSet<String>>,
+    listeners: TaskTracker,
+    /// Stops the readers of [`listening`](Replies::listening).
+    closed: CancellationToken,
 }
 
 impl Replies {
@@ -33,7 +41,22 @@ impl Replies {
             prefix,
             next: AtomicU64::new(0),
             pending: Mutex::new(HashMap::new()),
+            listening: tokio::sync::Mutex::new(HashSet::new()),
+            listeners: TaskTracker::new(),
+            closed: CancellationToken::new(),
         }
+    }
+
+    /// Stops reading the topics [`listen`] started reading, and waits for their readers.
+    pub(crate) async fn stop_listening(&self) {
+        self.closed.cancel();
+        self.listeners.close();
+        self.listeners.wait().await;
+    }
+
+    /// Tells the readers of [`listen`] to stop, without waiting.
+    pub(crate) fn cancel_listening(&self) {
+        self.closed.cancel();
     }
 
     fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<String, Waiter>> {
@@ -49,10 +72,16 @@ impl Replies {
         )
     }
 
-    pub(crate) fn expect_one(&self, id: String) -> oneshot::Receiver<Bytes> {
+    /// Waits for the reply to the request `id`; `None` if a request with that id waits
+    /// already.
+    pub(crate) fn expect_one(&self, id: String) -> Option<oneshot::Receiver<Bytes>> {
+        let mut pending = self.pending();
+        if pending.contains_key(&id) {
+            return None;
+        }
         let (tx, rx) = oneshot::channel();
-        self.pending().insert(id, Waiter::One(tx));
-        rx
+        pending.insert(id, Waiter::One(tx));
+        Some(rx)
     }
 
     pub(crate) fn expect_many(&self, id: String, tx: mpsc::UnboundedSender<(String, Bytes)>) {
@@ -88,10 +117,16 @@ pub(crate) struct WaitingOne {
 }
 
 impl WaitingOne {
-    /// Registers the request `id`; its reply comes through the receiver.
-    pub(crate) fn new(owner: Arc<Runtime>, id: String) -> (Self, oneshot::Receiver<Bytes>) {
-        let reply = owner.replies.expect_one(id.clone());
-        (Self { owner, id }, reply)
+    /// Registers the request `id`; its reply comes through the receiver. An error if a
+    /// request of this worker with the same correlation id still waits for its reply.
+    pub(crate) fn new(owner: Arc<Runtime>, id: String) -> Result<(Self, oneshot::Receiver<Bytes>)> {
+        let Some(reply) = owner.replies.expect_one(id.clone()) else {
+            return Err(Error::Config(format!(
+                "correlation id {id:?} is already used by a request of this worker that waits \
+                 for its reply: give each ask its own"
+            )));
+        };
+        Ok((Self { owner, id }, reply))
     }
 }
 
@@ -151,6 +186,37 @@ impl<T> Drop for Waiting<T> {
             pending.remove(id);
         }
     }
+}
+
+/// Makes replies sent to `topic` reach this worker's requests: an `ask` with a `reply_to`
+/// other than the worker's own reply topic waits on that topic, as Faust's does. The first
+/// time a topic is named, it is created if missing (with the app's default partition count)
+/// and read from its end, on every partition and outside any consumer group, until the worker
+/// stops; replies there for requests of other workers are ignored. Returns once the reader is
+/// positioned, so a reply sent after it cannot be missed.
+pub(crate) async fn listen(rt: &Arc<Runtime>, topic: &str) -> Result<()> {
+    if topic == rt.reply_topic {
+        return Ok(());
+    }
+    let mut listening = rt.replies.listening.lock().await;
+    if listening.contains(topic) {
+        return Ok(());
+    }
+    match rt.ensure_topic(&rt.default_spec(topic)).await {
+        // An existing topic is read with the partitions it has.
+        Ok(_) | Err(Error::Transport(TransportError::PartitionMismatch { .. })) => {}
+        Err(e) => return Err(e),
+    }
+    let consumer = rt.transport.topic_consumer(topic, StartAt::Latest).await?;
+    tracing::info!(
+        topic,
+        "reading replies from a reply_to topic named by an ask"
+    );
+    rt.replies
+        .listeners
+        .spawn(run_replies(rt.clone(), consumer, rt.replies.closed.clone()));
+    listening.insert(topic.to_owned());
+    Ok(())
 }
 
 /// Reads this worker's reply topic and hands replies to whoever asked.

@@ -41,8 +41,13 @@
 //! | [`delta(d)`](WindowSet::delta) | the current event's message timestamp minus `d` |
 //! | [`at(t)`](WindowSet::at) | the time `t` |
 //!
-//! With hopping windows several windows hold a time; these read the newest of them (the one
-//! that started last), as Faust does. [`WindowedTable::items`] lists every window held.
+//! With hopping windows several windows hold a time. As Faust's `WindowSet` does,
+//! [`now()`](WindowSet::now) reads the *earliest* of them (the one that started first, the
+//! longest-running window holding the clock: Faust's `window.earliest(now)`), while
+//! [`value()`](WindowSet::value), [`current()`](WindowSet::current),
+//! [`delta(d)`](WindowSet::delta) and [`at(t)`](WindowSet::at) read the *newest* (the one
+//! that started last: Faust's `window.current(t)`). With tumbling windows both are the one
+//! window holding the time. [`WindowedTable::items`] lists every window held.
 //!
 //! The wall clock is the system clock unless [`clock`](WindowedTable::clock) gives another
 //! (a virtual one in tests).
@@ -238,6 +243,26 @@ impl Window {
         }
         ranges.reverse();
         ranges
+    }
+
+    /// The earliest window holding `timestamp` (the one that started first), Faust's
+    /// `window.earliest(timestamp)`: the first of [`ranges`](Window::ranges).
+    ///
+    /// ```
+    /// use rill::table::Window;
+    /// use std::time::Duration;
+    ///
+    /// let w = Window::hopping(Duration::from_secs(10), Duration::from_secs(5), None);
+    /// assert_eq!(w.earliest(12_000), w.range(5_000));
+    /// assert_eq!(w.current(12_000), w.range(10_000));
+    /// ```
+    pub fn earliest(&self, timestamp: i64) -> WindowRange {
+        // The first window start after `timestamp - size`: that window still holds it.
+        let start = self
+            .newest_start(timestamp.saturating_sub(self.size))
+            .saturating_add(self.step)
+            .min(self.newest_start(timestamp));
+        self.range(start)
     }
 
     /// The newest window holding `timestamp` (the one that started last), Faust's
@@ -789,9 +814,15 @@ impl<K: TableKey, V: TableValue> WindowSet<'_, K, V> {
         self.at(self.table.stream_time_of(self.event.as_deref()))
     }
 
-    /// The value in the window of the wall clock now: Faust's `table[key].now()`.
+    /// The value in the window of the wall clock now: Faust's `table[key].now()`. Of the
+    /// hopping windows holding the clock, this reads the earliest (the one that started
+    /// first, so it has counted the longest), as Faust does; the other accessors read the
+    /// newest.
     pub fn now(&self) -> V {
-        self.at(self.table.now())
+        let range = self.table.window.earliest(self.table.now());
+        self.table
+            .get_range(&self.key, range)
+            .unwrap_or_else(|| self.table.table.default())
     }
 
     /// The value in the window `d` before the event's message timestamp: Faust's
@@ -831,6 +862,7 @@ mod tests {
                 end: 20 * S
             }
         );
+        assert_eq!(w.earliest(15 * S), w.current(15 * S));
         assert_eq!(w.delta(15 * S, Duration::from_secs(10)), w.range(0));
         assert!(!w.is_hopping());
     }
@@ -841,11 +873,17 @@ mod tests {
         assert_eq!(w.ranges(12 * S), vec![w.range(5 * S), w.range(10 * S)]);
         assert_eq!(w.ranges(10 * S), vec![w.range(5 * S), w.range(10 * S)]);
         assert_eq!(w.current(12 * S), w.range(10 * S));
+        assert_eq!(w.earliest(12 * S), w.range(5 * S));
+        assert_eq!(w.earliest(10 * S), w.range(5 * S));
+        assert_eq!(w.earliest(9_999), w.range(0));
         // A size that is not a multiple of the step.
         let w = Window::hopping(Duration::from_secs(10), Duration::from_secs(3), None);
         let starts: Vec<i64> = w.ranges(10 * S).iter().map(|r| r.start).collect();
         assert_eq!(starts, vec![3 * S, 6 * S, 9 * S]);
         assert!(w.ranges(10 * S).iter().all(|r| r.contains(10 * S)));
+        for t in [-7 * S, -1, 0, 1, 10 * S, 11 * S, 12_345] {
+            assert_eq!(w.earliest(t), w.ranges(t)[0], "at {t}");
+        }
         assert!(w.is_hopping());
     }
 
@@ -856,6 +894,7 @@ mod tests {
         assert!(!w.ranges(i64::MAX / 2).is_empty());
         let _ = w.ranges(i64::MAX);
         let _ = w.delta(i64::MIN, Duration::MAX);
+        let _ = (w.earliest(i64::MIN), w.earliest(i64::MAX));
     }
 
     #[test]
