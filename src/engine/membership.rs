@@ -231,7 +231,7 @@ pub(crate) async fn publish(rt: &Runtime, partitions: Option<&BTreeSet<u32>>) {
                     .unwrap_or(0),
             };
             match serde_json::to_vec(&member) {
-                Ok(v) => Some(Bytes::from(v)),
+                Ok(v) => Some(crate::codec::exact_bytes(v)),
                 Err(_) => return,
             }
         }
