@@ -175,6 +175,7 @@ pub(crate) async fn membership(
         partitions: 1,
         replication_factor: rt.settings.topic_replication_factor,
         compacted: true,
+        retention: Default::default(),
     };
     rt.ensure_topic(&spec).await?;
     let consumer = rt

@@ -994,6 +994,14 @@ impl Transport for KafkaTransport {
             if spec.compacted {
                 topic = topic.set("cleanup.policy", "compact");
             }
+            let retention_ms = spec.retention.time.map(|t| t.as_millis().to_string());
+            if let Some(ms) = &retention_ms {
+                topic = topic.set("retention.ms", ms);
+            }
+            let retention_bytes = spec.retention.bytes.map(|b| b.to_string());
+            if let Some(bytes) = &retention_bytes {
+                topic = topic.set("retention.bytes", bytes);
+            }
             if self.inner.no_create_topics.load(Ordering::Relaxed) {
                 return self.auto_create(spec).await;
             }
