@@ -164,7 +164,7 @@ impl<K: 'static, V: 'static> Topic<K, V> {
 
     /// Keeps about `bytes` per partition (Kafka's `retention.bytes`; default: the transport's,
     /// see [`Retention`]); older records beyond it are removed, on the embedded transport only
-    /// once no consumer group still needs them.
+    /// once no consumer group still needs them. `u64::MAX` is no limit (`-1` on Kafka).
     pub fn retention_bytes(mut self, bytes: u64) -> Self {
         self.retention.bytes = Some(bytes);
         self.declare_retention()

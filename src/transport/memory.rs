@@ -1056,3 +1056,96 @@ impl Drop for MemoryConsumer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(offset: i64, key: Option<&str>, value: Option<&str>, timestamp: i64) -> Stored {
+        Stored {
+            offset,
+            timestamp,
+            key: key.map(|k| Bytes::copy_from_slice(k.as_bytes())),
+            value: value.map(|v| Bytes::copy_from_slice(v.as_bytes())),
+            headers: Vec::new(),
+        }
+    }
+
+    fn kept(log: &Log) -> Vec<(i64, Option<&[u8]>, Option<&[u8]>)> {
+        log.records
+            .iter()
+            .map(|r| (r.offset, r.key.as_deref(), r.value.as_deref()))
+            .collect()
+    }
+
+    #[test]
+    fn compaction_keeps_each_keys_latest_record_and_old_deletes_go() {
+        let policy = Policy {
+            compacted: true,
+            time_ms: i64::MAX,
+            bytes: u64::MAX,
+        };
+        let day = MemoryBroker::DELETE_RETENTION_MS;
+        let now = 10 * day;
+        let mut log = Log::default();
+        let mut offset = 0;
+        let mut push = |log: &mut Log, key, value, timestamp| {
+            log.append(record(offset, key, value, timestamp), &policy, now);
+            offset += 1;
+        };
+        push(&mut log, Some("old"), Some("1"), 0);
+        push(&mut log, Some("old"), None, 0);
+        push(&mut log, Some("new"), Some("1"), now);
+        push(&mut log, Some("new"), None, now);
+        push(&mut log, None, Some("keyless"), now);
+        for i in 0..COMPACT_AFTER as i64 {
+            push(
+                &mut log,
+                Some("k"),
+                Some(if i % 2 == 0 { "a" } else { "b" }),
+                now,
+            );
+        }
+        push(&mut log, Some("last"), None, 0);
+        assert!(log.records.len() < 10, "compaction ran as records came");
+        log.compact(now);
+        // Each key's latest record is left; the delete of `old` is past `delete.retention.ms`
+        // and goes, a keyless record goes, the newest record stays whatever it is.
+        assert_eq!(
+            kept(&log),
+            vec![
+                (3, Some(&b"new"[..]), None),
+                (4 + COMPACT_AFTER as i64, Some(&b"k"[..]), Some(&b"b"[..])),
+                (5 + COMPACT_AFTER as i64, Some(&b"last"[..]), None),
+            ]
+        );
+        assert_eq!((log.start, log.end), (0, 6 + COMPACT_AFTER as i64));
+        let bytes: u64 = log.records.iter().map(Stored::size).sum();
+        assert_eq!(log.bytes, bytes);
+    }
+
+    #[test]
+    fn an_unread_partition_keeps_its_newest_records_within_its_limits() {
+        let size = record(0, Some("k"), Some("v"), 0).size();
+        let policy = Policy {
+            compacted: false,
+            time_ms: 1000,
+            bytes: 3 * size,
+        };
+        let mut log = Log::default();
+        for offset in 0..10 {
+            log.append(record(offset, Some("k"), Some("v"), 5000), &policy, 5000);
+        }
+        assert_eq!((log.start, log.end, log.records.len()), (7, 10, 3));
+        // Old records go, but the newest stays.
+        log.expire(&policy, 10_000);
+        assert_eq!((log.start, log.end, log.records.len()), (9, 10, 1));
+        // What groups committed goes, however new; the offsets stay.
+        log.needed = Some(10);
+        log.forget_below(10);
+        assert_eq!(
+            (log.start, log.end, log.records.len(), log.bytes),
+            (10, 10, 0, 0)
+        );
+    }
+}
