@@ -1071,7 +1071,10 @@ mod tests {
         }
     }
 
-    fn kept(log: &Log) -> Vec<(i64, Option<&[u8]>, Option<&[u8]>)> {
+    /// A record as the tests look at it: offset, key, value.
+    type Kept<'a> = (i64, Option<&'a [u8]>, Option<&'a [u8]>);
+
+    fn kept(log: &Log) -> Vec<Kept<'_>> {
         log.records
             .iter()
             .map(|r| (r.offset, r.key.as_deref(), r.value.as_deref()))
