@@ -264,7 +264,8 @@ struct Topic {
 /// compacted partition keeps its offsets with gaps between them.
 ///
 /// Records are removed when the committed offsets move (at each commit) and as records are
-/// added.
+/// added. So while an agent runs, the broker holds what its group has read and not committed
+/// yet: about one [`commit_interval`](crate::Settings::commit_interval) of events.
 #[derive(Default)]
 pub struct MemoryBroker {
     topics: RwLock<HashMap<String, Arc<Topic>>>,
