@@ -82,12 +82,15 @@ async fn rill_agent(data: &[(Bytes, Bytes)], round: usize) -> Duration {
         broker: broker.clone(),
         ..Settings::default()
     };
-    // Fill the topic first, from an app with no agents.
+    // Fill the topic first, from an app with no agents. Until the agent's group joins nobody
+    // reads it, so it must keep every record (by default the broker keeps a few MiB of a
+    // topic nobody reads).
     let producer = App::with_settings("bench-producer", settings.clone());
     let topic = producer
         .topic("adding")
         .value_type::<Add>()
-        .partitions(PARTITIONS);
+        .partitions(PARTITIONS)
+        .retention_bytes(u64::MAX);
     let w = producer.start().await.expect("start producer");
     for (k, v) in data {
         topic

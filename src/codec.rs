@@ -227,7 +227,7 @@ where
 
     fn encode(&self, value: &T) -> Result<Bytes, CodecError> {
         serde_json::to_vec(value)
-            .map(Bytes::from)
+            .map(exact_bytes)
             .map_err(|e| CodecError::new("json", e))
     }
 
@@ -249,6 +249,16 @@ where
             .map_err(|e| CodecError::new("json", format!("{text:?}: {e}")))?;
         self.encode(&value)
     }
+}
+
+/// `buf` as [`Bytes`] holding no spare capacity.
+///
+/// `Bytes::from(Vec)` keeps the vector's whole allocation alive for as long as any clone of the
+/// bytes lives: `serde_json::to_vec` starts at 128 bytes, so a 20-byte value kept in a log (or a
+/// table, or a batch) would hold 128. Encoders that build a `Vec` hand it over through here.
+pub(crate) fn exact_bytes(mut buf: Vec<u8>) -> Bytes {
+    buf.shrink_to_fit();
+    Bytes::from(buf)
 }
 
 /// Bytes as they are, with no encoding. Values are [`Bytes`].
@@ -339,6 +349,22 @@ mod tests {
         );
         assert_eq!(default_for::<Bytes>().name(), "raw");
         assert_eq!(default_for::<String>().name(), "json");
+    }
+
+    #[test]
+    fn encoded_values_hold_no_spare_capacity() {
+        #[derive(serde::Serialize, serde::Deserialize)]
+        struct Add {
+            a: i64,
+            b: i64,
+        }
+        let bytes = Json::<Add>::new().encode(&Add { a: 7, b: 1 }).unwrap();
+        assert_eq!(&bytes[..], br#"{"a":7,"b":1}"#);
+        // Taking the only handle back as a vector shows the allocation it keeps alive.
+        let buf = Vec::<u8>::from(bytes);
+        assert_eq!(buf.capacity(), buf.len(), "spare capacity kept");
+        let v = Vec::<u8>::from(exact_bytes(Vec::with_capacity(4096)));
+        assert_eq!(v.capacity(), 0);
     }
 
     #[test]

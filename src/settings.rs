@@ -107,7 +107,10 @@ pub struct Settings {
     pub topic_partitions: u32,
     /// Replication factor of topics the app creates (Kafka only).
     pub topic_replication_factor: i16,
-    /// How often processed offsets are committed (Faust's default: 2.8 s).
+    /// How often processed offsets are committed (Faust's default: 2.8 s). On the embedded
+    /// transport the records a group has read and not committed stay in memory, about one
+    /// interval of events; commits there are cheap, so a shorter interval (100 ms, say) holds
+    /// less (see [`MemoryBroker`](crate::transport::MemoryBroker#what-is-kept)).
     pub commit_interval: Duration,
     /// Capacity of each agent's input queue and of channels: the back-pressure bound.
     pub stream_buffer_maxsize: usize,

@@ -3,7 +3,7 @@
 use crate::codec::{Codec, SerializerError};
 use crate::engine::AppCore;
 use crate::error::Result;
-use crate::transport::{Headers, RecordPosition, TopicSpec};
+use crate::transport::{Headers, RecordPosition, Retention, TopicSpec};
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::FutureExt;
@@ -12,6 +12,7 @@ use serde::Serialize;
 use std::fmt;
 use std::future::IntoFuture;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// A topic description: one or more topic names (the first is the main topic), the key and
 /// value types and their codecs, and the partition count.
@@ -41,6 +42,7 @@ pub struct Topic<K = Bytes, V = serde_json::Value> {
     pub(crate) core: Arc<AppCore>,
     names: Arc<[String]>,
     partitions: Option<u32>,
+    retention: Retention,
     pub(crate) key_codec: Arc<dyn Codec<K>>,
     pub(crate) value_codec: Arc<dyn Codec<V>>,
     /// The serializers named for this topic (`key_serializer`, `value_serializer`).
@@ -57,6 +59,7 @@ impl<K, V> Clone for Topic<K, V> {
             core: self.core.clone(),
             names: self.names.clone(),
             partitions: self.partitions,
+            retention: self.retention,
             key_codec: self.key_codec.clone(),
             value_codec: self.value_codec.clone(),
             key_serializer: self.key_serializer.clone(),
@@ -130,6 +133,7 @@ impl<K: 'static, V: 'static> fmt::Debug for Topic<K, V> {
         f.debug_struct("Topic")
             .field("names", &self.names)
             .field("partitions", &self.partitions)
+            .field("retention", &self.retention)
             .field("key_codec", &self.key_codec.name())
             .field("value_codec", &self.value_codec.name())
             .finish()
@@ -177,6 +181,7 @@ impl Topic<Bytes, serde_json::Value> {
             core,
             names: names.into(),
             partitions: None,
+            retention: Retention::default(),
             key_codec,
             value_codec,
             key_serializer: None,
@@ -209,6 +214,47 @@ impl<K: 'static, V: 'static> Topic<K, V> {
         self.partitions = Some(partitions);
         for n in self.names.iter() {
             self.core.declare(n, Some(partitions));
+        }
+        self
+    }
+
+    /// What is kept of the topics' past.
+    pub fn retention(&self) -> Retention {
+        self.retention
+    }
+
+    /// Keeps records for at least `time` (Kafka's `retention.ms`; default: the transport's,
+    /// see [`Retention`]). On Kafka it is the topic's configuration when rill creates the
+    /// topic; on the embedded transport records no consumer group still needs are removed once
+    /// older than this.
+    ///
+    /// ```
+    /// # use rill::prelude::*;
+    /// use std::time::Duration;
+    ///
+    /// let app = App::new("retention-example");
+    /// let audit = app
+    ///     .topic("audit")
+    ///     .retention_time(Duration::from_secs(3600))
+    ///     .retention_bytes(1 << 20);
+    /// assert_eq!(audit.retention().bytes, Some(1 << 20));
+    /// ```
+    pub fn retention_time(mut self, time: Duration) -> Self {
+        self.retention.time = Some(time);
+        self.declare_retention()
+    }
+
+    /// Keeps about `bytes` per partition (Kafka's `retention.bytes`; default: the transport's,
+    /// see [`Retention`]); older records beyond it are removed, on the embedded transport only
+    /// once no consumer group still needs them. `u64::MAX` is no limit (`-1` on Kafka).
+    pub fn retention_bytes(mut self, bytes: u64) -> Self {
+        self.retention.bytes = Some(bytes);
+        self.declare_retention()
+    }
+
+    fn declare_retention(self) -> Self {
+        for n in self.names.iter() {
+            self.core.declare_retention(n, self.retention);
         }
         self
     }
@@ -329,6 +375,7 @@ impl<K: 'static, V: 'static> Topic<K, V> {
             core: self.core,
             names: self.names,
             partitions: self.partitions,
+            retention: self.retention,
             key_codec: self.key_codec,
             value_codec: codec,
             key_serializer: self.key_serializer,
@@ -343,6 +390,7 @@ impl<K: 'static, V: 'static> Topic<K, V> {
             core: self.core,
             names: self.names,
             partitions: self.partitions,
+            retention: self.retention,
             key_codec: codec,
             value_codec: self.value_codec,
             key_serializer: self.key_serializer,

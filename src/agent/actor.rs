@@ -1,6 +1,7 @@
 //! Running an agent: its actors, their restarts, and what happens to yielded values.
 
 use super::{source_specs, AgentInner, Offered, Sink, Source};
+use crate::codec::exact_bytes;
 use crate::engine::queue::Queue;
 use crate::engine::reply::{CORRELATION_ID, REPLY_TO};
 use crate::engine::Runtime;
@@ -375,7 +376,7 @@ where
                         (meta.header(CORRELATION_ID), serde_json::to_vec(&value))
                     {
                         let id = String::from_utf8_lossy(id);
-                        self.rt.replies.complete(&id, Bytes::from(bytes));
+                        self.rt.replies.complete(&id, exact_bytes(bytes));
                     }
                     return self.to_sinks(value).await;
                 }
@@ -390,7 +391,7 @@ where
                                 &self.rt.default_spec(&reply_to),
                                 None,
                                 None,
-                                Some(Bytes::from(bytes)),
+                                Some(exact_bytes(bytes)),
                                 headers,
                             )
                             .await

@@ -52,6 +52,8 @@ use std::sync::{Arc, Mutex};
 pub(crate) use actor::{panic_message, AgentRunner};
 
 /// What an agent reads: a topic description or a channel.
+// One per agent, made once: the size of a topic description costs nothing here.
+#[allow(clippy::large_enum_variant)]
 pub enum Source<T, K = Bytes> {
     /// A topic description (one or more topics).
     Topic(Topic<K, T>),

@@ -5,16 +5,23 @@ use super::Runtime;
 use crate::codec::{SerializerError, SERIALIZERS};
 use crate::error::{Error, Result};
 use crate::settings::Settings;
-use crate::transport::{MemoryBroker, TopicSpec};
+use crate::transport::{MemoryBroker, Retention, TopicSpec};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
+
+/// What the app declared of a topic.
+#[derive(Debug, Clone, Copy, Default)]
+struct Declared {
+    partitions: Option<u32>,
+    retention: Retention,
+}
 
 /// What the parts of an app share, running or not.
 pub(crate) struct AppCore {
     pub(crate) id: Arc<str>,
     settings: RwLock<Settings>,
     memory: Arc<MemoryBroker>,
-    declared: Mutex<BTreeMap<String, Option<u32>>>,
+    declared: Mutex<BTreeMap<String, Declared>>,
     /// Serializers named in declarations that do not exist: whose, and the error.
     unknown_serializers: Mutex<Vec<(String, SerializerError)>>,
     runtime: RwLock<Option<Arc<Runtime>>>,
@@ -53,7 +60,7 @@ impl AppCore {
         let mut d = self.declared.lock().unwrap_or_else(|e| e.into_inner());
         let entry = d.entry(name.to_owned()).or_default();
         if partitions.is_some() {
-            *entry = partitions;
+            entry.partitions = partitions;
         }
     }
 
@@ -96,6 +103,12 @@ impl AppCore {
         }
     }
 
+    /// Sets what is kept of a declared topic.
+    pub(crate) fn declare_retention(&self, name: &str, retention: Retention) {
+        let mut d = self.declared.lock().unwrap_or_else(|e| e.into_inner());
+        d.entry(name.to_owned()).or_default().retention = retention;
+    }
+
     /// The names of the declared topics.
     pub(crate) fn declared_topics(&self) -> Vec<String> {
         let d = self.declared.lock().unwrap_or_else(|e| e.into_inner());
@@ -106,19 +119,21 @@ impl AppCore {
     /// the app's default.
     pub(crate) fn topic_spec(&self, name: &str, partitions: Option<u32>) -> TopicSpec {
         let settings = self.settings.read().unwrap_or_else(|e| e.into_inner());
-        let declared = partitions.or_else(|| {
-            self.declared
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(name)
-                .copied()
-                .flatten()
-        });
+        let declared = self
+            .declared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .copied()
+            .unwrap_or_default();
         TopicSpec {
             name: name.to_owned(),
-            partitions: declared.unwrap_or(settings.topic_partitions),
+            partitions: partitions
+                .or(declared.partitions)
+                .unwrap_or(settings.topic_partitions),
             replication_factor: settings.topic_replication_factor,
             compacted: false,
+            retention: declared.retention,
         }
     }
 

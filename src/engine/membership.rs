@@ -175,6 +175,7 @@ pub(crate) async fn membership(
         partitions: 1,
         replication_factor: rt.settings.topic_replication_factor,
         compacted: true,
+        retention: Default::default(),
     };
     rt.ensure_topic(&spec).await?;
     let consumer = rt
@@ -231,7 +232,7 @@ pub(crate) async fn publish(rt: &Runtime, partitions: Option<&BTreeSet<u32>>) {
                     .unwrap_or(0),
             };
             match serde_json::to_vec(&member) {
-                Ok(v) => Some(Bytes::from(v)),
+                Ok(v) => Some(crate::codec::exact_bytes(v)),
                 Err(_) => return,
             }
         }

@@ -313,6 +313,7 @@ impl Runtime {
             partitions: 1,
             replication_factor: self.settings.topic_replication_factor,
             compacted: false,
+            retention: Default::default(),
         };
         match self.ensure_topic(&spec).await {
             Err(Error::Transport(TransportError::PartitionMismatch { actual, .. })) => {
@@ -377,6 +378,7 @@ impl Runtime {
             partitions: self.settings.topic_partitions,
             replication_factor: self.settings.topic_replication_factor,
             compacted: false,
+            retention: Default::default(),
         }
     }
 

@@ -93,6 +93,7 @@ pub(crate) fn dead_letter_spec(
         partitions: 1,
         replication_factor: settings.topic_replication_factor,
         compacted: false,
+        retention: Default::default(),
     })
 }
 

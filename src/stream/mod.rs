@@ -595,6 +595,7 @@ impl<T: Send + 'static, K: 'static> Stream<T, K> {
             partitions: ctx.source_partitions,
             replication_factor: ctx.runtime.settings.topic_replication_factor,
             compacted: false,
+            retention: Default::default(),
         };
         let key_codec: Arc<dyn Codec<NK>> = Arc::new(Json::<NK>::new());
         let value_codec: Arc<dyn Codec<T>> = Arc::new(Json::<T>::new());

@@ -150,6 +150,7 @@ impl<K: TableKey, V: TableValue> TableRunner for Table<K, V> {
             partitions: self.partition_count(),
             replication_factor: settings.topic_replication_factor,
             compacted: true,
+            retention: Default::default(),
         }
     }
 

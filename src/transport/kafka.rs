@@ -994,6 +994,21 @@ impl Transport for KafkaTransport {
             if spec.compacted {
                 topic = topic.set("cleanup.policy", "compact");
             }
+            // Kafka's limits are Java longs; past them is "no limit" (-1).
+            let retention_ms = spec
+                .retention
+                .time
+                .map(|t| i64::try_from(t.as_millis()).unwrap_or(-1).to_string());
+            if let Some(ms) = &retention_ms {
+                topic = topic.set("retention.ms", ms);
+            }
+            let retention_bytes = spec
+                .retention
+                .bytes
+                .map(|b| i64::try_from(b).unwrap_or(-1).to_string());
+            if let Some(bytes) = &retention_bytes {
+                topic = topic.set("retention.bytes", bytes);
+            }
             if self.inner.no_create_topics.load(Ordering::Relaxed) {
                 return self.auto_create(spec).await;
             }

@@ -1,9 +1,15 @@
 //! The embedded transport: a partitioned in-memory log with consumer groups.
 //!
-//! Each topic partition is an append-only vector of records addressed by offset. Consumer
-//! groups divide partitions between their members with range assignment, per topic, and keep
-//! committed offsets, so at-least-once semantics are the same as on Kafka: a restarted consumer
-//! resumes from the last commit.
+//! Each topic partition is a queue of records addressed by offset. Consumer groups divide
+//! partitions between their members with range assignment, per topic, and keep committed
+//! offsets, so at-least-once semantics are the same as on Kafka: a restarted consumer resumes
+//! from the last commit.
+//!
+//! Memory stays bounded as on a Kafka broker's disk: a partition forgets the records every
+//! consumer group reading it has committed, trims what no group reads by size and age
+//! ([`Retention`](super::Retention)), and a compacted topic keeps the latest record of each
+//! key. Offsets never move: a partition keeps its log-start offset, and a read below it starts
+//! there, as a Kafka consumer with `auto.offset.reset=earliest` does.
 
 use super::{
     Consumer, ConsumerEvent, Message, OutgoingRecord, RecordPosition, StartAt, TopicPartition,
@@ -13,32 +19,203 @@ use crate::error::TransportError;
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::FutureExt;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::Notify;
 
 /// Most records a consumer returns from one poll.
 const MAX_POLL_RECORDS: usize = 1024;
 
+/// Records a compacted partition may hold that a later record of the same key replaced before
+/// it is compacted (and at least as many as it holds live).
+const COMPACT_AFTER: usize = 1024;
+
 struct Stored {
+    offset: i64,
     timestamp: i64,
     key: Option<Bytes>,
     value: Option<Bytes>,
     headers: super::Headers,
 }
 
+/// What a record is counted as against `retention.bytes`: its payload and what the log spends
+/// on it besides.
+const RECORD_OVERHEAD: u64 = std::mem::size_of::<Stored>() as u64;
+
+impl Stored {
+    fn size(&self) -> u64 {
+        let len = |b: &Option<Bytes>| b.as_ref().map_or(0, |b| b.len() as u64);
+        let headers: u64 = self
+            .headers
+            .iter()
+            .map(|(k, v)| (k.len() + v.len()) as u64)
+            .sum();
+        RECORD_OVERHEAD + len(&self.key) + len(&self.value) + headers
+    }
+}
+
+/// What a topic keeps, with the defaults filled in.
+#[derive(Debug, Clone, Copy)]
+struct Policy {
+    compacted: bool,
+    /// `retention.ms`.
+    time_ms: i64,
+    /// `retention.bytes`, per partition.
+    bytes: u64,
+}
+
+impl Policy {
+    fn new(spec: &TopicSpec) -> Self {
+        let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        Self {
+            compacted: spec.compacted,
+            time_ms: ms(spec
+                .retention
+                .time
+                .unwrap_or(MemoryBroker::DEFAULT_RETENTION_TIME)),
+            bytes: spec
+                .retention
+                .bytes
+                .unwrap_or(MemoryBroker::DEFAULT_RETENTION_BYTES),
+        }
+    }
+}
+
+/// One partition's records, oldest first, with the offsets around them.
+#[derive(Default)]
+struct Log {
+    /// The log-start offset: records below it are gone; a read below it starts here.
+    start: i64,
+    /// The offset the next record gets (the high watermark).
+    end: i64,
+    /// The records kept, by offset; a compacted log has gaps.
+    records: VecDeque<Stored>,
+    /// What the records count for against `retention.bytes`.
+    bytes: u64,
+    /// The lowest offset a consumer group reading this partition has not committed, or `None`
+    /// when no group reads it (then size and age decide what is kept).
+    needed: Option<i64>,
+    /// Compacted logs: the offset of each key's latest record.
+    latest: HashMap<Bytes, i64>,
+    /// Compacted logs: records kept that a later record replaced.
+    replaced: usize,
+}
+
+impl Log {
+    fn append(&mut self, record: Stored, policy: &Policy, now: i64) {
+        self.end = record.offset + 1;
+        self.bytes += record.size();
+        if policy.compacted {
+            let replaces = match &record.key {
+                Some(k) => self.latest.insert(k.clone(), record.offset).is_some(),
+                // Kafka refuses keyless records on a compacted topic; here the next one
+                // replaces them.
+                None => true,
+            };
+            self.replaced += usize::from(replaces);
+        }
+        self.records.push_back(record);
+        if policy.compacted {
+            if self.replaced >= COMPACT_AFTER && self.replaced * 2 >= self.records.len() {
+                self.compact(now);
+            }
+        } else if self.needed.is_none() {
+            self.expire(policy, now);
+        }
+    }
+
+    /// Removes records below `offset`, which every group reading the partition committed.
+    fn forget_below(&mut self, offset: i64) {
+        let offset = offset.min(self.end);
+        while self.records.front().is_some_and(|r| r.offset < offset) {
+            self.pop_front();
+        }
+        self.start = self.start.max(offset);
+        self.shrink();
+    }
+
+    /// Removes the oldest records while the partition is over its size or they are over its
+    /// age; the newest record stays (as Kafka keeps its active segment).
+    fn expire(&mut self, policy: &Policy, now: i64) {
+        let cutoff = now.saturating_sub(policy.time_ms);
+        while self.records.len() > 1
+            && self
+                .records
+                .front()
+                .is_some_and(|r| self.bytes > policy.bytes || r.timestamp < cutoff)
+        {
+            self.pop_front();
+        }
+        self.shrink();
+    }
+
+    fn pop_front(&mut self) {
+        if let Some(r) = self.records.pop_front() {
+            self.bytes = self.bytes.saturating_sub(r.size());
+            self.start = self.records.front().map_or(self.end, |n| n.offset);
+        }
+    }
+
+    /// Keeps the latest record of each key, as Kafka's log cleaner does: a delete marker
+    /// (tombstone) stays while it is the latest of its key for `delete.retention.ms`, so that
+    /// a reader part-way through sees the delete; the newest record always stays.
+    fn compact(&mut self, now: i64) {
+        let last = self.end - 1;
+        let cutoff = now.saturating_sub(MemoryBroker::DELETE_RETENTION_MS);
+        let latest = &mut self.latest;
+        let mut bytes = self.bytes;
+        self.records.retain(|r| {
+            let keep = r.offset == last
+                || match &r.key {
+                    Some(k) if latest.get(k) == Some(&r.offset) => {
+                        let expired = r.value.is_none() && r.timestamp < cutoff;
+                        if expired {
+                            latest.remove(k);
+                        }
+                        !expired
+                    }
+                    _ => false,
+                };
+            if !keep {
+                bytes = bytes.saturating_sub(r.size());
+            }
+            keep
+        });
+        self.bytes = bytes;
+        self.replaced = 0;
+        self.shrink();
+    }
+
+    /// Gives back what the queue grew to when it held many more records.
+    fn shrink(&mut self) {
+        let (len, cap) = (self.records.len(), self.records.capacity());
+        if cap > 4096 && len < cap / 4 {
+            self.records.shrink_to(len * 2);
+        }
+        if self.latest.capacity() > 4096 && self.latest.len() < self.latest.capacity() / 4 {
+            self.latest.shrink_to(self.latest.len() * 2);
+        }
+    }
+}
+
 #[derive(Default)]
 struct Partition {
-    log: RwLock<Vec<Arc<Stored>>>,
+    log: RwLock<Log>,
     watchers: Mutex<Vec<Arc<Notify>>>,
 }
 
 impl Partition {
-    fn len(&self) -> i64 {
-        read(&self.log).len() as i64
+    /// The high watermark: the offset the next record gets.
+    fn end(&self) -> i64 {
+        read(&self.log).end
+    }
+
+    /// The log-start offset.
+    fn start(&self) -> i64 {
+        read(&self.log).start
     }
 
     fn watch(&self, notify: &Arc<Notify>) {
@@ -52,6 +229,7 @@ impl Partition {
 
 struct Topic {
     name: Arc<str>,
+    policy: Policy,
     partitions: Vec<Partition>,
 }
 
@@ -59,11 +237,42 @@ struct Topic {
 ///
 /// `memory://` gives each [`App`](crate::App) a broker of its own; `memory://NAME` names a
 /// broker shared by every app of the process that uses the same name.
+///
+/// # What is kept
+///
+/// The broker holds records in memory, so it keeps no more of them than Kafka would keep on
+/// disk, and never loses one a consumer group still needs:
+///
+/// - A partition that consumer groups read (a group subscribes to its topic, or has committed
+///   an offset of it) forgets the records below the lowest offset those groups committed. A
+///   group that has not caught up loses nothing it has not committed, however far behind it
+///   is; a group that subscribed without committing yet keeps the whole partition.
+/// - A partition no group reads keeps its newest records up to the topic's
+///   [`Retention`](super::Retention): about [`DEFAULT_RETENTION_BYTES`](Self::DEFAULT_RETENTION_BYTES) per
+///   partition and [`DEFAULT_RETENTION_TIME`](Self::DEFAULT_RETENTION_TIME) unless the topic
+///   says otherwise ([`Topic::retention_bytes`](crate::Topic::retention_bytes),
+///   [`Topic::retention_time`](crate::Topic::retention_time)). A record counts its key, value
+///   and headers and what the broker spends on it besides (about a hundred bytes).
+/// - A compacted topic (a table's changelog) keeps the latest record of each key, and is not
+///   trimmed by size or age, like Kafka's `cleanup.policy=compact`. A delete (tombstone) is
+///   kept while it is its key's latest record for
+///   [`DELETE_RETENTION_MS`](Self::DELETE_RETENTION_MS), then removed at the next compaction.
+///
+/// Offsets stay as they were: a partition's [`start_offset`](Self::start_offset) rises as
+/// records are removed, and a consumer asked to read below it (a new group, a reader from the
+/// beginning) starts there, as a Kafka consumer with `auto.offset.reset=earliest` does. A
+/// compacted partition keeps its offsets with gaps between them.
+///
+/// Records are removed when the committed offsets move (at each commit) and as records are
+/// added. So while an agent runs, the broker holds what its group has read and not committed
+/// yet: about one [`commit_interval`](crate::Settings::commit_interval) of events.
 #[derive(Default)]
 pub struct MemoryBroker {
     topics: RwLock<HashMap<String, Arc<Topic>>>,
     groups: Mutex<HashMap<String, Group>>,
     offsets: Mutex<HashMap<String, BTreeMap<TopicPartition, i64>>>,
+    /// Held while deciding what a topic keeps, so that two decisions do not cross.
+    retention: Mutex<()>,
     next_member: AtomicU64,
 }
 
@@ -116,6 +325,19 @@ pub(crate) fn now_millis() -> i64 {
 }
 
 impl MemoryBroker {
+    /// How long a partition no consumer group reads keeps records, unless its topic says
+    /// otherwise: Kafka's default `retention.ms`, 7 days.
+    pub const DEFAULT_RETENTION_TIME: Duration = Duration::from_secs(7 * 24 * 3600);
+
+    /// About how many bytes a partition no consumer group reads keeps, unless its topic says
+    /// otherwise: 4 MiB, some 30,000 small JSON records (Kafka's `retention.bytes` has no
+    /// limit, but a Kafka broker keeps records on disk, not in the worker's memory).
+    pub const DEFAULT_RETENTION_BYTES: u64 = 4 << 20;
+
+    /// How long a compacted topic keeps a delete marker that is its key's latest record, in
+    /// milliseconds: Kafka's `delete.retention.ms`, one day.
+    pub const DELETE_RETENTION_MS: i64 = 24 * 3600 * 1000;
+
     /// A new, empty broker.
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())
@@ -158,11 +380,14 @@ impl MemoryBroker {
         }
         let topic = Topic {
             name: Arc::from(spec.name.as_str()),
+            policy: Policy::new(spec),
             partitions: (0..spec.partitions).map(|_| Partition::default()).collect(),
         };
         topics.insert(spec.name.clone(), Arc::new(topic));
         drop(topics);
-        // A group subscribed to this name before it existed gets its partitions now.
+        // A group subscribed to this name before it existed gets its partitions now, and
+        // keeps what it has not read from the first record.
+        self.apply_retention(&spec.name);
         let groups: Vec<String> = lock(&self.groups).keys().cloned().collect();
         for g in groups {
             self.rebalance(&g);
@@ -182,16 +407,19 @@ impl MemoryBroker {
                 partition: record.partition,
                 partitions,
             })?;
-        let stored = Arc::new(Stored {
-            timestamp: record.timestamp.unwrap_or_else(now_millis),
-            key: record.key,
-            value: record.value,
-            headers: record.headers,
-        });
+        let now = now_millis();
         let offset = {
             let mut log = write(&part.log);
-            log.push(stored);
-            log.len() as i64 - 1
+            let offset = log.end;
+            let stored = Stored {
+                offset,
+                timestamp: record.timestamp.unwrap_or(now),
+                key: record.key,
+                value: record.value,
+                headers: record.headers,
+            };
+            log.append(stored, &topic.policy, now);
+            offset
         };
         for w in lock(&part.watchers).iter() {
             w.notify_one();
@@ -202,14 +430,29 @@ impl MemoryBroker {
         })
     }
 
-    /// Number of records in a partition (its end offset).
+    /// A partition's end offset (high watermark): the offset its next record gets.
     pub fn end_offset(&self, topic: &str, partition: u32) -> Option<i64> {
         let t = self.topic(topic).ok()?;
-        t.partitions.get(partition as usize).map(Partition::len)
+        t.partitions.get(partition as usize).map(Partition::end)
     }
 
-    /// Reads up to `max` records from a partition starting at `offset`, for inspection in tests
-    /// and tools.
+    /// A partition's log-start offset: the records below it were removed (see
+    /// [what is kept](MemoryBroker#what-is-kept)).
+    pub fn start_offset(&self, topic: &str, partition: u32) -> Option<i64> {
+        let t = self.topic(topic).ok()?;
+        t.partitions.get(partition as usize).map(Partition::start)
+    }
+
+    /// How many records a partition holds now.
+    pub fn record_count(&self, topic: &str, partition: u32) -> Option<usize> {
+        let t = self.topic(topic).ok()?;
+        let part = t.partitions.get(partition as usize)?;
+        let n = read(&part.log).records.len();
+        Some(n)
+    }
+
+    /// Reads up to `max` records from a partition starting at `offset` (or at the first record
+    /// kept after it), for inspection in tests and tools.
     pub fn read(&self, topic: &str, partition: u32, offset: i64, max: usize) -> Vec<Message> {
         let Ok(t) = self.topic(topic) else {
             return Vec::new();
@@ -242,31 +485,91 @@ impl MemoryBroker {
             .insert(
                 id,
                 Member {
-                    topics,
+                    topics: topics.clone(),
                     assigned: Vec::new(),
                     inbox,
                 },
             );
+        // The group needs the records from now on, before it is given partitions.
+        for t in &topics {
+            self.apply_retention(t);
+        }
         self.rebalance(group);
         id
     }
 
     fn resubscribe(&self, group: &str, id: u64, topics: Vec<String>) {
+        let mut touched = topics.clone();
         if let Some(m) = lock(&self.groups)
             .get_mut(group)
             .and_then(|g| g.members.get_mut(&id))
         {
-            m.topics = topics;
+            touched.extend(std::mem::replace(&mut m.topics, topics));
+        }
+        touched.sort();
+        touched.dedup();
+        for t in &touched {
+            self.apply_retention(t);
         }
         self.rebalance(group);
     }
 
     fn leave(&self, group: &str, id: u64) {
+        let mut topics = Vec::new();
         if let Some(g) = lock(&self.groups).get_mut(group) {
-            g.members.remove(&id);
+            if let Some(m) = g.members.remove(&id) {
+                topics = m.topics;
+            }
             g.releasing.retain(|_, owner| *owner != id);
         }
         self.rebalance(group);
+        for t in &topics {
+            self.apply_retention(t);
+        }
+    }
+
+    /// Decides what `topic` keeps now that a group's subscription or committed offsets
+    /// changed: each partition learns the lowest offset the groups reading it need, and
+    /// forgets what is below it (or, when no group reads it, what its size and age limits
+    /// let go).
+    fn apply_retention(&self, topic: &str) {
+        let Ok(t) = self.topic(topic) else {
+            return;
+        };
+        if t.policy.compacted {
+            return;
+        }
+        let _one_at_a_time = lock(&self.retention);
+        let subscribed: BTreeSet<String> = lock(&self.groups)
+            .iter()
+            .filter(|(_, g)| {
+                g.members
+                    .values()
+                    .any(|m| m.topics.iter().any(|name| name == topic))
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        let offsets = lock(&self.offsets);
+        let now = now_millis();
+        for (p, part) in t.partitions.iter().enumerate() {
+            let tp = TopicPartition::new(t.name.clone(), p as u32);
+            let committed = offsets.iter().filter_map(|(g, m)| match m.get(&tp) {
+                Some(o) => Some(*o),
+                // Subscribed and nothing committed yet: it reads from the first record.
+                None => subscribed.contains(g).then_some(0),
+            });
+            let uncommitted = subscribed
+                .iter()
+                .filter(|g| !offsets.contains_key(*g))
+                .map(|_| 0);
+            let needed = committed.chain(uncommitted).min();
+            let mut log = write(&part.log);
+            log.needed = needed;
+            match needed {
+                Some(offset) => log.forget_below(offset),
+                None => log.expire(&t.policy, now),
+            }
+        }
     }
 
     /// Range assignment per topic over the members subscribed to it, ordered by member id.
@@ -360,6 +663,7 @@ impl MemoryBroker {
     }
 }
 
+/// Up to `max` records from `offset` on; below the log-start offset, from there.
 fn read_from(
     topic: &Topic,
     partition: u32,
@@ -368,15 +672,14 @@ fn read_from(
     max: usize,
 ) -> Vec<Message> {
     let log = read(&part.log);
-    let start = (offset.max(0) as usize).min(log.len());
-    let end = log.len().min(start.saturating_add(max));
-    log[start..end]
-        .iter()
-        .enumerate()
-        .map(|(i, r)| Message {
+    let first = log.records.partition_point(|r| r.offset < offset);
+    log.records
+        .range(first..)
+        .take(max)
+        .map(|r| Message {
             topic: topic.name.clone(),
             partition,
-            offset: (start + i) as i64,
+            offset: r.offset,
             timestamp: r.timestamp,
             key: r.key.clone(),
             value: r.value.clone(),
@@ -443,7 +746,7 @@ impl Transport for MemoryTransport {
         let r = self
             .broker
             .topic(topic)
-            .map(|t| t.partitions.iter().map(Partition::len).collect());
+            .map(|t| t.partitions.iter().map(Partition::end).collect());
         async move { r }.boxed()
     }
 
@@ -474,8 +777,8 @@ impl Transport for MemoryTransport {
                 .map(|(p, part)| {
                     part.watch(&inbox.notify);
                     let position = match start {
-                        StartAt::Earliest => 0,
-                        StartAt::Latest => part.len(),
+                        StartAt::Earliest => part.start(),
+                        StartAt::Latest => part.end(),
                     };
                     Assigned {
                         topic: t.clone(),
@@ -518,7 +821,7 @@ impl Transport for MemoryTransport {
                 assigned.push(Assigned {
                     topic: t.clone(),
                     partition: p,
-                    position: offset.clamp(0, part.len()),
+                    position: offset.clamp(0, part.end()),
                 });
             }
             Ok(Box::new(MemoryConsumer {
@@ -642,7 +945,10 @@ impl MemoryConsumer {
                 a.position,
                 MAX_POLL_RECORDS - out.len(),
             );
-            a.position += batch.len() as i64;
+            if let Some(last) = batch.last() {
+                // Past the last record read: offsets have gaps where records were removed.
+                a.position = last.offset + 1;
+            }
             out.extend(batch);
         }
         if n > 0 {
@@ -718,10 +1024,18 @@ impl Consumer for MemoryConsumer {
     ) -> BoxFuture<'_, Result<(), TransportError>> {
         let r = match &self.group {
             Some(group) => {
-                let mut all = lock(&self.broker.offsets);
-                let map = all.entry(group.clone()).or_default();
-                for (tp, o) in offsets {
-                    map.insert(tp, o);
+                let topics: BTreeSet<Arc<str>> =
+                    offsets.iter().map(|(tp, _)| tp.topic.clone()).collect();
+                {
+                    let mut all = lock(&self.broker.offsets);
+                    let map = all.entry(group.clone()).or_default();
+                    for (tp, o) in offsets {
+                        map.insert(tp, o);
+                    }
+                }
+                // What every group reading these partitions has committed can go.
+                for t in &topics {
+                    self.broker.apply_retention(t);
                 }
                 Ok(())
             }
@@ -741,5 +1055,101 @@ impl Drop for MemoryConsumer {
         if let (Some(group), Some(id)) = (&self.group, self.member) {
             self.broker.leave(group, id);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(offset: i64, key: Option<&str>, value: Option<&str>, timestamp: i64) -> Stored {
+        Stored {
+            offset,
+            timestamp,
+            key: key.map(|k| Bytes::copy_from_slice(k.as_bytes())),
+            value: value.map(|v| Bytes::copy_from_slice(v.as_bytes())),
+            headers: Vec::new(),
+        }
+    }
+
+    /// A record as the tests look at it: offset, key, value.
+    type Kept<'a> = (i64, Option<&'a [u8]>, Option<&'a [u8]>);
+
+    fn kept(log: &Log) -> Vec<Kept<'_>> {
+        log.records
+            .iter()
+            .map(|r| (r.offset, r.key.as_deref(), r.value.as_deref()))
+            .collect()
+    }
+
+    #[test]
+    fn compaction_keeps_each_keys_latest_record_and_old_deletes_go() {
+        let policy = Policy {
+            compacted: true,
+            time_ms: i64::MAX,
+            bytes: u64::MAX,
+        };
+        let day = MemoryBroker::DELETE_RETENTION_MS;
+        let now = 10 * day;
+        let mut log = Log::default();
+        let mut offset = 0;
+        let mut push = |log: &mut Log, key, value, timestamp| {
+            log.append(record(offset, key, value, timestamp), &policy, now);
+            offset += 1;
+        };
+        push(&mut log, Some("old"), Some("1"), 0);
+        push(&mut log, Some("old"), None, 0);
+        push(&mut log, Some("new"), Some("1"), now);
+        push(&mut log, Some("new"), None, now);
+        push(&mut log, None, Some("keyless"), now);
+        for i in 0..COMPACT_AFTER as i64 {
+            push(
+                &mut log,
+                Some("k"),
+                Some(if i % 2 == 0 { "a" } else { "b" }),
+                now,
+            );
+        }
+        push(&mut log, Some("last"), None, 0);
+        assert!(log.records.len() < 10, "compaction ran as records came");
+        log.compact(now);
+        // Each key's latest record is left; the delete of `old` is past `delete.retention.ms`
+        // and goes, a keyless record goes, the newest record stays whatever it is.
+        assert_eq!(
+            kept(&log),
+            vec![
+                (3, Some(&b"new"[..]), None),
+                (4 + COMPACT_AFTER as i64, Some(&b"k"[..]), Some(&b"b"[..])),
+                (5 + COMPACT_AFTER as i64, Some(&b"last"[..]), None),
+            ]
+        );
+        assert_eq!((log.start, log.end), (0, 6 + COMPACT_AFTER as i64));
+        let bytes: u64 = log.records.iter().map(Stored::size).sum();
+        assert_eq!(log.bytes, bytes);
+    }
+
+    #[test]
+    fn an_unread_partition_keeps_its_newest_records_within_its_limits() {
+        let size = record(0, Some("k"), Some("v"), 0).size();
+        let policy = Policy {
+            compacted: false,
+            time_ms: 1000,
+            bytes: 3 * size,
+        };
+        let mut log = Log::default();
+        for offset in 0..10 {
+            log.append(record(offset, Some("k"), Some("v"), 5000), &policy, 5000);
+        }
+        assert_eq!((log.start, log.end, log.records.len()), (7, 10, 3));
+        // Old records go, but the newest stays.
+        log.expire(&policy, 10_000);
+        assert_eq!((log.start, log.end, log.records.len()), (9, 10, 1));
+        // What groups committed goes, however new; the offsets stay.
+        log.needed = Some(10);
+        log.forget_below(10);
+        assert_eq!(
+            (log.start, log.end, log.records.len(), log.bytes),
+            (10, 10, 0, 0)
+        );
     }
 }

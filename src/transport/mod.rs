@@ -10,6 +10,7 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 #[cfg(feature = "kafka")]
 pub(crate) mod kafka;
@@ -140,6 +141,29 @@ pub struct TopicSpec {
     pub replication_factor: i16,
     /// Whether the topic is compacted (changelogs).
     pub compacted: bool,
+    /// How long the topic keeps records, where the app set it.
+    pub retention: Retention,
+}
+
+/// How much of a topic's past is kept: Kafka's `retention.ms` and `retention.bytes`.
+///
+/// A limit left unset is the transport's default: on Kafka the broker's (`log.retention.hours`,
+/// `log.retention.bytes`), on the embedded transport [`MemoryBroker::DEFAULT_RETENTION_TIME`]
+/// and [`MemoryBroker::DEFAULT_RETENTION_BYTES`]. Set them per topic with
+/// [`Topic::retention_time`](crate::Topic::retention_time) and
+/// [`Topic::retention_bytes`](crate::Topic::retention_bytes); Kafka receives them as the
+/// topic's configuration when rill creates it.
+///
+/// On the embedded transport the limits only apply to records no consumer group still needs:
+/// a record a group has not committed is kept whatever its age or the partition's size (see
+/// [`MemoryBroker`]). Compacted topics (changelogs) are not trimmed by age or size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Retention {
+    /// Records older than this may be removed (`retention.ms`).
+    pub time: Option<Duration>,
+    /// A partition may be trimmed, oldest records first, to about this many bytes
+    /// (`retention.bytes`, per partition).
+    pub bytes: Option<u64>,
 }
 
 /// A message log rill can run on.
