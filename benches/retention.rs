@@ -9,8 +9,9 @@
 //!
 //! The broker forgets what the agent's group has committed, so once warmed up the agent's
 //! memory should grow no more than the bare loop's. What it holds while running is what the
-//! group has not committed yet, about the events of one `commit_interval`: the agent runs with
-//! the default interval (2.8 s) and with 100 ms. The producer keeps at most `IN_FLIGHT` events
+//! group has not committed yet: by default at most about 10,000 records (a commit every 2.8 s or
+//! every 10,000 records read, `Settings::commit_every`); the agent also runs committing by time
+//! only, every 100 ms and every 2.8 s. The producer keeps at most `IN_FLIGHT` events
 //! ahead of the agent (the embedded broker, like Kafka, does not slow a producer down), so
 //! what is measured is what the broker keeps, not how far a producer can run ahead.
 
@@ -151,12 +152,13 @@ async fn bare_loop(events: u64) -> Run {
 }
 
 /// The `adding` agent reads a 4-partition topic a producer writes keyed events to, committing
-/// every `commit_interval`.
-async fn rill_agent(events: u64, commit_interval: Duration) -> Run {
+/// every `commit_interval` and, unless `commit_every` is `Some(0)`, every so many records.
+async fn rill_agent(events: u64, commit_interval: Duration, commit_every: Option<u64>) -> Run {
     let app = App::new("bench-retention");
     app.configure(|s| {
         s.topic_partitions = PARTITIONS;
         s.commit_interval = commit_interval;
+        s.commit_every = commit_every;
     });
     let topic = app.topic("adding").value_type::<Add>();
     let progress = Arc::new(Progress::default());
@@ -189,8 +191,8 @@ async fn rill_agent(events: u64, commit_interval: Duration) -> Run {
         .sum();
     worker.shutdown().await.expect("shutdown");
     println!(
-        "  (commits every {commit_interval:?}: the broker held {held} records when the last \
-         event was processed)"
+        "  (commits every {commit_interval:?}, commit_every {commit_every:?}: the broker held \
+         {held} records when the last event was processed)"
     );
     Run {
         elapsed,
@@ -216,16 +218,29 @@ fn main() {
         let bare = bare_loop(events).await;
         // Memory the allocator has once held stays resident: the run that holds less goes
         // first, so that each run's growth is its own.
-        let short = rill_agent(events, Duration::from_millis(100)).await;
-        let default = rill_agent(events, Settings::default().commit_interval).await;
+        let interval = Settings::default().commit_interval;
+        let default = rill_agent(events, interval, None).await;
+        let short = rill_agent(events, Duration::from_millis(100), Some(0)).await;
+        let by_time = rill_agent(events, interval, Some(0)).await;
         bare.print("bare loop (tokio channel + serde_json + a + b)", events);
-        short.print("rill adding agent, memory://, commits 100 ms", events);
-        default.print("rill adding agent, memory://, commits 2.8 s", events);
+        default.print(
+            "rill adding agent, memory://, default settings (2.8 s or 10,000 records)",
+            events,
+        );
+        short.print(
+            "rill adding agent, memory://, commits every 100 ms only",
+            events,
+        );
+        by_time.print(
+            "rill adding agent, memory://, commits every 2.8 s only",
+            events,
+        );
         let ratio = |r: &Run| bare.elapsed.as_secs_f64() / r.elapsed.as_secs_f64();
         println!(
-            "  ratio rill / bare, throughput: {:.2} (100 ms), {:.2} (2.8 s)",
+            "  ratio rill / bare, throughput: {:.2} (default), {:.2} (100 ms), {:.2} (2.8 s only)",
+            ratio(&default),
             ratio(&short),
-            ratio(&default)
+            ratio(&by_time)
         );
     });
 }

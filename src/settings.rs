@@ -107,11 +107,19 @@ pub struct Settings {
     pub topic_partitions: u32,
     /// Replication factor of topics the app creates (Kafka only).
     pub topic_replication_factor: i16,
-    /// How often processed offsets are committed (Faust's default: 2.8 s). On the embedded
-    /// transport the records a group has read and not committed stay in memory, about one
-    /// interval of events; commits there are cheap, so a shorter interval (100 ms, say) holds
-    /// less (see [`MemoryBroker`](crate::transport::MemoryBroker#what-is-kept)).
+    /// How often processed offsets are committed (Faust's default: 2.8 s); see also
+    /// [`commit_every`](Settings::commit_every). On the embedded transport the records a group
+    /// has read and not committed stay in memory (see
+    /// [`MemoryBroker`](crate::transport::MemoryBroker#what-is-kept)).
     pub commit_interval: Duration,
+    /// Commit also after this many records read since the last commit (Faust's
+    /// `broker_commit_every`). `None` (the default) takes the transport's: 10,000 on the
+    /// embedded transport, where it bounds what the broker holds for the group however fast
+    /// the agents go; none on Kafka, which commits by [`commit_interval`] only (each commit
+    /// pauses the agents while the producer is flushed). `Some(0)` commits by interval only.
+    ///
+    /// [`commit_interval`]: Settings::commit_interval
+    pub commit_every: Option<u64>,
     /// Capacity of each agent's input queue and of channels: the back-pressure bound.
     pub stream_buffer_maxsize: usize,
     /// How long `ask`, `map` and `join` wait for a reply.
@@ -195,6 +203,7 @@ impl Default for Settings {
             topic_partitions: 8,
             topic_replication_factor: 1,
             commit_interval: Duration::from_millis(2800),
+            commit_every: None,
             stream_buffer_maxsize: 4096,
             ask_timeout: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(30),

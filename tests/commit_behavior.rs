@@ -474,3 +474,68 @@ async fn a_revocation_while_records_wait_for_a_full_queue_loses_nothing() {
         }
     }
 }
+
+/// Faust's `broker_commit_every`: with `commit_every`, a worker commits once that many records
+/// are read, without waiting for the interval; without it (`Some(0)`), only the interval
+/// commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_every_commits_after_that_many_records_without_waiting_for_the_interval() {
+    for (every, expect_commit) in [(Some(100), true), (Some(0), false)] {
+        let app = App::new(format!("commit-every-{}", every.unwrap_or_default()));
+        app.configure(|s| {
+            s.topic_partitions = 1;
+            // Far beyond the test: only the record count can commit.
+            s.commit_interval = Duration::from_secs(3600);
+            s.commit_every = every;
+        });
+        let topic = app.topic("numbers").value_type::<u64>();
+        let seen = Arc::new(AtomicU64::new(0));
+        let s = seen.clone();
+        app.agent(move |mut stream: Stream<u64>| {
+            let seen = s.clone();
+            async move {
+                while stream.next().await.is_some() {
+                    seen.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+        .named("count")
+        .channel(&topic);
+        let worker = app.start().await.expect("start");
+        // Each batch is read, and counted towards the next commit, before the next is sent.
+        for batch in 0..5u64 {
+            for n in 0..50 {
+                topic.send(batch * 50 + n).await.expect("send");
+            }
+            let want = (batch + 1) * 50;
+            wait_until(WAIT, "the batch to be processed", || {
+                seen.load(Ordering::Relaxed) >= want
+            })
+            .await;
+        }
+        if expect_commit {
+            // The fourth batch's records make 200 read since the start: that commit takes
+            // at least the three batches processed before it was sent.
+            wait_until(WAIT, "a commit of at least 150 records", || {
+                common::committed(&app)
+                    .get(&TopicPartition::new("numbers", 0))
+                    .is_some_and(|o| *o >= 150)
+            })
+            .await;
+        } else {
+            // Processed, and nothing read since the start commits it before the interval.
+            assert_eq!(seen.load(Ordering::Relaxed), 250);
+            assert_eq!(
+                common::committed(&app).get(&TopicPartition::new("numbers", 0)),
+                None,
+                "committed by count with commit_every Some(0)"
+            );
+        }
+        worker.shutdown().await.expect("stop");
+        assert_eq!(
+            common::committed(&app).get(&TopicPartition::new("numbers", 0)),
+            Some(&250),
+            "the last commit at shutdown takes everything"
+        );
+    }
+}

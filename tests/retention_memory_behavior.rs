@@ -57,8 +57,8 @@ fn progress(sent: u64, processed: &AtomicU64) -> (u64, u64) {
 async fn a_million_events_through_a_topic_agent_stay_in_bounded_memory() {
     let app = App::new("bounded-adding");
     app.configure(|s| {
+        // Default commits: every 2.8 s, or every 10,000 records read on this transport.
         s.topic_partitions = 4;
-        s.commit_interval = Duration::from_millis(100);
     });
     let topic = app.topic("adding").value_type::<Add>();
     let processed = Arc::new(AtomicU64::new(0));

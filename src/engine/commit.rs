@@ -57,6 +57,7 @@ impl Dispatcher {
     /// exactly-once the barrier stays up until the transaction is committed. Returns whether
     /// everything processed is committed (false when it could not be, or was not meant to be).
     pub(super) async fn commit(&mut self) -> bool {
+        self.since_commit = 0;
         if self.fatal {
             // Nothing after the failure counts; an open transaction is aborted.
             let _ = self.consumer.abort().await;

@@ -55,7 +55,15 @@ pub(crate) struct Dispatcher {
     /// full queue would cost throughput: librdkafka drops what it prefetched for a paused
     /// partition and fetches it again after the resume.)
     pub(super) held_back: bool,
+    /// Records read since the last commit (see [`Settings::commit_every`]).
+    ///
+    /// [`Settings::commit_every`]: crate::Settings::commit_every
+    pub(super) since_commit: u64,
 }
+
+/// Records read between two commits on the embedded transport, unless the settings say (see
+/// [`Settings::commit_every`](crate::Settings::commit_every)).
+pub(crate) const EMBEDDED_COMMIT_EVERY: u64 = 10_000;
 
 impl Dispatcher {
     pub(crate) fn new(
@@ -83,6 +91,7 @@ impl Dispatcher {
             backlog: Vec::new(),
             backlogged: 0,
             held_back: false,
+            since_commit: 0,
         };
         for (agent, topics, route) in routes {
             d.add_route(&agent, topics, route);
@@ -146,6 +155,12 @@ impl Dispatcher {
         // The first commit comes one interval after the start (nothing is processed before).
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let commit_every = match self.rt.settings.commit_every {
+            Some(0) => None,
+            Some(n) => Some(n),
+            None if self.rt.transport.kind() == "memory" => Some(EMBEDDED_COMMIT_EVERY),
+            None => None,
+        };
         let mut failures = 0u32;
         loop {
             tokio::select! {
@@ -173,6 +188,10 @@ impl Dispatcher {
                     Ok(event) => {
                         failures = 0;
                         self.on_event(event).await;
+                        if commit_every.is_some_and(|n| self.since_commit >= n) {
+                            let _ = self.commit().await;
+                            ticker.reset();
+                        }
                     }
                     Err(e) => {
                         failures += 1;
@@ -297,6 +316,7 @@ impl Dispatcher {
 
     async fn dispatch(&mut self, batch: Vec<Message>) {
         self.count_in(&batch);
+        self.since_commit += batch.len() as u64;
         let mut pending: Vec<Chunk> = self.routes.iter().map(|_| Vec::new()).collect();
         let mut last: Option<Arc<PartitionTracker>> = None;
         let mut full: Vec<(usize, Chunk)> = Vec::new();

@@ -265,7 +265,9 @@ struct Topic {
 ///
 /// Records are removed when the committed offsets move (at each commit) and as records are
 /// added. So while an agent runs, the broker holds what its group has read and not committed
-/// yet: about one [`commit_interval`](crate::Settings::commit_interval) of events.
+/// yet: by default at most about 10,000 records, as a worker on this transport commits every
+/// [`commit_interval`](crate::Settings::commit_interval) or every
+/// [`commit_every`](crate::Settings::commit_every) records read.
 #[derive(Default)]
 pub struct MemoryBroker {
     topics: RwLock<HashMap<String, Arc<Topic>>>,
