@@ -11,7 +11,7 @@ use common::{wait_until_state, WAIT};
 use rill::prelude::*;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 const EVENTS: u64 = 1_000_000;
 /// Events processed before the first reading of resident memory: queues, buffers and the
