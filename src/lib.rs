@@ -55,9 +55,10 @@
 // The layers, from the bottom up (see "Map of the source" in the README): each uses only the
 // ones before it. tests/layering.rs checks that no two modules import each other.
 //
-// Foundations: codecs, errors, settings, the key partitioner.
+// Foundations: codecs (and Faust's wire forms), errors, settings, the key partitioner.
 pub mod codec;
 mod error;
+pub mod faust;
 mod partitioner;
 mod settings;
 

@@ -124,6 +124,11 @@ pub struct Settings {
     pub stream_buffer_maxsize: usize,
     /// How long `ask`, `map` and `join` wait for a reply.
     pub ask_timeout: Duration,
+    /// Whether `ask`, `map` and `join` requests carry Faust's request headers
+    /// (`Faust-Ag-ReplyTo`, `Faust-Ag-CorrelationId`) besides rill's own (default `true`), so
+    /// that a Faust agent answers them too. A rill agent answers by rill's headers whenever
+    /// they are there; turn this off to save the two headers when no Faust agent is asked.
+    pub faust_ask_headers: bool,
     /// How long a stopping worker waits for agents to finish in-flight events.
     pub shutdown_timeout: Duration,
     /// Largest number of requests `map`/`join` keep in flight at once.
@@ -206,6 +211,7 @@ impl Default for Settings {
             commit_every: None,
             stream_buffer_maxsize: 4096,
             ask_timeout: Duration::from_secs(30),
+            faust_ask_headers: true,
             shutdown_timeout: Duration::from_secs(30),
             map_max_inflight: 1024,
             processing_guarantee: ProcessingGuarantee::AtLeastOnce,

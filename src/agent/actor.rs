@@ -6,10 +6,11 @@ use crate::engine::queue::Queue;
 use crate::engine::reply::{CORRELATION_ID, REPLY_TO};
 use crate::engine::Runtime;
 use crate::error::{BoxError, Error, Result};
+use crate::faust;
 use crate::metrics::AgentInfo;
 use crate::settings::Settings;
 use crate::stream::{decode_delivery, ActorCtx, Buffers, Item, QueueReader, Stream};
-use crate::transport::TopicSpec;
+use crate::transport::{Message, TopicSpec};
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt};
@@ -366,47 +367,80 @@ where
     }
 
     /// Hands a yielded value to the asker (if the event has a reply-to address) and the sinks.
+    /// A request with rill's headers gets rill's reply (the value, its correlation id in a
+    /// header); one with only Faust's (or a Faust `ReqRepRequest`, unwrapped into them when
+    /// it was decoded) gets Faust's `ReqRepResponse` record, which a Faust `ask` reads.
     async fn deliver(&self, ctx: &ActorCtx, value: R) {
         if let Some(meta) = ctx.current() {
             if let Some(reply_to) = meta.header(REPLY_TO) {
-                let reply_to = String::from_utf8_lossy(reply_to).into_owned();
-                // A reply to this very worker is handed over directly.
-                if reply_to == self.rt.reply_topic {
-                    if let (Some(id), Ok(bytes)) =
-                        (meta.header(CORRELATION_ID), serde_json::to_vec(&value))
-                    {
-                        let id = String::from_utf8_lossy(id);
-                        self.rt.replies.complete(&id, exact_bytes(bytes));
-                    }
-                    return self.to_sinks(value).await;
-                }
-                let mut headers = Vec::new();
-                if let Some(id) = meta.header(CORRELATION_ID) {
-                    headers.push((CORRELATION_ID.to_owned(), id.clone()));
-                }
-                let result = match serde_json::to_vec(&value) {
-                    Ok(bytes) => {
-                        self.rt
-                            .enqueue(
-                                &self.rt.default_spec(&reply_to),
-                                None,
-                                None,
-                                Some(exact_bytes(bytes)),
-                                headers,
-                            )
-                            .await
-                    }
-                    Err(e) => Err(crate::Error::Config(format!("cannot encode reply: {e}"))),
-                };
-                if let Err(e) = result {
-                    let what = format!("agent {} cannot send a reply to {reply_to}", self.name);
-                    if !self.rt.output_error(&what, &e) {
-                        tracing::error!(agent = %self.name, reply_to, error = %e, "cannot send reply");
-                    }
-                }
+                self.reply(&meta, reply_to, &value).await;
+            } else if let Some(reply_to) = meta.header(faust::REPLY_TO) {
+                self.reply_to_faust(&meta, reply_to, &value).await;
             }
         }
         self.to_sinks(value).await;
+    }
+
+    /// Answers a request that came with rill's headers.
+    async fn reply(&self, meta: &Message, reply_to: &Bytes, value: &R) {
+        let reply_to = String::from_utf8_lossy(reply_to).into_owned();
+        // A reply to this very worker is handed over directly.
+        if reply_to == self.rt.reply_topic {
+            if let (Some(id), Ok(bytes)) = (meta.header(CORRELATION_ID), serde_json::to_vec(value))
+            {
+                let id = String::from_utf8_lossy(id);
+                self.rt.replies.complete(&id, exact_bytes(bytes));
+            }
+            return;
+        }
+        let mut headers = Vec::new();
+        if let Some(id) = meta.header(CORRELATION_ID) {
+            headers.push((CORRELATION_ID.to_owned(), id.clone()));
+        }
+        let bytes = serde_json::to_vec(value).map(exact_bytes);
+        self.send_reply(&reply_to, None, bytes, headers).await;
+    }
+
+    /// Answers a Faust `ask`: a `ReqRepResponse` record, without a key, as Faust's agents send
+    /// theirs.
+    async fn reply_to_faust(&self, meta: &Message, reply_to: &Bytes, value: &R) {
+        let reply_to = String::from_utf8_lossy(reply_to).into_owned();
+        let id = meta
+            .header(faust::CORRELATION_ID)
+            .map(|id| String::from_utf8_lossy(id).into_owned())
+            .unwrap_or_default();
+        let bytes = serde_json::to_vec(value)
+            .map(|v| Bytes::from(faust::response(meta.key.as_deref(), &v, &id)));
+        self.send_reply(&reply_to, None, bytes, Vec::new()).await;
+    }
+
+    async fn send_reply(
+        &self,
+        reply_to: &str,
+        key: Option<Bytes>,
+        bytes: serde_json::Result<Bytes>,
+        headers: crate::transport::Headers,
+    ) {
+        let result = match bytes {
+            Ok(bytes) => {
+                self.rt
+                    .enqueue(
+                        &self.rt.default_spec(reply_to),
+                        None,
+                        key,
+                        Some(bytes),
+                        headers,
+                    )
+                    .await
+            }
+            Err(e) => Err(crate::Error::Config(format!("cannot encode reply: {e}"))),
+        };
+        if let Err(e) = result {
+            let what = format!("agent {} cannot send a reply to {reply_to}", self.name);
+            if !self.rt.output_error(&what, &e) {
+                tracing::error!(agent = %self.name, reply_to, error = %e, "cannot send reply");
+            }
+        }
     }
 
     async fn to_sinks(&self, value: R) {

@@ -259,7 +259,7 @@ where
                             rt.replies.expect_many(id.clone(), tx.clone());
                             waiting.insert(id.clone(), next_index);
                             next_index += 1;
-                            let headers = request_headers(&rt.reply_topic, &id);
+                            let headers = request_headers(&rt.reply_topic, &id, rt.settings.faust_ask_headers);
                             if let Err(e) = agent.deliver(value, key, None, headers, false).await {
                                 yield Err(e);
                                 break;
@@ -289,17 +289,22 @@ async fn collect_in_order<R>(
     Ok(slots.into_iter().flatten().collect())
 }
 
-fn request_headers(reply_to: &str, id: &str) -> Headers {
-    vec![
-        (
-            REPLY_TO.to_owned(),
-            Bytes::copy_from_slice(reply_to.as_bytes()),
-        ),
-        (
-            CORRELATION_ID.to_owned(),
-            Bytes::copy_from_slice(id.as_bytes()),
-        ),
-    ]
+/// A request's return address: rill's headers, and Faust's too when `faust` (see
+/// [`Settings::faust_ask_headers`](crate::Settings::faust_ask_headers)).
+fn request_headers(reply_to: &str, id: &str, faust: bool) -> Headers {
+    let (reply_to, id) = (
+        Bytes::copy_from_slice(reply_to.as_bytes()),
+        Bytes::copy_from_slice(id.as_bytes()),
+    );
+    let mut headers = vec![
+        (REPLY_TO.to_owned(), reply_to.clone()),
+        (CORRELATION_ID.to_owned(), id.clone()),
+    ];
+    if faust {
+        headers.push((crate::faust::REPLY_TO.to_owned(), reply_to));
+        headers.push((crate::faust::CORRELATION_ID.to_owned(), id));
+    }
+    headers
 }
 
 fn decode_reply<R: DeserializeOwned>(topic: &str, bytes: &[u8]) -> Result<R> {
@@ -382,12 +387,12 @@ where
             let mut headers = Vec::new();
             if let Some(reply_to) = self.reply_to {
                 let reply_to = reply_to?;
-                headers.push((REPLY_TO.to_owned(), Bytes::from(reply_to.into_bytes())));
+                let rt = self.agent.inner.core.runtime()?;
                 let id = match self.correlation_id {
                     Some(id) => id,
-                    None => self.agent.inner.core.runtime()?.replies.new_id(),
+                    None => rt.replies.new_id(),
                 };
-                headers.push((CORRELATION_ID.to_owned(), Bytes::from(id.into_bytes())));
+                headers = request_headers(&reply_to, &id, rt.settings.faust_ask_headers);
             } else if let Some(id) = self.correlation_id {
                 headers.push((CORRELATION_ID.to_owned(), Bytes::from(id.into_bytes())));
             }
@@ -513,7 +518,7 @@ where
             let id = self.correlation_id.unwrap_or_else(|| rt.replies.new_id());
             // Given up when this future is dropped, whether it was sent or not.
             let (waiting, reply) = WaitingOne::new(rt.clone(), id)?;
-            let headers = request_headers(&reply_topic, &waiting.id);
+            let headers = request_headers(&reply_topic, &waiting.id, rt.settings.faust_ask_headers);
             self.agent
                 .deliver(self.value, self.key, self.partition, headers, false)
                 .await?;

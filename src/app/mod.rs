@@ -178,6 +178,33 @@ impl App {
         agent
     }
 
+    /// A handle on an agent that another service runs (a Faust agent, or a rill agent of
+    /// another app), to [`send`](Agent::send), [`ask`](Agent::ask) or [`map`](Agent::map) it
+    /// through its topic, as a Faust client declares the agents it asks. This worker does not
+    /// read the topic; give it with [`channel`](Agent::channel) (by default the topic is
+    /// `name`). Faust agents answer rill's `ask` while
+    /// [`Settings::faust_ask_headers`](crate::Settings::faust_ask_headers) is on (the default).
+    ///
+    /// ```
+    /// use rill::prelude::*;
+    ///
+    /// let app = App::new("client");
+    /// let adds = app.topic("adds").key_codec(Utf8).value_type::<i64>();
+    /// // `@app.agent(adds)` in a Faust app, answering with an integer.
+    /// let add = app.remote_agent::<i64, i64, String>("faust-add").channel(&adds);
+    /// assert_eq!(add.name(), "faust-add");
+    /// ```
+    pub fn remote_agent<T, R, K>(&self, name: impl Into<String>) -> Agent<T, R, K>
+    where
+        T: Serialize + DeserializeOwned + Send + Sync + 'static,
+        R: Serialize + Clone + Send + Sync + 'static,
+        K: Send + Sync + 'static,
+    {
+        let runs_elsewhere: crate::agent::BoxAgentFn<T, K, R> =
+            Arc::new(|_| futures::StreamExt::boxed(futures::stream::empty()));
+        Agent::new(self.core.clone(), String::new(), runs_elsewhere).named(name)
+    }
+
     /// Declares an agent running `f(stream, state)`: an agent that needs state (a table, a
     /// client, a counter) stays a plain named function, and each of its runs gets a clone of
     /// `state`, as an axum handler gets its router's state. Named, and configured, as

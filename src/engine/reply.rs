@@ -2,7 +2,7 @@
 
 use super::runtime::Runtime;
 use crate::error::{Error, Result, TransportError};
-use crate::transport::{Consumer, ConsumerEvent, StartAt};
+use crate::transport::{Consumer, ConsumerEvent, Message, StartAt};
 use bytes::Bytes;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -231,12 +231,11 @@ pub(crate) async fn run_replies(
             event = consumer.poll() => match event {
                 Ok(ConsumerEvent::Messages(batch)) => {
                     for m in batch {
-                        let Some(id) = m.header(CORRELATION_ID) else {
+                        let Some((id, value)) = reply_of(&m) else {
                             tracing::warn!(topic = %m.topic, partition = m.partition, offset = m.offset, "reply without correlation id ignored");
                             continue;
                         };
-                        let id = String::from_utf8_lossy(id);
-                        if !rt.replies.complete(&id, m.value.clone().unwrap_or_default()) {
+                        if !rt.replies.complete(&id, value) {
                             tracing::debug!(correlation_id = %id, "reply arrived after its request gave up");
                         }
                     }
@@ -250,4 +249,15 @@ pub(crate) async fn run_replies(
         }
     }
     let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
+}
+
+/// The correlation id and value of a reply: rill's (the id in a header), or a Faust agent's
+/// (a `ReqRepResponse` record holding both).
+fn reply_of(m: &Message) -> Option<(String, Bytes)> {
+    if let Some(id) = m.header(CORRELATION_ID) {
+        let id = String::from_utf8_lossy(id).into_owned();
+        return Some((id, m.value.clone().unwrap_or_default()));
+    }
+    let (id, value) = crate::faust::unwrap_response(m.value.as_deref()?)?;
+    Some((id, Bytes::from(value)))
 }

@@ -5,7 +5,9 @@ pub(crate) mod bad_input;
 use crate::codec::{Codec, Json};
 use crate::engine::ack::Acks;
 use crate::engine::queue::{Delivery, Queue};
+use crate::engine::reply::REPLY_TO;
 use crate::engine::Runtime;
+use crate::faust;
 use crate::topic::Topic;
 use crate::transport::{Message, TopicSpec};
 use bad_input::Rejected;
@@ -170,7 +172,7 @@ fn accept<T: 'static>(ctx: &Arc<ActorCtx>, item: Result<Item<T>, Rejected>) -> D
 pub(crate) fn decode_delivery<T: 'static>(
     ctx: &Arc<ActorCtx>,
     codec: &dyn Codec<T>,
-    d: Delivery,
+    mut d: Delivery,
 ) -> Decoded<T> {
     let decoded = match bad_input::oversize(&d.msg, ctx.runtime.settings.max_payload_bytes) {
         Some(error) => Err(Rejected {
@@ -180,7 +182,7 @@ pub(crate) fn decode_delivery<T: 'static>(
             codec: codec.name(),
             error,
         }),
-        None => match codec.decode(d.msg.value.as_deref().unwrap_or(&[])) {
+        None => match codec.decode(faust_request(&mut d).as_deref().unwrap_or(&[])) {
             Ok(value) => Ok(Item {
                 value,
                 meta: d.msg,
@@ -190,6 +192,32 @@ pub(crate) fn decode_delivery<T: 'static>(
         },
     };
     accept(ctx, decoded)
+}
+
+/// The value to decode: the message's own, or, when it is a Faust `ReqRepRequest` (a Faust
+/// `ask` without reply headers), the value inside it. The message then carries the request's
+/// address as Faust's reply headers, as if it had come with them, so the agent's reply goes
+/// where the Faust asker waits.
+fn faust_request(d: &mut Delivery) -> Option<Bytes> {
+    let value = d.msg.value.clone()?;
+    if d.msg.header(REPLY_TO).is_some() {
+        return Some(value);
+    }
+    let Some(req) = faust::unwrap_request(&value) else {
+        return Some(value);
+    };
+    let msg = Arc::make_mut(&mut d.msg);
+    msg.headers.push((
+        faust::REPLY_TO.to_owned(),
+        Bytes::from(req.reply_to.into_bytes()),
+    ));
+    msg.headers.push((
+        faust::CORRELATION_ID.to_owned(),
+        Bytes::from(req.correlation_id.into_bytes()),
+    ));
+    let inner = Bytes::from(req.value);
+    msg.value = Some(inner.clone());
+    Some(inner)
 }
 
 /// An event: a value with the metadata of the message it came from.

@@ -1,0 +1,426 @@
+//! Faust (faust-streaming, pinned to [`FAUST_VERSION`]) and rill workers in one Apache Kafka
+//! cluster: a Faust client asks a rill agent (with Faust's reply headers, and with its
+//! `ReqRepRequest` records), a rill worker asks a Faust agent, and both read the records the
+//! other writes to a shared topic.
+//!
+//! Faust runs as a separate Python process (a script this test writes into a scratch
+//! directory), on loopback, stopped by its pid. `scripts/test` installs faust-streaming when
+//! missing; `RILL_PYTHON` overrides the Python run.
+
+mod common;
+
+use common::kafka::{scratch_dir, signal, Kafka};
+use common::{wait_until_state, within, Recorder, WAIT};
+use rill::faust::{FaustModel, FaustRecord};
+use rill::prelude::*;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+/// The faust-streaming release the tests are written against; `scripts/test` installs it.
+const FAUST_VERSION: &str = "0.15.3";
+
+/// Bound on a Faust process: starting, joining its group, asking or answering.
+const FAUST_TIMEOUT: Duration = Duration::from_secs(150);
+
+/// What both sides add: Faust's `Add` record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Add {
+    a: i64,
+    b: i64,
+}
+
+impl FaustModel for Add {
+    const NAMESPACE: &'static str = "interop.Add";
+}
+
+/// The answer: Faust's `Sum` record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Sum {
+    total: i64,
+    by: String,
+}
+
+impl FaustModel for Sum {
+    const NAMESPACE: &'static str = "interop.Sum";
+}
+
+/// The Faust side. `ask BROKER N` asks the rill agent (topic `rill-add`) N times with reply
+/// headers and N times with `ReqRepRequest` records, and prints each answer; `serve BROKER`
+/// runs a worker whose agent (topic `faust-add`) answers with a `Sum` and also writes it,
+/// keyed as its input, to `faust-sums`.
+const FAUST_APP: &str = r#"
+import asyncio, json, os, sys
+import faust
+
+mode, broker = sys.argv[1], sys.argv[2]
+app = faust.App(
+    "faust-interop-" + mode,
+    broker="kafka://" + broker,
+    web_enabled=False,
+    topic_partitions=4,
+    datadir=sys.argv[3],
+)
+
+
+class Add(faust.Record, namespace="interop.Add"):
+    a: int
+    b: int
+
+
+class Sum(faust.Record, namespace="interop.Sum"):
+    total: int
+    by: str
+
+
+# No value_type: a value is decoded into a Record class by its __faust namespace only.
+rill_add = app.topic("rill-add", key_serializer="raw")
+faust_add = app.topic("faust-add", key_serializer="raw")
+faust_sums = app.topic("faust-sums", key_serializer="raw", value_type=Sum)
+
+
+if mode == "ask":
+    # Declared, not run (this client only asks them): the rill agent reading rill-add, asked
+    # with Faust's reply headers and with ReqRepRequest records.
+    @app.agent(rill_add, name="rill-add-headers")
+    async def rill_add_headers(stream):
+        async for _ in stream:
+            yield None
+
+    @app.agent(rill_add, name="rill-add-wrapped", use_reply_headers=False)
+    async def rill_add_wrapped(stream):
+        async for _ in stream:
+            yield None
+
+
+@app.agent(faust_add if mode == "serve" else app.channel(), name="faust-add")
+async def add(stream):
+    async for event in stream.events():
+        value = event.value
+        # An attribute error (the agent crashes) unless rill wrote a record Faust decoded.
+        result = Sum(total=value.a + value.b, by="faust")
+        await faust_sums.send(key=event.key, value=result)
+        yield result
+
+
+async def ask(n):
+    try:
+        for form, agent in (("headers", rill_add_headers), ("wrapped", rill_add_wrapped)):
+            for i in range(n):
+                answer = await asyncio.wait_for(
+                    agent.ask(Add(a=i, b=100), key=f"{form}-{i}".encode()), 60)
+                print(json.dumps({"form": form, "i": i, "type": type(answer).__name__,
+                                  "total": answer.total, "by": answer.by}), flush=True)
+    finally:
+        # Stopping a client-only Faust app can block its event loop for good (a stop that no
+        # timeout interrupts): the answers are printed and flushed, so the process just ends.
+        sys.stdout.flush()
+        os._exit(0)
+
+
+if mode == "ask":
+    asyncio.run(ask(int(sys.argv[4])))
+else:
+    sys.argv = [sys.argv[0], "worker", "-l", "warn"]
+    app.main()
+"#;
+
+fn python() -> String {
+    std::env::var("RILL_PYTHON").unwrap_or_else(|_| "python3".to_owned())
+}
+
+/// Fails the test unless `python3` has faust-streaming [`FAUST_VERSION`].
+fn require_faust() {
+    let install = format!(
+        "install it with `python3 -m pip install faust-streaming=={FAUST_VERSION}` (scripts/test \
+         does) or point RILL_PYTHON at a Python that has it"
+    );
+    let out = std::process::Command::new(python())
+        .args(["-c", "import faust; print(faust.__version__)"])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {} ({e}): {install}", python()));
+    assert!(
+        out.status.success(),
+        "faust-streaming is missing from {} ({}): {install}",
+        python(),
+        String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .last()
+            .unwrap_or("")
+            .trim()
+    );
+    let version = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert_eq!(
+        version, FAUST_VERSION,
+        "faust-streaming {version} is installed, the tests pin {FAUST_VERSION}: {install}"
+    );
+}
+
+/// A Faust process running the script in `mode`, its output in files of `dir`; stopped by
+/// its pid when dropped.
+struct FaustProcess {
+    child: tokio::process::Child,
+    out: std::path::PathBuf,
+    err: std::path::PathBuf,
+}
+
+impl FaustProcess {
+    fn start(dir: &Path, mode: &str, broker: &str, extra: &[&str]) -> Self {
+        let script = dir.join("interop.py");
+        std::fs::write(&script, FAUST_APP).expect("write the Faust app");
+        let data = dir.join(format!("faust-data-{mode}"));
+        let (out, err) = (
+            dir.join(format!("faust-{mode}.out")),
+            dir.join(format!("faust-{mode}.err")),
+        );
+        let mut cmd = tokio::process::Command::new(python());
+        cmd.arg(&script)
+            .args([mode, broker])
+            .arg(&data)
+            .args(extra)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&out).expect("Faust stdout file"))
+            .stderr(std::fs::File::create(&err).expect("Faust stderr file"))
+            .kill_on_drop(true);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start Faust ({mode}): {e}"));
+        Self { child, out, err }
+    }
+
+    fn output(&self) -> String {
+        format!(
+            "--- Faust stderr (last lines):\n{}\n--- Faust stdout:\n{}",
+            common::kafka::tail(&self.err, 40),
+            std::fs::read_to_string(&self.out).unwrap_or_default()
+        )
+    }
+
+    /// Waits (bounded) for the process to end on its own; fails the test if it fails.
+    async fn finish(mut self) -> String {
+        match tokio::time::timeout(FAUST_TIMEOUT, self.child.wait()).await {
+            Ok(Ok(status)) => {
+                assert!(
+                    status.success(),
+                    "Faust failed ({status})\n{}",
+                    self.output()
+                );
+                std::fs::read_to_string(&self.out).unwrap_or_default()
+            }
+            Ok(Err(e)) => panic!("waiting for Faust: {e}"),
+            Err(_) => panic!(
+                "Faust did not finish within {FAUST_TIMEOUT:?}\n{}",
+                self.output()
+            ),
+        }
+    }
+
+    /// Stops the process by its pid: SIGTERM, then SIGKILL if it does not end in time.
+    async fn stop(mut self) {
+        if let Some(pid) = self.child.id() {
+            signal(pid, "TERM");
+        }
+        if tokio::time::timeout(Duration::from_secs(20), self.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = self.child.kill().await;
+        }
+    }
+}
+
+/// Runs a test body on a runtime of its own, shut down (bounded) before the broker stops.
+fn run_with_broker_alive(body: impl std::future::Future<Output = ()>) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("the test's runtime starts");
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runtime.block_on(body)));
+    runtime.shutdown_timeout(Duration::from_secs(30));
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+fn app_on(id: &str, broker: &str) -> App {
+    let app = App::new(id);
+    let broker = format!("kafka://{broker}");
+    app.configure(|s| {
+        s.broker = broker;
+        s.topic_partitions = 4;
+        s.ask_timeout = FAUST_TIMEOUT;
+    });
+    app
+}
+
+/// What a Faust `ask` printed.
+#[derive(Debug, Deserialize, PartialEq)]
+struct Answer {
+    form: String,
+    i: i64,
+    r#type: String,
+    total: i64,
+    by: String,
+}
+
+/// Requests per reply form: more than a handful, so that an asker that stops getting answers
+/// after a few shows.
+const ASKS: i64 = 8;
+
+#[test]
+fn a_faust_ask_gets_the_answer_of_a_rill_agent_in_both_request_forms() {
+    require_faust();
+    let dir = scratch_dir("faust-asks-rill");
+    let kafka = Kafka::single(&dir);
+    run_with_broker_alive(faust_asks_rill(&dir, kafka.addr()));
+    drop(kafka);
+}
+
+async fn faust_asks_rill(dir: &Path, broker: String) {
+    let app = app_on("rill-adder", &broker);
+    let adds = app.topic("rill-add").key_codec(Utf8).value_type::<Add>();
+    let seen = Recorder::new();
+    let record = seen.clone();
+    app.agent(move |mut adds: Stream<Add, String>| {
+        let record = record.clone();
+        stream! {
+            while let Some(add) = adds.next().await {
+                record.push(add.clone());
+                yield FaustRecord(Sum { total: add.a + add.b, by: "rill".to_owned() });
+            }
+        }
+    })
+    .named("rill-add")
+    .channel(&adds);
+    let worker = within(WAIT, "the rill worker to start", app.start())
+        .await
+        .expect("the rill worker starts");
+
+    let faust = FaustProcess::start(dir, "ask", &broker, &[&ASKS.to_string()]);
+    let out = faust.finish().await;
+    let answers: Vec<Answer> = out
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("Faust printed {l:?}: {e}")))
+        .collect();
+    let expected: Vec<Answer> = ["headers", "wrapped"]
+        .iter()
+        .flat_map(|form| {
+            (0..ASKS).map(move |i| Answer {
+                form: (*form).to_owned(),
+                i,
+                r#type: "Sum".to_owned(),
+                total: i + 100,
+                by: "rill".to_owned(),
+            })
+        })
+        .collect();
+    assert_eq!(
+        answers, expected,
+        "Faust's asks did not each get the rill agent's Sum"
+    );
+    // The agent read Faust's Add records (with their __faust field) as plain structs.
+    let mut got = seen.snapshot();
+    got.sort_by_key(|a| a.a);
+    got.dedup();
+    assert_eq!(
+        got,
+        (0..ASKS).map(|i| Add { a: i, b: 100 }).collect::<Vec<_>>()
+    );
+
+    within(WAIT, "the rill worker to stop", worker.shutdown())
+        .await
+        .expect("the rill worker stops");
+}
+
+#[test]
+fn a_rill_ask_gets_the_answer_of_a_faust_agent_and_both_read_each_others_records() {
+    require_faust();
+    let dir = scratch_dir("rill-asks-faust");
+    let kafka = Kafka::single(&dir);
+    run_with_broker_alive(rill_asks_faust(&dir, kafka.addr()));
+    drop(kafka);
+}
+
+async fn rill_asks_faust(dir: &Path, broker: String) {
+    let faust = FaustProcess::start(dir, "serve", &broker, &[]);
+
+    let app = app_on("rill-asker", &broker);
+    let faust_adds = app
+        .topic("faust-add")
+        .key_codec(Utf8)
+        .value_type::<FaustRecord<Add>>();
+    let add = app
+        .remote_agent::<FaustRecord<Add>, Sum, String>("faust-add")
+        .channel(&faust_adds);
+    // What the Faust agent writes to faust-sums, read by a rill agent.
+    let sums = app.topic("faust-sums").key_codec(Utf8).value_type::<Sum>();
+    let read = Recorder::new();
+    let record = read.clone();
+    app.agent(move |stream: Stream<Sum, String>| {
+        let record = record.clone();
+        async move {
+            let mut items = stream.items();
+            while let Some((key, sum)) = items.next().await {
+                record.push((key, sum));
+            }
+        }
+    })
+    .named("read-sums")
+    .channel(&sums);
+    let worker = within(WAIT, "the rill worker to start", app.start())
+        .await
+        .expect("the rill worker starts");
+
+    for i in 0..ASKS {
+        let key = format!("k-{i}");
+        let asked = add
+            .ask(FaustRecord(Add { a: i, b: 7 }))
+            .key(key.clone())
+            .await;
+        let sum = match asked {
+            Ok(sum) => sum,
+            Err(e) => panic!("ask {i} of the Faust agent failed: {e}\n{}", faust.output()),
+        };
+        assert_eq!(
+            sum,
+            Sum {
+                total: i + 7,
+                by: "faust".to_owned()
+            },
+            "the Faust agent's answer to ask {i}"
+        );
+    }
+
+    let want: Vec<(Option<String>, Sum)> = (0..ASKS)
+        .map(|i| {
+            (
+                Some(format!("k-{i}")),
+                Sum {
+                    total: i + 7,
+                    by: "faust".to_owned(),
+                },
+            )
+        })
+        .collect();
+    wait_until_state(
+        FAUST_TIMEOUT,
+        "the rill agent read every Sum the Faust agent wrote",
+        || read.len(),
+        |n| *n >= want.len(),
+    )
+    .await;
+    let mut got = read.snapshot();
+    got.sort_by_key(|(_, s)| s.total);
+    assert_eq!(
+        got, want,
+        "Faust's Sum records as rill read them (raw keys)"
+    );
+
+    within(WAIT, "the rill worker to stop", worker.shutdown())
+        .await
+        .expect("the rill worker stops");
+    faust.stop().await;
+}
