@@ -213,15 +213,16 @@ impl Dispatcher {
 
     /// Stops the worker after an error it cannot go on from: nothing more is committed, so
     /// the events since the last commit are processed again by the next worker.
-    fn stop_fatally(&mut self, reason: String) {
+    pub(super) fn stop_fatally(&mut self, reason: String) {
         if self.fatal {
             return;
         }
         self.fatal = true;
         tracing::error!(
             reason = %reason,
-            "stopping the worker: an output cannot be written, and skipping it would lose it; \
-             nothing after the last commit is committed"
+            "stopping the worker: it cannot go on without losing events (an output that cannot \
+             be written, or table state that cannot be restored); nothing after the last commit \
+             is committed"
         );
         *self.rt.fatal.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
         self.rt.stop.cancel();

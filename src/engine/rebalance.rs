@@ -4,11 +4,16 @@
 use super::ack::PartitionTracker;
 use super::dispatch::{list, Dispatcher};
 use super::runtime::Runtime;
+use super::state::PartitionedState;
 use crate::error::Error;
 use crate::transport::TopicPartition;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// How long a table restore that keeps failing is retried before the worker gives up and
+/// stops (its partitions then go to another worker).
+const RECOVER_GIVE_UP: Duration = Duration::from_secs(60);
 
 impl Dispatcher {
     /// Lets `tps` go: waits (bounded) for the events in flight, commits what was processed of
@@ -100,16 +105,54 @@ impl Dispatcher {
             }
         }
         let new: Vec<u32> = wanted.difference(&self.owned).copied().collect();
-        for table in &self.rt.tables {
-            if !new.is_empty() {
-                if let Err(e) = table.recover(&new).await {
-                    tracing::error!(table = table.name(), partitions = ?new, error = %e, "cannot recover table partitions");
-                }
+        let rt = self.rt.clone();
+        for table in &rt.tables {
+            if !new.is_empty() && !self.recover(&**table, &new).await {
+                return;
             }
             table.drop_parked();
         }
         self.owned = wanted;
         crate::engine::membership::publish(&self.rt, Some(&self.owned)).await;
+    }
+
+    /// Restores `partitions` of `table`, retrying errors (a broker that went away, say) with
+    /// backoff: an agent must never be handed an event of a partition whose table state is
+    /// not there, as its writes would be refused and the event lost. Gives up, stopping the
+    /// worker without committing anything more, after [`RECOVER_GIVE_UP`] or when the worker
+    /// stops: the partitions are then restored by their next owner. Whether it restored them.
+    async fn recover(&mut self, table: &dyn PartitionedState, partitions: &[u32]) -> bool {
+        let started = tokio::time::Instant::now();
+        let mut wait = Duration::from_millis(100);
+        for attempt in 1u32.. {
+            let e = match table.recover(partitions).await {
+                Ok(()) => return true,
+                Err(e) => e,
+            };
+            let stopping = self.rt.stop.is_cancelled();
+            if stopping || started.elapsed() >= RECOVER_GIVE_UP {
+                self.stop_fatally(format!(
+                    "cannot restore partitions {partitions:?} of table {:?} ({attempt} \
+                     attempts): {e}",
+                    table.name()
+                ));
+                return false;
+            }
+            tracing::warn!(
+                table = table.name(),
+                ?partitions,
+                attempt,
+                retry_in = ?wait,
+                error = %e,
+                "cannot restore table partitions yet; their events wait until they are"
+            );
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = self.rt.stop.cancelled() => {}
+            }
+            wait = (wait * 2).min(Duration::from_secs(5));
+        }
+        false
     }
 
     /// Drops the table partitions no assigned partition needs any more, and any set aside.
