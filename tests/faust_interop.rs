@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::kafka::{scratch_dir, signal, Kafka};
+use common::kafka::{python, run_with_broker_alive, scratch_dir, signal, Kafka};
 use common::{wait_until_state, within, Recorder, WAIT};
 use rill::faust::{FaustModel, FaustRecord};
 use rill::prelude::*;
@@ -125,10 +125,6 @@ else:
     app.main()
 "#;
 
-fn python() -> String {
-    std::env::var("RILL_PYTHON").unwrap_or_else(|_| "python3".to_owned())
-}
-
 /// Fails the test unless `python3` has faust-streaming [`FAUST_VERSION`].
 fn require_faust() {
     let install = format!(
@@ -227,20 +223,6 @@ impl FaustProcess {
         {
             let _ = self.child.kill().await;
         }
-    }
-}
-
-/// Runs a test body on a runtime of its own, shut down (bounded) before the broker stops.
-fn run_with_broker_alive(body: impl std::future::Future<Output = ()>) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("the test's runtime starts");
-    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runtime.block_on(body)));
-    runtime.shutdown_timeout(Duration::from_secs(30));
-    if let Err(panic) = outcome {
-        std::panic::resume_unwind(panic);
     }
 }
 

@@ -12,7 +12,7 @@
 
 mod common;
 
-use common::kafka::{scratch_dir, Kafka};
+use common::kafka::{python, run_with_broker_alive, scratch_dir, Kafka};
 use common::{kafka_partition, wait_until_state, within, Recorder, WAIT};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
@@ -392,27 +392,6 @@ async fn run_client(what: &str, mut cmd: tokio::process::Command, dir: &Path) ->
     }
 }
 
-/// Bound on stopping what a failed test left running on its runtime.
-const RUNTIME_SHUTDOWN: Duration = Duration::from_secs(30);
-
-/// Runs a test body on a runtime of its own that is shut down, bounded, before the caller
-/// stops the broker. If the body fails with the rill worker still running, dropping the worker
-/// closes its Kafka consumer, and librdkafka's consumer close waits for the group coordinator
-/// without a bound: with the broker already gone (as when the broker is a local of the failing
-/// body), the test would hang instead of failing.
-fn run_with_broker_alive(body: impl std::future::Future<Output = ()>) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("the test's runtime starts");
-    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runtime.block_on(body)));
-    runtime.shutdown_timeout(RUNTIME_SHUTDOWN);
-    if let Err(panic) = outcome {
-        std::panic::resume_unwind(panic);
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // aiokafka on Apache Kafka
 
@@ -492,10 +471,6 @@ async def consume(bootstrap, topic):
 mode, args = sys.argv[1], sys.argv[2:]
 asyncio.run({"produce": produce, "consume": consume}[mode](*args))
 "#;
-
-fn python() -> String {
-    std::env::var("RILL_PYTHON").unwrap_or_else(|_| "python3".to_owned())
-}
 
 /// Fails the test unless `python3` has aiokafka [`AIOKAFKA_VERSION`].
 fn require_aiokafka() {

@@ -581,3 +581,29 @@ pub(crate) fn leader_of(bootstrap: &str, topic: &str, partition: i32) -> Option<
     let p = t.partitions().iter().find(|p| p.id() == partition)?;
     (p.leader() >= 0).then_some(p.leader())
 }
+
+/// The Python the interop tests run their clients with: `RILL_PYTHON`, else `python3`.
+pub(crate) fn python() -> String {
+    std::env::var("RILL_PYTHON").unwrap_or_else(|_| "python3".to_owned())
+}
+
+/// Bound on stopping what a failed test left running on its runtime.
+const RUNTIME_SHUTDOWN: Duration = Duration::from_secs(30);
+
+/// Runs a test body on a runtime of its own that is shut down, bounded, before the caller
+/// stops the broker. If the body fails with the rill worker still running, dropping the worker
+/// closes its Kafka consumer, and librdkafka's consumer close waits for the group coordinator
+/// without a bound: with the broker already gone (as when the broker is a local of the failing
+/// body), the test would hang instead of failing.
+pub(crate) fn run_with_broker_alive(body: impl std::future::Future<Output = ()>) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("the test's runtime starts");
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runtime.block_on(body)));
+    runtime.shutdown_timeout(RUNTIME_SHUTDOWN);
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
