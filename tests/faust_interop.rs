@@ -13,6 +13,7 @@ use common::kafka::{python, run_with_broker_alive, scratch_dir, signal, Kafka};
 use common::{wait_until_state, within, Recorder, WAIT};
 use rill::faust::{FaustModel, FaustRecord};
 use rill::prelude::*;
+use std::future::IntoFuture;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
@@ -50,8 +51,9 @@ impl FaustModel for Sum {
 /// runs a worker whose agent (topic `faust-add`) answers with a `Sum` and also writes it,
 /// keyed as its input, to `faust-sums`.
 const FAUST_APP: &str = r#"
-import asyncio, json, os, sys
+import asyncio, json, os, sys, uuid
 import faust
+from faust.agents.replies import ReplyPromise
 
 mode, broker = sys.argv[1], sys.argv[2]
 app = faust.App(
@@ -103,19 +105,35 @@ async def add(stream):
         yield result
 
 
+async def ask_registered(agent, value, key):
+    # Faust's own `agent.ask` sends the request first and registers for its reply after the
+    # send returns; a reply that arrives in between (a fast agent) is dropped and that ask
+    # waits forever. So register first, then send, as `ask` would otherwise do.
+    correlation_id = str(uuid.uuid4())
+    promise = ReplyPromise(app.conf.reply_to, correlation_id)
+    await app._reply_consumer.add(correlation_id, promise)
+    await agent.ask_nowait(value, key=key, reply_to=app.conf.reply_to,
+                           correlation_id=correlation_id, force=True)
+    await app.maybe_start_client()
+    return await promise
+
+
 async def ask(n):
     try:
         for form, agent in (("headers", rill_add_headers), ("wrapped", rill_add_wrapped)):
             for i in range(n):
                 answer = await asyncio.wait_for(
-                    agent.ask(Add(a=i, b=100), key=f"{form}-{i}".encode()), 60)
+                    ask_registered(agent, Add(a=i, b=100), f"{form}-{i}".encode()), 60)
                 print(json.dumps({"form": form, "i": i, "type": type(answer).__name__,
                                   "total": answer.total, "by": answer.by}), flush=True)
-    finally:
-        # Stopping a client-only Faust app can block its event loop for good (a stop that no
-        # timeout interrupts): the answers are printed and flushed, so the process just ends.
-        sys.stdout.flush()
-        os._exit(0)
+        code = 0
+    except BaseException as e:
+        print(f"ask failed: {e!r}", file=sys.stderr, flush=True)
+        code = 1
+    # Stopping a client-only Faust app can block its event loop for good (a stop that no
+    # timeout interrupts): the answers are printed and flushed, so the process just ends.
+    sys.stdout.flush()
+    os._exit(code)
 
 
 if mode == "ask":
@@ -162,12 +180,17 @@ struct FaustProcess {
 
 impl FaustProcess {
     fn start(dir: &Path, mode: &str, broker: &str, extra: &[&str]) -> Self {
-        let script = dir.join("interop.py");
-        std::fs::write(&script, FAUST_APP).expect("write the Faust app");
-        let data = dir.join(format!("faust-data-{mode}"));
+        Self::run(dir, FAUST_APP, mode, mode, broker, extra)
+    }
+
+    /// Runs `app` (a Faust script) in `mode`; `run` names this run's data and output files.
+    fn run(dir: &Path, app: &str, mode: &str, run: &str, broker: &str, extra: &[&str]) -> Self {
+        let script = dir.join(format!("{mode}.py"));
+        std::fs::write(&script, app).expect("write the Faust app");
+        let data = dir.join(format!("faust-data-{run}"));
         let (out, err) = (
-            dir.join(format!("faust-{mode}.out")),
-            dir.join(format!("faust-{mode}.err")),
+            dir.join(format!("faust-{run}.out")),
+            dir.join(format!("faust-{run}.err")),
         );
         let mut cmd = tokio::process::Command::new(python());
         cmd.arg(&script)
@@ -405,4 +428,304 @@ async fn rill_asks_faust(dir: &Path, broker: String) {
         .await
         .expect("the rill worker stops");
     faust.stop().await;
+}
+
+/// A Faust word count: agent `wc.count` reads `wc-words`, regroups by `Word.text` (Faust names
+/// the repartition topic `wc.count-wc-words-Word.text-repartition`) and counts in table
+/// `counts` (changelog `interop-wc-counts-changelog`), writing each word's new count to the
+/// file named by its fourth argument (a Faust worker turns an agent's `print` into log lines).
+const FAUST_WORD_COUNT: &str = r#"
+import json, sys
+import faust
+
+broker = sys.argv[2]
+counted = open(sys.argv[4], "a", buffering=1)
+app = faust.App(
+    "interop-wc",
+    broker="kafka://" + broker,
+    web_enabled=False,
+    topic_partitions=4,
+    datadir=sys.argv[3],
+)
+
+
+class Word(faust.Record, namespace="interop.Word"):
+    text: str
+
+
+words = app.topic("wc-words", value_type=Word, key_serializer="raw", partitions=4)
+counts = app.Table("counts", default=int, partitions=4)
+
+
+@app.agent(words, name="wc.count")
+async def count(stream):
+    async for word in stream.group_by(Word.text):
+        counts[word.text] += 1
+        counted.write(json.dumps({"text": word.text, "count": counts[word.text]}) + "\n")
+
+
+# Info logs carry the worker's "Ready" line, which the test waits for.
+sys.argv = [sys.argv[0], "worker", "-l", "info"]
+app.main()
+"#;
+
+/// Waits until the Faust worker logs that it is ready: partitions assigned and its table
+/// recovered. Records sent before that may be processed twice (a Faust worker rebalances
+/// while it starts, and replays what it had not committed).
+async fn faust_ready(faust: &FaustProcess) {
+    wait_until_state(
+        FAUST_TIMEOUT,
+        "the Faust worker to be ready",
+        || std::fs::read_to_string(&faust.err).unwrap_or_default(),
+        |log| log.contains("[^Worker]: Ready"),
+    )
+    .await;
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Word {
+    text: String,
+}
+
+impl FaustModel for Word {
+    const NAMESPACE: &'static str = "interop.Word";
+}
+
+/// Distinct words, and how many of each every batch sends.
+const WORDS: usize = 6;
+const PER_BATCH: [usize; 3] = [20, 10, 10];
+
+/// A word's counts, in the order they were printed or recorded.
+fn counts_by_word(seen: &[(String, i64)]) -> std::collections::BTreeMap<String, Vec<i64>> {
+    let mut by = std::collections::BTreeMap::<String, Vec<i64>>::new();
+    for (text, n) in seen {
+        by.entry(text.clone()).or_default().push(*n);
+    }
+    by
+}
+
+/// What the Faust word count wrote to `counted` so far.
+fn faust_counts(counted: &Path) -> Vec<(String, i64)> {
+    #[derive(Deserialize)]
+    struct Counted {
+        text: String,
+        count: i64,
+    }
+    std::fs::read_to_string(counted)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Counted>(l).ok())
+        .map(|c| (c.text, c.count))
+        .collect()
+}
+
+/// Each word's counts from `from` to `to`, one at a time: nothing lost, nothing counted twice,
+/// in order.
+fn expected_counts(from: i64, to: i64) -> std::collections::BTreeMap<String, Vec<i64>> {
+    (0..WORDS)
+        .map(|w| (format!("w{w}"), (from..=to).collect()))
+        .collect()
+}
+
+async fn send_words(feeder: &rill::Topic<String, FaustRecord<Word>>, per_word: usize) {
+    for i in 0..per_word * WORDS {
+        let word = FaustRecord(Word {
+            text: format!("w{}", i % WORDS),
+        });
+        within(WAIT, "a word to be sent", feeder.send(word).into_future())
+            .await
+            .expect("a word is sent");
+    }
+}
+
+/// Waits until the group `interop-wc` (Faust's and rill's app id) has committed everything in
+/// the source and the repartition topic: after that, stopping a worker loses or repeats
+/// nothing.
+async fn wait_committed(app: &App, topics: &[&str], faust: Option<&FaustProcess>) {
+    let deadline = tokio::time::Instant::now() + FAUST_TIMEOUT;
+    loop {
+        let committed = app.committed_offsets().await.unwrap_or_default();
+        let mut done = true;
+        for topic in topics {
+            let ends = app.end_offsets(topic).await.unwrap_or_default();
+            for (partition, end) in ends.iter().enumerate() {
+                let at = committed
+                    .iter()
+                    .find(|(tp, _)| &*tp.topic == *topic && tp.partition as usize == partition)
+                    .map_or(0, |(_, o)| *o);
+                done &= *end == 0 || at >= *end;
+            }
+        }
+        if done {
+            return;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!(
+                "group interop-wc did not commit all of {topics:?} within {FAUST_TIMEOUT:?} \
+                 (committed {committed:?}){}",
+                faust.map(|f| f.output()).unwrap_or_default()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[test]
+fn faust_and_rill_take_turns_on_one_group_by_and_table() {
+    require_faust();
+    let dir = scratch_dir("faust-rill-word-count");
+    let kafka = Kafka::single(&dir);
+    run_with_broker_alive(take_turns(&dir, kafka.addr()));
+    drop(kafka);
+}
+
+/// A word count moves from Faust to rill and back in one consumer group (`interop-wc`, both
+/// apps' id): each continues from the offsets the other committed, the repartition topic is the
+/// same one, and the table's counts carry over both ways through its changelog.
+async fn take_turns(dir: &Path, broker: String) {
+    const REPARTITION: &str = "wc.count-wc-words-Word.text-repartition";
+    // The feeder creates `wc-words` with 4 partitions (Faust does not create a topic it does
+    // not own).
+    let feeder_app = app_on("interop-wc-feeder", &broker);
+    let feeder = feeder_app
+        .topic("wc-words")
+        .key_codec(Utf8)
+        .value_type::<FaustRecord<Word>>();
+    let feeding = within(WAIT, "the feeder to start", feeder_app.start_client())
+        .await
+        .expect("the feeder starts");
+
+    // Faust counts the first batch.
+    let counted = dir.join("counted-1.jsonl");
+    let faust = FaustProcess::run(
+        dir,
+        FAUST_WORD_COUNT,
+        "count",
+        "count-1",
+        &broker,
+        &[&counted.to_string_lossy()],
+    );
+    faust_ready(&faust).await;
+    send_words(&feeder, PER_BATCH[0]).await;
+    let first = PER_BATCH[0] as i64;
+    wait_until_state(
+        FAUST_TIMEOUT,
+        "Faust to count the first batch",
+        || faust_counts(&counted).len(),
+        |n| *n >= WORDS * PER_BATCH[0],
+    )
+    .await;
+    let app = app_on("interop-wc", &broker);
+    wait_committed(&app, &["wc-words", REPARTITION], Some(&faust)).await;
+    assert_eq!(
+        counts_by_word(&faust_counts(&counted)),
+        expected_counts(1, first),
+        "Faust's counts of the first batch\n{}",
+        faust.output()
+    );
+    faust.stop().await;
+
+    // rill takes over the agent: same group, same repartition topic, same table.
+    let words = app.topic("wc-words").key_codec(Utf8).value_type::<Word>();
+    let counts = app.table::<String, i64>("counts");
+    let seen = Recorder::new();
+    let record = seen.clone();
+    let table = counts.clone();
+    app.agent(move |stream: Stream<Word, String>| {
+        let (record, table) = (record.clone(), table.clone());
+        async move {
+            let by_text = field!(Word.text)
+                .topic(REPARTITION)
+                .partitions(4)
+                .key_serializer("raw");
+            let mut words = stream.group_by(by_text);
+            while let Some(word) = words.next().await {
+                let n = table.update(word.text.clone(), |n| {
+                    *n += 1;
+                    *n
+                });
+                record.push((word.text, n));
+            }
+        }
+    })
+    .named("wc.count")
+    .channel(&words);
+    let worker = within(WAIT, "the rill worker to start", app.start())
+        .await
+        .expect("the rill worker starts");
+    send_words(&feeder, PER_BATCH[1]).await;
+    let second = first + PER_BATCH[1] as i64;
+    wait_until_state(
+        FAUST_TIMEOUT,
+        "rill to count the second batch",
+        || seen.len(),
+        |n| *n >= WORDS * PER_BATCH[1],
+    )
+    .await;
+    assert_eq!(
+        counts_by_word(&seen.snapshot()),
+        expected_counts(first + 1, second),
+        "rill's counts: each word goes on from Faust's count, once per word sent"
+    );
+    let ends = within(WAIT, "end offsets", app.end_offsets(REPARTITION))
+        .await
+        .expect("the repartition topic's end offsets");
+    assert_eq!(
+        ends.iter().sum::<i64>() as usize,
+        WORDS * (PER_BATCH[0] + PER_BATCH[1]),
+        "Faust and rill regroup into the one repartition topic"
+    );
+    within(WAIT, "the rill worker to stop", worker.shutdown())
+        .await
+        .expect("the rill worker stops");
+    wait_committed(&app, &["wc-words", REPARTITION], None).await;
+    eprintln!(
+        "before faust 3: committed {:?}",
+        app.committed_offsets().await
+    );
+    eprintln!(
+        "before faust 3: ends {:?} {:?}",
+        app.end_offsets("wc-words").await,
+        app.end_offsets(REPARTITION).await
+    );
+
+    // And back to Faust, which reads rill's counts from the changelog.
+    let counted = dir.join("counted-3.jsonl");
+    let faust = FaustProcess::run(
+        dir,
+        FAUST_WORD_COUNT,
+        "count",
+        "count-3",
+        &broker,
+        &[&counted.to_string_lossy()],
+    );
+    faust_ready(&faust).await;
+    send_words(&feeder, PER_BATCH[2]).await;
+    wait_until_state(
+        FAUST_TIMEOUT,
+        "Faust to count the third batch",
+        || faust_counts(&counted).len(),
+        |n| *n >= WORDS * PER_BATCH[2],
+    )
+    .await;
+    wait_committed(&app, &["wc-words", REPARTITION], Some(&faust)).await;
+    eprintln!(
+        "after faust 3: committed {:?}",
+        app.committed_offsets().await
+    );
+    eprintln!(
+        "after faust 3: ends {:?} {:?}",
+        app.end_offsets("wc-words").await,
+        app.end_offsets(REPARTITION).await
+    );
+    assert_eq!(
+        counts_by_word(&faust_counts(&counted)),
+        expected_counts(second + 1, second + PER_BATCH[2] as i64),
+        "Faust's counts after rill's turn\n{}",
+        faust.output()
+    );
+    faust.stop().await;
+    within(WAIT, "the feeder to stop", feeding.shutdown())
+        .await
+        .expect("the feeder stops");
 }

@@ -267,14 +267,29 @@ impl<T> Event<T> {
 
 /// A key for [`Stream::group_by`]: a name (part of the repartition topic's name) and a function
 /// computing the new key from a value. [`field!`](crate::field) builds one from a field.
+///
+/// As Faust's `group_by(key, name=..., topic=..., partitions=...)`, the repartition topic can
+/// be named outright ([`topic`](GroupBy::topic)) and given its own partition count
+/// ([`partitions`](GroupBy::partitions)), and its keys a serializer
+/// ([`key_serializer`](GroupBy::key_serializer)): what a rill agent needs to share a
+/// repartition topic with a Faust agent (see the README's section on moving a Faust app to
+/// rill).
 pub struct GroupBy<T, K> {
     name: String,
     key: Arc<dyn Fn(&T) -> K + Send + Sync>,
+    topic: Option<String>,
+    partitions: Option<u32>,
+    key_serializer: Option<String>,
 }
 
 impl<T, K> fmt::Debug for GroupBy<T, K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("GroupBy").field("name", &self.name).finish()
+        f.debug_struct("GroupBy")
+            .field("name", &self.name)
+            .field("topic", &self.topic)
+            .field("partitions", &self.partitions)
+            .field("key_serializer", &self.key_serializer)
+            .finish()
     }
 }
 
@@ -284,12 +299,53 @@ impl<T, K> GroupBy<T, K> {
         Self {
             name: name.into(),
             key: Arc::new(key),
+            topic: None,
+            partitions: None,
+            key_serializer: None,
         }
     }
 
     /// The grouping's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Names the repartition topic outright (Faust's `group_by(..., topic=...)`) instead of
+    /// `<app id>-<source topic>-<grouping name>-repartition`. A Faust agent's repartition
+    /// topic is `<agent name>-<source topic>-<grouping name>-repartition`, its agent name
+    /// being `module.function` unless the agent was given a `name`:
+    ///
+    /// ```
+    /// # use rill::prelude::*;
+    /// # #[derive(Clone, Serialize, Deserialize)] struct Word { text: String }
+    /// let by_text = field!(Word.text)
+    ///     .topic("wc.count-words-Word.text-repartition")
+    ///     .partitions(8)
+    ///     .key_serializer("raw");
+    /// assert_eq!(by_text.name(), "Word.text");
+    /// ```
+    pub fn topic(mut self, name: impl Into<String>) -> Self {
+        self.topic = Some(name.into());
+        self
+    }
+
+    /// The repartition topic's partition count (Faust's `group_by(..., partitions=...)`); by
+    /// default the source topic's.
+    pub fn partitions(mut self, partitions: u32) -> Self {
+        self.partitions = Some(partitions);
+        self
+    }
+
+    /// The serializer of the new keys, by name (one of
+    /// [`SERIALIZERS`](crate::codec::SERIALIZERS)). By default the app's
+    /// [`Settings::key_serializer`](crate::Settings::key_serializer) where it can carry the
+    /// key's type (as Faust derives the repartition topic's serializer from the app's), else
+    /// JSON. Faust's default key serializer is `raw`, so a `String` key shared with Faust needs
+    /// `"raw"` (its UTF-8 bytes), unless the Faust app sets another. A name that cannot carry
+    /// the key's type makes every forwarded value an encoding error naming the topic.
+    pub fn key_serializer(mut self, name: impl Into<String>) -> Self {
+        self.key_serializer = Some(name.into());
+        self
     }
 }
 
@@ -605,27 +661,41 @@ impl<T: Send + 'static, K: 'static> Stream<T, K> {
     }
 
     /// Repartitions the stream by a new key: every value is sent to the internal topic
-    /// `<app id>-<source topic>-<grouping name>-repartition` keyed by `key`, and the rest of the
-    /// agent reads it back from there, so all values with the same key reach the same agent
-    /// instance, in order.
+    /// `<app id>-<source topic>-<grouping name>-repartition` (or the one the key names with
+    /// [`GroupBy::topic`]) keyed by `key`, and the rest of the agent reads it back from there,
+    /// so all values with the same key reach the same agent instance, in order.
     pub fn group_by<NK>(self, key: GroupBy<T, NK>) -> Stream<T, NK>
     where
         T: Serialize + DeserializeOwned + Sync,
         NK: Serialize + DeserializeOwned + Send + Sync + 'static,
     {
         let ctx = self.ctx.clone();
-        let name = format!(
-            "{}-{}-{}-repartition",
-            ctx.runtime.app_id, ctx.source, key.name
-        );
+        let name = key.topic.clone().unwrap_or_else(|| {
+            format!(
+                "{}-{}-{}-repartition",
+                ctx.runtime.app_id, ctx.source, key.name
+            )
+        });
         let spec = TopicSpec {
             name,
-            partitions: ctx.source_partitions,
+            partitions: key.partitions.unwrap_or(ctx.source_partitions),
             replication_factor: ctx.runtime.settings.topic_replication_factor,
             compacted: false,
             retention: Default::default(),
         };
-        let key_codec: Arc<dyn Codec<NK>> = Arc::new(Json::<NK>::new());
+        let key_codec: Arc<dyn Codec<NK>> = match &key.key_serializer {
+            Some(named) => match crate::codec::by_name::<NK>(named) {
+                Ok(codec) => codec,
+                Err(error) => Arc::new(crate::codec::Unusable { error }),
+            },
+            None => ctx
+                .runtime
+                .settings
+                .key_serializer
+                .as_deref()
+                .and_then(|named| crate::codec::by_name::<NK>(named).ok())
+                .unwrap_or_else(|| Arc::new(Json::<NK>::new())),
+        };
         let value_codec: Arc<dyn Codec<T>> = Arc::new(Json::<T>::new());
         let (kc, vc, spec_name) = (key_codec.clone(), value_codec.clone(), spec.name.clone());
         let key_fn = key.key;
