@@ -190,9 +190,9 @@ impl TopicBody {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct TopicInfo {
     pub(crate) partitions: u32,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(crate) start_offsets: Vec<i64>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(crate) end_offsets: Vec<i64>,
 }
 
