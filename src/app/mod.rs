@@ -37,10 +37,11 @@ use tokio_util::task::TaskTracker;
 pub(crate) enum Role {
     /// Agents, timers, crontabs and tasks: the `worker` command and [`App::start`].
     Worker,
-    /// Agents only: an app's command on the embedded transport, where nobody else runs them
-    /// (timers belong to workers, as in Faust).
+    /// Agents only: an app's command on the embedded transport when no worker of the app
+    /// runs, so nobody else runs them (timers belong to workers, as in Faust).
     Agents,
-    /// Neither: only what sending and asking need.
+    /// Neither: only what sending and asking need (on Kafka, or as the client of the app's
+    /// running embedded worker, on `remote://`).
     Client,
 }
 
