@@ -167,8 +167,8 @@ pub struct Settings {
     /// transport), written when it starts and removed when it stops. The app's commands in
     /// other processes (`send`, the app's own commands) read it to reach that worker instead
     /// of running the agents themselves; a second worker of the app with the same data
-    /// directory refuses to start, naming the first. The `--datadir` option and
-    /// `RILL_DATADIR` set it.
+    /// directory refuses to start, naming the first. A named embedded broker
+    /// (`memory://NAME`) is not announced. The `--datadir` option and `RILL_DATADIR` set it.
     pub datadir: Option<std::path::PathBuf>,
     /// Standby replicas of table partitions (Faust's `table_standby_replicas`): each table
     /// partition gets a warm copy on this many workers other than its owner, kept up to date

@@ -13,7 +13,8 @@ use std::io::BufRead;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
-use std::sync::{mpsc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 use tokio::process::Command;
 
@@ -603,6 +604,183 @@ async fn a_record_appended_twice_with_one_producer_sequence_lands_once_over_http
         body.contains("unknown_topic") && body.contains("nowhere"),
         "{body}"
     );
+    worker.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_refuses_a_datadir_where_another_apps_worker_runs() -> anyhow::Result<()> {
+    let datadir = common::TempDir::new("reach-two-apps", false);
+    let on_datadir = |id: &str| {
+        let (app, _) = adding_app(id, "memory://");
+        let dir = datadir.path().to_path_buf();
+        app.configure(|s| {
+            s.web_port = Some(0);
+            s.datadir = Some(dir);
+        });
+        app
+    };
+    let first = on_datadir("reach-app-one").start().await?;
+    let err = on_datadir("reach-app-two")
+        .start()
+        .await
+        .expect_err("the data directory is taken")
+        .to_string();
+    assert!(
+        err.contains("\"reach-app-one\"")
+            && err.contains(&format!("process {}", std::process::id()))
+            && err.contains("its own --datadir"),
+        "{err}"
+    );
+    let announced: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(datadir.path().join("worker.json"))?)?;
+    assert_eq!(
+        announced["app"], "reach-app-one",
+        "the first keeps its worker.json"
+    );
+    first.shutdown().await?;
+    Ok(())
+}
+
+/// A client waiting for replies holds a long poll open on the worker: the worker stops without
+/// waiting for it to run out (5 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_stops_at_once_while_a_client_waits_on_it() -> anyhow::Result<()> {
+    let datadir = common::TempDir::new("reach-stop", false);
+    let (app, _) = adding_app("reach-stop", "memory://");
+    let dir = datadir.path().to_path_buf();
+    app.configure(|s| {
+        s.web_port = Some(0);
+        s.datadir = Some(dir);
+    });
+    let worker = app.start().await?;
+    let web = worker.web_addr().expect("a web server");
+    let (client, adding) = adding_app("reach-stop", &format!("remote://{web}"));
+    let session = client.start_client().await?;
+    assert_eq!(adding.ask(Add { a: 1, b: 2 }).await?, 3);
+    // The client's reply consumer is back to waiting on the worker now.
+    common::within(
+        Duration::from_secs(3),
+        "the worker to stop",
+        worker.shutdown(),
+    )
+    .await?;
+    session.shutdown().await?;
+    Ok(())
+}
+
+/// A proxy to `upstream` that, once, lets a `POST /transport/records` through and loses its
+/// answer (it closes the connection instead): the records arrived, the client does not know.
+/// Counts the `POST /transport/records` requests it passes.
+async fn lossy_proxy(upstream: SocketAddr) -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the proxy");
+    let addr = listener.local_addr().expect("the proxy's address");
+    let lose = Arc::new(AtomicBool::new(true));
+    let posts = Arc::new(AtomicUsize::new(0));
+    let counted = posts.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            tokio::spawn(pipe(client, upstream, lose.clone(), counted.clone()));
+        }
+    });
+    (addr, posts)
+}
+
+async fn pipe(
+    client: tokio::net::TcpStream,
+    upstream: SocketAddr,
+    lose: Arc<AtomicBool>,
+    posts: Arc<AtomicUsize>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+        return;
+    };
+    let (mut client_in, mut client_out) = client.into_split();
+    let (mut server_in, mut server_out) = server.into_split();
+    let doomed = AtomicBool::new(false);
+    let requests = async {
+        let mut buf = vec![0; 1 << 16];
+        loop {
+            let n = match client_in.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            let chunk = &buf[..n];
+            if chunk.windows(23).any(|w| w == b"POST /transport/records") {
+                posts.fetch_add(1, Ordering::SeqCst);
+                if lose.swap(false, Ordering::SeqCst) {
+                    doomed.store(true, Ordering::SeqCst);
+                }
+            }
+            if server_out.write_all(chunk).await.is_err() {
+                return;
+            }
+        }
+    };
+    let answers = async {
+        let mut buf = vec![0; 1 << 16];
+        loop {
+            let n = match server_in.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if doomed.load(Ordering::SeqCst) {
+                // The answer is lost: the connection closes when this returns.
+                return;
+            }
+            if client_out.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        _ = requests => {}
+        _ = answers => {}
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_whose_answer_is_lost_is_sent_again_and_lands_once() -> anyhow::Result<()> {
+    let datadir = common::TempDir::new("reach-lossy", false);
+    let numbers_app = |broker: &str| {
+        let app = App::new("reach-lossy");
+        app.configure(|s| s.broker = broker.to_owned());
+        let numbers = app.topic("numbers").value_type::<i64>().partitions(1);
+        (app, numbers)
+    };
+    let (app, _) = numbers_app("memory://");
+    let dir = datadir.path().to_path_buf();
+    app.configure(|s| {
+        s.web_port = Some(0);
+        s.datadir = Some(dir);
+    });
+    let worker = app.start().await?;
+    let (proxy, posts) = lossy_proxy(worker.web_addr().expect("a web server")).await;
+
+    let (client, numbers) = numbers_app(&format!("remote://{proxy}"));
+    let session = client.start_client().await?;
+    numbers.send(42).await?;
+    assert_eq!(
+        posts.load(Ordering::SeqCst),
+        2,
+        "the client sent the records again after losing the answer"
+    );
+    let broker = app.memory_broker();
+    assert_eq!(
+        broker.end_offset("numbers", 0),
+        Some(1),
+        "one record, not two"
+    );
+    let stored = broker.read("numbers", 0, 0, 10);
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].value.as_deref(), Some(&b"42"[..]));
+    // The next record is a new one.
+    numbers.send(43).await?;
+    assert_eq!(broker.end_offset("numbers", 0), Some(2));
+    session.shutdown().await?;
     worker.shutdown().await?;
     Ok(())
 }

@@ -49,6 +49,9 @@ pub(crate) enum Found {
     Running(Announced),
     /// No `worker.json`.
     Nothing,
+    /// A running worker of another app announced itself there (the apps share a data
+    /// directory).
+    OtherApp(Announced),
     /// A `worker.json` of no running worker, and why.
     Stale(String),
 }
@@ -70,13 +73,6 @@ pub(crate) async fn find(datadir: &Path, app: &str) -> Found {
             ))
         }
     };
-    if announced.app != app {
-        return Found::Stale(format!(
-            "{} names app {:?}, not {app:?}",
-            path.display(),
-            announced.app
-        ));
-    }
     if process_exited(announced.pid) {
         return Found::Stale(format!(
             "{} names process {}, which is not running",
@@ -86,7 +82,11 @@ pub(crate) async fn find(datadir: &Path, app: &str) -> Found {
     }
     match remote::hello(&announced.web, CHECK_TIMEOUT).await {
         Ok(hello) if hello.app == announced.app && hello.instance == announced.instance => {
-            Found::Running(announced)
+            if announced.app == app {
+                Found::Running(announced)
+            } else {
+                Found::OtherApp(announced)
+            }
         }
         Ok(hello) => Found::Stale(format!(
             "{} names worker {} of app {:?} at {}, but worker {} of app {:?} answers there",
@@ -119,6 +119,19 @@ pub(crate) fn already_running(datadir: &Path, running: &Announced) -> Error {
          one another --datadir (to run several workers of an app, use Kafka)",
         running.app,
         datadir.display(),
+        running.pid,
+        running.web
+    ))
+}
+
+/// The error of a worker whose data directory another app's running worker announced
+/// itself in.
+pub(crate) fn taken(datadir: &Path, app: &str, running: &Announced) -> Error {
+    Error::Config(format!(
+        "the data directory {} of app {app:?} holds the worker.json of a running worker of app \
+         {:?} (process {}, web {}): give each app its own --datadir",
+        datadir.display(),
+        running.app,
         running.pid,
         running.web
     ))
@@ -188,6 +201,7 @@ async fn claim(datadir: &Path, temporary: &Path, path: &Path, app: &str) -> Resu
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 match find(datadir, app).await {
                     Found::Running(running) => return Err(already_running(datadir, &running)),
+                    Found::OtherApp(running) => return Err(taken(datadir, app, &running)),
                     Found::Stale(why) => {
                         tracing::info!(reason = %why, "replacing a stale worker.json");
                         let _ = std::fs::remove_file(path);

@@ -491,10 +491,14 @@ impl App {
         let announces = publishes && role == Role::Worker;
         let datadir = self.datadir();
         if announces {
-            if let discovery::Found::Running(running) =
-                discovery::find(&datadir, &self.core.id).await
-            {
-                return Err(discovery::already_running(&datadir, &running));
+            match discovery::find(&datadir, &self.core.id).await {
+                discovery::Found::Running(running) => {
+                    return Err(discovery::already_running(&datadir, &running))
+                }
+                discovery::Found::OtherApp(running) => {
+                    return Err(discovery::taken(&datadir, &self.core.id, &running))
+                }
+                discovery::Found::Nothing | discovery::Found::Stale(_) => {}
             }
         }
         let timers = if role == Role::Worker {

@@ -493,8 +493,16 @@ impl App {
                 self.configure(|s| s.broker = url);
             }
             found => {
-                if let discovery::Found::Stale(why) = found {
-                    tracing::info!(reason = %why, "ignoring a stale worker.json");
+                match found {
+                    discovery::Found::Stale(why) => {
+                        tracing::info!(reason = %why, "ignoring a stale worker.json")
+                    }
+                    discovery::Found::OtherApp(other) => tracing::info!(
+                        app = %other.app,
+                        pid = other.pid,
+                        "the data directory's worker.json is another app's"
+                    ),
+                    _ => {}
                 }
                 eprintln!(
                     "no worker of app {:?} is running (datadir {}): running its agents in this \

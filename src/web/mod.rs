@@ -183,7 +183,7 @@ pub(crate) async fn start(
         .route("/tables/{table}/{key}", get(get_key))
         .with_state(served.clone());
     let app = match published {
-        Some((broker, hello)) => app.merge(transport::routes(broker, hello)),
+        Some((broker, hello)) => app.merge(transport::routes(broker, hello, closed.clone())),
         None => app,
     };
     let stop = closed.clone();

@@ -15,23 +15,28 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 /// The largest request body taken: a batch of records near the largest message size.
 const BODY_LIMIT: usize = 64 << 20;
 
-/// What the handlers share: the broker, and who this worker is.
+/// What the handlers share: the broker, who this worker is, and when it stops.
 struct Published {
     broker: Arc<MemoryBroker>,
     transport: MemoryTransport,
     hello: Hello,
+    /// Cancelled when the web server stops: long polls answer at once, so that they do not
+    /// hold the worker's shutdown.
+    closed: CancellationToken,
 }
 
-/// The routes under `/transport`, publishing `broker`.
-pub(super) fn routes(broker: Arc<MemoryBroker>, hello: Hello) -> Router {
+/// The routes under `/transport`, publishing `broker` until `closed`.
+pub(super) fn routes(broker: Arc<MemoryBroker>, hello: Hello, closed: CancellationToken) -> Router {
     let published = Arc::new(Published {
         transport: MemoryTransport::new(broker.clone()),
         broker,
         hello,
+        closed,
     });
     Router::new()
         .route("/transport", get(who))
@@ -173,7 +178,11 @@ async fn read(
         if !records.is_empty() || left.is_zero() {
             return Json(ReadResult { records, next }).into_response();
         }
-        match p.broker.wait_for_records(&body.topic, &next, left).await {
+        let waited = tokio::select! {
+            waited = p.broker.wait_for_records(&body.topic, &next, left) => waited,
+            _ = p.closed.cancelled() => Ok(false),
+        };
+        match waited {
             Ok(true) => continue,
             Ok(false) => return Json(ReadResult { records, next }).into_response(),
             Err(e) => return failure(WireError::of(&e)),
