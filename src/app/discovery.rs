@@ -162,6 +162,13 @@ pub(crate) async fn announce(datadir: &Path, announced: &Announced) -> Result<An
         Some(datadir.to_path_buf())
     };
     let path = datadir.join(FILE);
+    // Not this worker's file until it is claimed; on an error, dropping this removes only the
+    // directory made here, if nothing else is in it.
+    let mut announcement = Announcement {
+        path: path.clone(),
+        instance: String::new(),
+        made,
+    };
     let temporary = datadir.join(format!(".{FILE}.{}.{}", announced.pid, announced.instance));
     let text = serde_json::to_vec_pretty(announced)
         .map_err(|e| Error::Config(format!("cannot write {}: {e}", path.display())))?;
@@ -174,22 +181,11 @@ pub(crate) async fn announce(datadir: &Path, announced: &Announced) -> Result<An
             temporary.display()
         )));
     }
-    let announcement = Announcement {
-        path: path.clone(),
-        instance: announced.instance.clone(),
-        made,
-    };
     let claimed = claim(datadir, &temporary, &path, &announced.app).await;
     let _ = std::fs::remove_file(&temporary);
-    match claimed {
-        Ok(()) => Ok(announcement),
-        Err(e) => {
-            // Not ours: leave the running worker's file, remove only a directory made here.
-            let mut announcement = announcement;
-            announcement.instance.clear();
-            Err(e)
-        }
-    }
+    claimed?;
+    announcement.instance = announced.instance.clone();
+    Ok(announcement)
 }
 
 /// Links the complete `temporary` file as `path`, which must not exist (so that of two workers
