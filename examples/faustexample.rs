@@ -67,7 +67,8 @@ fn main() {
 }
 
 /// Whether the agents run in this process while a command runs: only on the embedded
-/// transport (on Kafka they run in the worker, which prints what they receive).
+/// transport with no worker of the app running (on Kafka, or when the command reached the
+/// app's running worker, they run in the worker, which prints what they receive).
 fn agents_run_here(app: &App) -> bool {
     app.is_embedded()
 }

@@ -160,6 +160,16 @@ pub struct Settings {
     /// persistent store under `PATH/<app id>`: a restarted worker reads it and replays only
     /// the changelog written since). The `--store` option and `RILL_STORE` override it.
     pub store: String,
+    /// The app's data directory (Faust's `datadir`): `None` (the default) is `<app id>-data`
+    /// in the current directory (see [`App::datadir`](crate::App::datadir)). A worker on the
+    /// app's own embedded broker (`memory://`) that serves the web announces itself there, in
+    /// `worker.json` (its process id, web address, app id, a random instance id and its
+    /// transport), written when it starts and removed when it stops. The app's commands in
+    /// other processes (`send`, the app's own commands) read it to reach that worker instead
+    /// of running the agents themselves; a second worker of the app with the same data
+    /// directory refuses to start, naming the first. A named embedded broker
+    /// (`memory://NAME`) is not announced. The `--datadir` option and `RILL_DATADIR` set it.
+    pub datadir: Option<std::path::PathBuf>,
     /// Standby replicas of table partitions (Faust's `table_standby_replicas`): each table
     /// partition gets a warm copy on this many workers other than its owner, kept up to date
     /// by tailing the changelog, so a worker taking a partition over (failover, rebalance)
@@ -219,6 +229,7 @@ impl Default for Settings {
             bad_input: BadInput::Skip,
             max_payload_bytes: 1024 * 1024,
             store: "memory://".to_owned(),
+            datadir: None,
             table_standby_replicas: None,
             web_port: None,
             web_bind: "127.0.0.1".to_owned(),

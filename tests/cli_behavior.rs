@@ -20,10 +20,23 @@ fn manifest_dir() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// A data directory of its own for each command (nothing makes it but a worker): tests run
+/// side by side, and a command must not find the worker another test started.
+fn own_datadir() -> PathBuf {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    std::env::temp_dir().join(format!(
+        "rill-cli-datadir-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
 /// A command with no settings inherited from the environment that would change the app.
 fn command(program: impl AsRef<std::ffi::OsStr>) -> Command {
     let mut c = Command::new(program);
     c.current_dir(manifest_dir())
+        .env("RILL_DATADIR", own_datadir())
         .env_remove("RILL_BROKER")
         .env_remove("RILL_LOG")
         .env_remove("RUST_LOG")
@@ -185,6 +198,8 @@ struct ReadyWorker {
     child: Running,
     banner: Vec<String>,
     _stdout: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+    /// Its data directory, removed once it is killed (fields drop in order).
+    _datadir: common::TempDir,
 }
 
 /// Starts `agent worker` and waits (bounded) for the banner line that says it is ready.
@@ -197,9 +212,11 @@ async fn start_worker_with(args: &[&str]) -> ReadyWorker {
     let binary = tokio::task::spawn_blocking(|| example_binary("agent"))
         .await
         .expect("build");
+    let datadir = common::TempDir::new("cli-worker", false);
     let mut child = Running(
         std::process::Command::new(binary)
             .current_dir(manifest_dir())
+            .env("RILL_DATADIR", datadir.path())
             .env_remove("RILL_BROKER")
             .env_remove("RILL_LOG")
             .env_remove("RUST_LOG")
@@ -238,6 +255,7 @@ async fn start_worker_with(args: &[&str]) -> ReadyWorker {
         child,
         banner,
         _stdout: stdout,
+        _datadir: datadir,
     }
 }
 

@@ -30,9 +30,13 @@ fn rss_kib(pid: u32) -> Option<u64> {
 fn idle_embedded_worker_stays_under_30_mb() {
     let bin = example("agent");
     assert!(bin.exists(), "{} not built", bin.display());
+    // A data directory of its own (the worker announces itself there, and removes it when
+    // it stops).
+    let datadir = std::env::temp_dir().join(format!("rill-memory-datadir-{}", std::process::id()));
     let mut child = Command::new(&bin)
         // Tests run side by side: each worker serves on a free port.
         .env("RILL_WEB_PORT", "0")
+        .env("RILL_DATADIR", &datadir)
         .arg("worker")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -85,6 +89,10 @@ fn idle_embedded_worker_stays_under_30_mb() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(exit.success(), "worker exited with {exit}");
+    assert!(
+        !datadir.exists(),
+        "a worker stopped by SIGTERM removes its worker.json, and the data directory it made"
+    );
     assert!(
         peak < 30 * 1024,
         "idle embedded worker uses {peak} KiB resident, over 30 MB"

@@ -1,6 +1,7 @@
 //! The application: settings, and the registry of topics, channels, agents and commands.
 
 mod command;
+pub(crate) mod discovery;
 mod timers;
 mod worker;
 
@@ -36,10 +37,11 @@ use tokio_util::task::TaskTracker;
 pub(crate) enum Role {
     /// Agents, timers, crontabs and tasks: the `worker` command and [`App::start`].
     Worker,
-    /// Agents only: an app's command on the embedded transport, where nobody else runs them
-    /// (timers belong to workers, as in Faust).
+    /// Agents only: an app's command on the embedded transport when no worker of the app
+    /// runs, so nobody else runs them (timers belong to workers, as in Faust).
     Agents,
-    /// Neither: only what sending and asking need.
+    /// Neither: only what sending and asking need (on Kafka, or as the client of the app's
+    /// running embedded worker, on `remote://`).
     Client,
 }
 
@@ -436,17 +438,40 @@ impl App {
     }
 
     /// Starts only what sending and asking need, without running this app's agents: for
-    /// programs that talk to workers running elsewhere (on Kafka). On the embedded transport
-    /// nobody else runs the agents, so use [`start`](App::start) there; see
-    /// [`is_embedded`](App::is_embedded).
+    /// programs that talk to workers running elsewhere: on Kafka, or an embedded worker of
+    /// another process reached through its web server (`remote://HOST:PORT`, which the app's
+    /// command line finds by itself; see [`Settings::datadir`]). On the app's own embedded
+    /// broker (`memory://`) nobody else runs the agents, so use [`start`](App::start) there;
+    /// see [`is_embedded`](App::is_embedded).
     pub async fn start_client(&self) -> Result<Worker> {
         self.start_with(Role::Client).await
     }
 
     /// Whether the app runs on the embedded transport (`memory://`), where every agent runs
-    /// in this process.
+    /// in this process. A command of the app's command line that finds a running worker of
+    /// the app (see [`Settings::datadir`]) runs as that worker's client instead, on
+    /// `remote://`: this is `false` then, as on Kafka, and the worker runs the agents.
     pub fn is_embedded(&self) -> bool {
         self.core.settings().broker.starts_with("memory:")
+    }
+
+    /// Whether the app runs on its own embedded broker (`memory://`, not a named one shared
+    /// by the apps of the process): the broker a worker publishes to other processes.
+    pub(crate) fn owns_embedded_broker(&self) -> bool {
+        self.core
+            .settings()
+            .broker
+            .strip_prefix("memory:")
+            .is_some_and(|rest| rest.trim_matches('/').is_empty())
+    }
+
+    /// The app's data directory ([`Settings::datadir`]; by default `<app id>-data` in the
+    /// current directory), where its running worker announces itself.
+    pub fn datadir(&self) -> std::path::PathBuf {
+        self.core
+            .settings()
+            .datadir
+            .unwrap_or_else(|| std::path::PathBuf::from(format!("{}-data", self.core.id)))
     }
 
     /// Starts the app in `role`.
@@ -460,6 +485,22 @@ impl App {
         }
         self.core.check_serializers()?;
         let settings = self.core.settings();
+        // A worker on its own embedded broker serving the web publishes the broker and
+        // announces itself in the data directory: one per app and data directory.
+        let publishes = run_agents && settings.web_port.is_some() && self.owns_embedded_broker();
+        let announces = publishes && role == Role::Worker;
+        let datadir = self.datadir();
+        if announces {
+            match discovery::find(&datadir, &self.core.id).await {
+                discovery::Found::Running(running) => {
+                    return Err(discovery::already_running(&datadir, &running))
+                }
+                discovery::Found::OtherApp(running) => {
+                    return Err(discovery::taken(&datadir, &self.core.id, &running))
+                }
+                discovery::Found::Nothing | discovery::Found::Stale(_) => {}
+            }
+        }
         let timers = if role == Role::Worker {
             self.timers.plan()?
         } else {
@@ -605,17 +646,51 @@ impl App {
         let closed = CancellationToken::new();
         let web = match (run_agents, settings.web_port) {
             (true, Some(port)) => {
+                let published = publishes.then(|| {
+                    (
+                        self.core.memory(),
+                        crate::transport::remote::Hello {
+                            app: self.core.id.to_string(),
+                            instance: rt.instance.clone(),
+                            pid: std::process::id(),
+                            transport: "memory".to_owned(),
+                        },
+                    )
+                });
                 let served = crate::web::start(
                     rt.clone(),
                     tables.clone(),
                     &settings.web_bind,
                     port,
+                    published,
                     closed.clone(),
                 );
                 match served.await {
                     Ok(web) => Some(web),
                     Err(e) => {
                         rt.stop.cancel();
+                        self.core.clear_runtime(&rt);
+                        return Err(e);
+                    }
+                }
+            }
+            _ => None,
+        };
+        let announcement = match (&web, announces) {
+            (Some(web), true) => {
+                let announced = discovery::Announced {
+                    app: self.core.id.to_string(),
+                    pid: std::process::id(),
+                    web: format!("http://{}", reachable(web.addr)),
+                    instance: rt.instance.clone(),
+                    transport: settings.broker.clone(),
+                    started: crate::transport::memory::now_millis(),
+                };
+                match discovery::announce(&datadir, &announced).await {
+                    Ok(a) => Some(a),
+                    Err(e) => {
+                        rt.stop.cancel();
+                        closed.cancel();
                         self.core.clear_runtime(&rt);
                         return Err(e);
                     }
@@ -657,6 +732,7 @@ impl App {
             closed,
             tables,
             timers,
+            announcement,
         })
     }
 
@@ -676,6 +752,11 @@ impl App {
             };
             return Ok(Arc::new(MemoryTransport::new(broker)));
         }
+        if let Some(address) = url.strip_prefix("remote://") {
+            return Ok(Arc::new(
+                crate::transport::remote::RemoteTransport::connect(address).await?,
+            ));
+        }
         #[cfg(feature = "kafka")]
         if url.starts_with("kafka://") {
             use crate::transport::kafka::{KafkaConfig, KafkaTransport};
@@ -691,5 +772,19 @@ impl App {
         #[cfg(not(feature = "kafka"))]
         let _ = transactional_id;
         Err(TransportError::UnsupportedUrl(url.to_owned()).into())
+    }
+}
+
+/// The address to reach a server bound to `addr` from this machine: loopback for an
+/// unspecified address (`0.0.0.0`, `::`).
+fn reachable(addr: std::net::SocketAddr) -> std::net::SocketAddr {
+    match addr.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => {
+            std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, addr.port()))
+        }
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => {
+            std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, addr.port()))
+        }
+        _ => addr,
     }
 }

@@ -53,6 +53,8 @@ pub struct Worker {
     pub(crate) tables: Vec<Arc<dyn TableRunner>>,
     /// The timers, crontabs and tasks this worker runs.
     pub(crate) timers: crate::timer::Running,
+    /// Its `worker.json` in the app's data directory, when it announces itself there.
+    pub(crate) announcement: Option<super::discovery::Announcement>,
 }
 
 impl fmt::Debug for Worker {
@@ -152,6 +154,12 @@ impl Worker {
         self.web.as_ref().and_then(|_| self.rt.web())
     }
 
+    /// Whether this worker announced itself in the app's data directory, so that the app's
+    /// commands in other processes reach it (see [`Settings::datadir`](crate::Settings::datadir)).
+    pub fn is_reachable(&self) -> bool {
+        self.announcement.is_some()
+    }
+
     /// Whether this worker is the app's leader, the one that runs its `on_leader` timers
     /// ([`Timer::on_leader`](crate::Timer::on_leader)). Workers elect a leader only when the
     /// app declares such a timer; otherwise this is `false`.
@@ -209,6 +217,10 @@ impl Worker {
     /// `shutdown_timeout`), processed offsets are committed, and pending sends are flushed.
     pub async fn shutdown(mut self) -> Result<()> {
         tracing::info!(app = %self.rt.app_id, "worker stopping");
+        // First of all: no new command of the app comes to a worker that stops.
+        if let Some(mut announcement) = self.announcement.take() {
+            announcement.release();
+        }
         self.rt.stop.cancel();
         self.timers.stop(self.rt.settings.shutdown_timeout).await;
         if let Some(dispatcher) = self.dispatcher.take() {

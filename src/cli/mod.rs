@@ -3,7 +3,7 @@
 mod ops;
 
 use crate::app::Signals;
-use crate::app::{App, Role};
+use crate::app::{discovery, App, Role};
 use crate::error::{Error, Result};
 use clap::Arg;
 use std::ffi::OsString;
@@ -92,6 +92,18 @@ impl App {
                     .env("RILL_STORE")
                     .value_name("URL")
                     .help("Local table store: memory:// (rebuild from changelogs) or fjall://PATH"),
+            )
+            .arg(
+                Arg::new("datadir")
+                    .long("datadir")
+                    .global(true)
+                    .env("RILL_DATADIR")
+                    .value_name("PATH")
+                    .value_parser(clap::value_parser!(std::path::PathBuf))
+                    .help(
+                        "The app's data directory, where its running worker announces itself \
+                         [default: <app id>-data]",
+                    ),
             )
             .subcommand(
                 clap::Command::new("worker")
@@ -292,6 +304,10 @@ impl App {
             let store = store.clone();
             self.configure(|s| s.store = store);
         }
+        if let Some(datadir) = matches.get_one::<std::path::PathBuf>("datadir") {
+            let datadir = datadir.clone();
+            self.configure(|s| s.datadir = Some(datadir));
+        }
         Ok(matches)
     }
 
@@ -355,6 +371,15 @@ impl App {
             }
             return Ok(());
         }
+        let own = self
+            .commands
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|c| c.name() == name);
+        if own || name == "send" {
+            self.reach_running_worker().await;
+        }
         if let Some(result) = self.run_tool(name, sub).await {
             return result;
         }
@@ -404,6 +429,21 @@ impl App {
                 _ => println!("│ web        http://{addr}"),
             }
         }
+        if self.owns_embedded_broker() {
+            let datadir = self.datadir();
+            if worker.is_reachable() {
+                println!(
+                    "│ datadir    {} (this app's commands in other processes come here)",
+                    datadir.display()
+                );
+            } else {
+                println!(
+                    "│ datadir    {} (not reachable without the web: this app's commands in \
+                     other processes run agents of their own)",
+                    datadir.display()
+                );
+            }
+        }
         println!("│ loglevel   {level}");
         println!("│ guarantee  {}", s.processing_guarantee);
         // Ready means serving: partitions assigned, tables restored (`GET /ready`).
@@ -431,6 +471,49 @@ impl App {
 }
 
 impl App {
+    /// Before a command that sends (`send`, the app's own commands) on the app's own embedded
+    /// broker: looks for the app's running worker in its data directory. Found, the command
+    /// runs as its client, on `remote://`; not found, it runs the agents in this process, as
+    /// it says once on stderr.
+    async fn reach_running_worker(&self) {
+        if !self.owns_embedded_broker() {
+            return;
+        }
+        let datadir = self.datadir();
+        match discovery::find(&datadir, self.id()).await {
+            discovery::Found::Running(running) => {
+                tracing::info!(
+                    app = %running.app,
+                    pid = running.pid,
+                    web = %running.web,
+                    datadir = %datadir.display(),
+                    "a worker of this app is running: this command runs as its client"
+                );
+                let url = format!("remote://{}", running.address());
+                self.configure(|s| s.broker = url);
+            }
+            found => {
+                match found {
+                    discovery::Found::Stale(why) => {
+                        tracing::info!(reason = %why, "ignoring a stale worker.json")
+                    }
+                    discovery::Found::OtherApp(other) => tracing::info!(
+                        app = %other.app,
+                        pid = other.pid,
+                        "the data directory's worker.json is another app's"
+                    ),
+                    _ => {}
+                }
+                eprintln!(
+                    "no worker of app {:?} is running (datadir {}): running its agents in this \
+                     process",
+                    self.id(),
+                    datadir.display()
+                );
+            }
+        }
+    }
+
     /// Refuses an app command named like a built-in one: it would hide the built-in (an app's
     /// `send` taking `send @agent '{...}'` as its own arguments), or never run.
     fn check_command_names(&self) -> Result<()> {

@@ -56,8 +56,9 @@ fn json_value(text: &str) -> std::result::Result<serde_json::Value, String> {
 pub(super) fn add_commands(mut cmd: clap::Command) -> clap::Command {
     let tools = [
         Send::augment_args(clap::Command::new("send")).about(
-            "Send a JSON value to a topic or an agent; on the embedded transport the app's \
-             agents run in this process until they have processed it",
+            "Send a JSON value to a topic or an agent; on the embedded transport it goes to \
+             the app's running worker, or, with none, the app's agents run in this process \
+             until they have processed it",
         ),
         clap::Command::new("agents")
             .about("List the app's agents: name, source topics, concurrency, sinks")

@@ -10,6 +10,11 @@
 //! ([`Retention`](super::Retention)), and a compacted topic keeps the latest record of each
 //! key. Offsets never move: a partition keeps its log-start offset, and a read below it starts
 //! there, as a Kafka consumer with `auto.offset.reset=earliest` does.
+//!
+//! Appends are idempotent for writers that number their records (the remote transport does,
+//! see [`PRODUCER_ID_HEADER`](super::PRODUCER_ID_HEADER)): a record carrying a producer id and
+//! a sequence number the partition already holds is not appended again; the append answers
+//! with the position of the first write, as Kafka's idempotent producer is answered.
 
 use super::{
     Consumer, ConsumerEvent, Message, OutgoingRecord, RecordPosition, StartAt, TopicPartition,
@@ -28,6 +33,14 @@ use tokio::sync::Notify;
 
 /// Most records a consumer returns from one poll.
 const MAX_POLL_RECORDS: usize = 1024;
+
+/// How many of a producer's latest records each partition remembers (sequence number and
+/// offset), so that a retried batch of up to this many records is answered from them.
+const PRODUCER_WINDOW: usize = 1024;
+
+/// How long a partition remembers a producer that wrote nothing since, in milliseconds (Kafka's
+/// `producer.id.expiration.ms`, one day).
+const PRODUCER_EXPIRY_MS: i64 = 24 * 3600 * 1000;
 
 /// Records a compacted partition may hold that a later record of the same key replaced before
 /// it is compacted (and at least as many as it holds live).
@@ -102,6 +115,49 @@ struct Log {
     latest: HashMap<Bytes, i64>,
     /// Compacted logs: records kept that a later record replaced.
     replaced: usize,
+    /// Idempotent writers: by producer id, the sequence numbers and offsets of their latest
+    /// records here.
+    producers: HashMap<Bytes, Produced>,
+}
+
+/// What a partition remembers of one idempotent writer.
+#[derive(Default)]
+struct Produced {
+    /// Its latest records here, oldest first: sequence number and offset.
+    recent: VecDeque<(u64, i64)>,
+    /// When it last wrote here (milliseconds since the Unix epoch).
+    at: i64,
+}
+
+/// The producer id and sequence number a record carries (headers
+/// [`PRODUCER_ID_HEADER`](super::PRODUCER_ID_HEADER) and
+/// [`PRODUCER_SEQ_HEADER`](super::PRODUCER_SEQ_HEADER)), if it carries a producer id; an error
+/// says what is wrong with a sequence number that is missing or not a decimal number.
+pub(crate) fn producer_of(headers: &super::Headers) -> Option<Result<(Bytes, u64), String>> {
+    let id = headers
+        .iter()
+        .find_map(|(k, v)| (k == super::PRODUCER_ID_HEADER).then_some(v))?;
+    let seq = headers
+        .iter()
+        .find_map(|(k, v)| (k == super::PRODUCER_SEQ_HEADER).then_some(v));
+    let parsed = match seq {
+        None => Err(format!(
+            "a record with a {} header needs a {} header",
+            super::PRODUCER_ID_HEADER,
+            super::PRODUCER_SEQ_HEADER
+        )),
+        Some(seq) => std::str::from_utf8(seq)
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok())
+            .ok_or_else(|| {
+                format!(
+                    "header {} is {:?}, not a decimal sequence number",
+                    super::PRODUCER_SEQ_HEADER,
+                    String::from_utf8_lossy(seq)
+                )
+            }),
+    };
+    Some(parsed.map(|seq| (id.clone(), seq)))
 }
 
 impl Log {
@@ -125,6 +181,46 @@ impl Log {
         } else if self.needed.is_none() {
             self.expire(policy, now);
         }
+    }
+
+    /// The offset this partition gave the record `seq` of producer `id`, if it has it already:
+    /// `Ok(None)` for a record it has not seen (a sequence number above the producer's last
+    /// one here); an error for one below the last that it does not remember (older than the
+    /// last [`PRODUCER_WINDOW`] records, or sent out of order).
+    fn written(&self, id: &Bytes, seq: u64) -> Result<Option<i64>, String> {
+        let Some(&(last, _)) = self.producers.get(id).and_then(|p| p.recent.back()) else {
+            return Ok(None);
+        };
+        if seq > last {
+            return Ok(None);
+        }
+        let recent = &self.producers[id].recent;
+        match recent.binary_search_by_key(&seq, |(s, _)| *s) {
+            Ok(i) => Ok(Some(recent[i].1)),
+            Err(_) => Err(format!(
+                "record {seq} of producer {} is below its last one here ({last}) and is not one \
+                 of the last {PRODUCER_WINDOW} it wrote: an old duplicate, or records sent out \
+                 of order",
+                String::from_utf8_lossy(id)
+            )),
+        }
+    }
+
+    /// Remembers that record `seq` of producer `id` got `offset`. Every append of a record
+    /// with a producer id goes through here, so a log rebuilt by appending its records again
+    /// (a durable log read at start-up) rebuilds what it remembers too.
+    fn wrote(&mut self, id: Bytes, seq: u64, offset: i64, now: i64) {
+        if !self.producers.contains_key(&id) {
+            // A new producer: forget the ones gone quiet, so their number stays bounded.
+            self.producers
+                .retain(|_, p| p.at >= now.saturating_sub(PRODUCER_EXPIRY_MS));
+        }
+        let p = self.producers.entry(id).or_default();
+        p.recent.push_back((seq, offset));
+        if p.recent.len() > PRODUCER_WINDOW {
+            p.recent.pop_front();
+        }
+        p.at = now;
     }
 
     /// Removes records below `offset`, which every group reading the partition committed.
@@ -397,7 +493,9 @@ impl MemoryBroker {
         Ok(spec.partitions)
     }
 
-    /// Appends a record; returns its offset.
+    /// Appends a record; returns its offset. A record of an idempotent writer that the
+    /// partition holds already is not appended again: the answer is the first write's
+    /// position (see [idempotent writers](super#idempotent-writers)).
     fn append(&self, record: OutgoingRecord) -> Result<RecordPosition, TransportError> {
         let topic = self.topic(&record.topic)?;
         let partitions = topic.partitions.len() as u32;
@@ -409,9 +507,30 @@ impl MemoryBroker {
                 partition: record.partition,
                 partitions,
             })?;
+        let refused = |reason: String| {
+            TransportError::Rejected(format!("{}[{}]: {reason}", record.topic, record.partition))
+        };
+        let producer = match producer_of(&record.headers) {
+            None => None,
+            Some(Ok(producer)) => Some(producer),
+            Some(Err(e)) => return Err(refused(e)),
+        };
         let now = now_millis();
         let offset = {
             let mut log = write(&part.log);
+            if let Some((id, seq)) = &producer {
+                // A retried record: answer with where the first write put it.
+                match log.written(id, *seq) {
+                    Ok(Some(offset)) => {
+                        return Ok(RecordPosition {
+                            partition: record.partition,
+                            offset,
+                        })
+                    }
+                    Ok(None) => {}
+                    Err(e) => return Err(refused(e)),
+                }
+            }
             let offset = log.end;
             let stored = Stored {
                 offset,
@@ -421,6 +540,9 @@ impl MemoryBroker {
                 headers: record.headers,
             };
             log.append(stored, &topic.policy, now);
+            if let Some((id, seq)) = producer {
+                log.wrote(id, seq, offset, now);
+            }
             offset
         };
         for w in lock(&part.watchers).iter() {
@@ -463,6 +585,49 @@ impl MemoryBroker {
             return Vec::new();
         };
         read_from(&t, partition, part, offset.max(0), max)
+    }
+
+    /// Waits until a partition of `from` (partition, offset) of `topic` has a record at or past
+    /// its offset, or until `timeout` passes; returns whether one has. For readers in other
+    /// processes, which wait on the broker's web server (see the remote transport).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: it only waits.
+    pub(crate) async fn wait_for_records(
+        &self,
+        topic: &str,
+        from: &[(u32, i64)],
+        timeout: Duration,
+    ) -> Result<bool, TransportError> {
+        let t = self.topic(topic)?;
+        let has_records = || {
+            from.iter().any(|(p, offset)| {
+                t.partitions
+                    .get(*p as usize)
+                    .is_some_and(|part| part.end() > *offset)
+            })
+        };
+        let watching = Watching {
+            topic: t.clone(),
+            partitions: from.iter().map(|(p, _)| *p as usize).collect(),
+            notify: Arc::new(Notify::new()),
+        };
+        for p in &watching.partitions {
+            if let Some(part) = t.partitions.get(*p) {
+                part.watch(&watching.notify);
+            }
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if has_records() {
+                return Ok(true);
+            }
+            let woken = tokio::time::timeout_at(deadline, watching.notify.notified()).await;
+            if woken.is_err() {
+                return Ok(has_records());
+            }
+        }
     }
 
     /// The offsets `group` committed: for each partition, the next offset it will read.
@@ -662,6 +827,23 @@ impl MemoryBroker {
 
     fn committed_offset(&self, group: &str, tp: &TopicPartition) -> Option<i64> {
         lock(&self.offsets).get(group)?.get(tp).copied()
+    }
+}
+
+/// A waiter registered with partitions of a topic; unregistered when dropped.
+struct Watching {
+    topic: Arc<Topic>,
+    partitions: Vec<usize>,
+    notify: Arc<Notify>,
+}
+
+impl Drop for Watching {
+    fn drop(&mut self) {
+        for p in &self.partitions {
+            if let Some(part) = self.topic.partitions.get(*p) {
+                part.unwatch(&self.notify);
+            }
+        }
     }
 }
 
@@ -1082,6 +1264,132 @@ mod tests {
             .iter()
             .map(|r| (r.offset, r.key.as_deref(), r.value.as_deref()))
             .collect()
+    }
+
+    fn spec(name: &str, partitions: u32) -> TopicSpec {
+        TopicSpec {
+            name: name.to_owned(),
+            partitions,
+            replication_factor: 1,
+            compacted: false,
+            retention: Default::default(),
+        }
+    }
+
+    /// A record of producer `id` numbered `seq`, to partition 1 of topic `t`.
+    fn numbered(id: &'static str, seq: &str, value: &'static str) -> OutgoingRecord {
+        OutgoingRecord {
+            topic: Arc::from("t"),
+            partition: 1,
+            key: None,
+            value: Some(Bytes::from_static(value.as_bytes())),
+            headers: vec![
+                (
+                    crate::transport::PRODUCER_ID_HEADER.to_owned(),
+                    Bytes::from_static(id.as_bytes()),
+                ),
+                (
+                    crate::transport::PRODUCER_SEQ_HEADER.to_owned(),
+                    Bytes::copy_from_slice(seq.as_bytes()),
+                ),
+            ],
+            timestamp: None,
+        }
+    }
+
+    fn values(broker: &MemoryBroker) -> Vec<(i64, String)> {
+        broker
+            .read("t", 1, 0, 100)
+            .into_iter()
+            .map(|m| {
+                let v = m.value.unwrap_or_default();
+                (m.offset, String::from_utf8_lossy(&v).into_owned())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_record_sent_again_by_its_producer_lands_once_and_gets_its_first_offset() {
+        let broker = MemoryBroker::new();
+        broker.create(&spec("t", 2)).expect("create");
+        let first = broker.append(numbered("p1", "7", "a")).expect("append");
+        // Another writer's record, and an unnumbered one, in between.
+        broker.append(numbered("p2", "7", "b")).expect("append");
+        let mut plain = numbered("p1", "7", "c");
+        plain.headers.clear();
+        broker.append(plain).expect("append");
+        let again = broker.append(numbered("p1", "7", "a")).expect("retry");
+        assert_eq!(
+            again, first,
+            "the retry is answered with the first write's position"
+        );
+        // A retried batch: every record of it, oldest first, is answered from memory.
+        let batch: Vec<RecordPosition> = ["8", "9", "10"]
+            .iter()
+            .map(|seq| broker.append(numbered("p1", seq, "d")).expect("append"))
+            .collect();
+        let retried: Vec<RecordPosition> = ["8", "9", "10"]
+            .iter()
+            .map(|seq| broker.append(numbered("p1", seq, "d")).expect("retry"))
+            .collect();
+        assert_eq!(retried, batch);
+        assert_eq!(
+            values(&broker),
+            vec![
+                (0, "a".to_owned()),
+                (1, "b".to_owned()),
+                (2, "c".to_owned()),
+                (3, "d".to_owned()),
+                (4, "d".to_owned()),
+                (5, "d".to_owned()),
+            ],
+            "each record once"
+        );
+        // The same sequence number on the other partition is another record.
+        let mut other = numbered("p1", "7", "e");
+        other.partition = 0;
+        assert_eq!(broker.append(other).expect("append").offset, 0);
+    }
+
+    #[test]
+    fn a_numbered_record_the_partition_cannot_place_is_refused_not_appended() {
+        let broker = MemoryBroker::new();
+        broker.create(&spec("t", 2)).expect("create");
+        broker.append(numbered("p1", "5", "a")).expect("append");
+        // Below the last one and never written: out of order.
+        let err = broker
+            .append(numbered("p1", "3", "x"))
+            .expect_err("out of order")
+            .to_string();
+        assert!(err.contains("t[1]") && err.contains("record 3"), "{err}");
+        let err = broker
+            .append(numbered("p1", "five", "x"))
+            .expect_err("not a number")
+            .to_string();
+        assert!(
+            err.contains("rill-producer-seq") && err.contains("five"),
+            "{err}"
+        );
+        assert_eq!(values(&broker), vec![(0, "a".to_owned())]);
+    }
+
+    #[test]
+    fn a_partition_remembers_a_bounded_window_of_each_producer() {
+        let broker = MemoryBroker::new();
+        broker.create(&spec("t", 2)).expect("create");
+        let n = PRODUCER_WINDOW as u64 + 10;
+        for seq in 0..n {
+            broker
+                .append(numbered("p1", &seq.to_string(), "v"))
+                .expect("append");
+        }
+        // The latest are answered; one older than the window is refused, never appended.
+        let last = broker
+            .append(numbered("p1", &(n - 1).to_string(), "v"))
+            .expect("retry");
+        assert_eq!(last.offset, n as i64 - 1);
+        assert!(broker.append(numbered("p1", "0", "v")).is_err());
+        assert_eq!(broker.end_offset("t", 1), Some(n as i64));
     }
 
     #[test]

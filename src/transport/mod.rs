@@ -3,7 +3,28 @@
 //! A [`Transport`] is a partitioned, offset-addressed log with consumer groups: the embedded
 //! `memory` transport implements it in-process, and the Kafka transport on a cluster. Agents,
 //! streams and commits are written against these traits only, so an app runs unchanged on
-//! either.
+//! either. The `remote` transport (`remote://HOST:PORT`) reaches the embedded broker of a
+//! worker running in another process, through that worker's web server: what the command
+//! line of an embedded app uses when a worker of the app runs (see
+//! [`Settings::datadir`](crate::Settings::datadir)).
+//!
+//! # Idempotent writers
+//!
+//! A client may send a record again when it did not hear whether the first try arrived. The
+//! remote transport numbers its records so that the broker keeps only one copy: each record
+//! carries two headers,
+//!
+//! - [`PRODUCER_ID_HEADER`] (`rill-producer-id`): the writer's id, random per connection (16
+//!   hexadecimal digits);
+//! - [`PRODUCER_SEQ_HEADER`] (`rill-producer-seq`): the record's sequence number, in decimal
+//!   ASCII, rising with each record the writer sends.
+//!
+//! For each partition, the embedded broker ([`MemoryBroker`]) remembers each writer's latest
+//! sequence numbers (its last 1024 records, for a day after its last write) and the offsets
+//! they got; a record whose sequence number it has seen is not appended again, and is answered
+//! with the offset of the first write, as Kafka answers its idempotent producer. The headers
+//! stay on the stored record, so a log rebuilt by appending its records again learns the same.
+//! Agents see them in [`Message::headers`] only.
 
 use crate::error::TransportError;
 use bytes::Bytes;
@@ -15,6 +36,7 @@ use std::time::Duration;
 #[cfg(feature = "kafka")]
 pub(crate) mod kafka;
 pub(crate) mod memory;
+pub(crate) mod remote;
 
 #[doc(inline)]
 pub use memory::MemoryBroker;
@@ -43,6 +65,14 @@ impl fmt::Display for TopicPartition {
         write!(f, "{}[{}]", self.topic, self.partition)
     }
 }
+
+/// The header naming the writer of a record, for idempotent appends (see
+/// [idempotent writers](self#idempotent-writers)).
+pub const PRODUCER_ID_HEADER: &str = "rill-producer-id";
+
+/// The header numbering a writer's records, for idempotent appends (see
+/// [idempotent writers](self#idempotent-writers)).
+pub const PRODUCER_SEQ_HEADER: &str = "rill-producer-seq";
 
 /// Message headers: ordered name/value pairs, as in Kafka.
 pub type Headers = Vec<(String, Bytes)>;

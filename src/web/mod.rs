@@ -17,8 +17,13 @@
 //!
 //! Lookups of keys another worker owns are forwarded to it, as the app's membership tells
 //! (see `engine::membership`).
+//!
+//! An embedded worker (`memory://`) also publishes its broker under `/transport`, for the
+//! app's commands in other processes: the remote transport (see `transport::remote` for the
+//! API).
 
 mod status;
+mod transport;
 
 use crate::engine::Runtime;
 use crate::error::{Error, Result};
@@ -139,6 +144,10 @@ pub(crate) async fn start(
     tables: Vec<Arc<dyn TableRunner>>,
     bind: &str,
     port: u16,
+    published: Option<(
+        Arc<crate::transport::MemoryBroker>,
+        crate::transport::remote::Hello,
+    )>,
     closed: CancellationToken,
 ) -> Result<Web> {
     let listener = tokio::net::TcpListener::bind((bind, port))
@@ -173,6 +182,10 @@ pub(crate) async fn start(
         .route("/tables/{table}", get(describe_table))
         .route("/tables/{table}/{key}", get(get_key))
         .with_state(served.clone());
+    let app = match published {
+        Some((broker, hello)) => app.merge(transport::routes(broker, hello, closed.clone())),
+        None => app,
+    };
     let stop = closed.clone();
     let gauges = gauges(served, closed.clone());
     let server = tokio::spawn(async move {

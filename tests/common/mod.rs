@@ -265,6 +265,67 @@ pub(crate) fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) 
     (status, body.to_owned())
 }
 
+/// A blocking HTTP/1.1 request with a JSON body against `addr`: status code and body. For
+/// tests of the web server's POST and PUT routes.
+pub(crate) fn http_send(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to the web server");
+    s.set_read_timeout(Some(WAIT)).expect("timeout");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send request");
+    let mut response = String::new();
+    s.read_to_string(&mut response).expect("read response");
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("a status code");
+    (status, body.to_owned())
+}
+
+/// A directory of its own under the system's temporary directory, removed with what is in it
+/// when dropped. `create` makes it; otherwise only the path is reserved (for what a test
+/// expects a program to make, or not to make).
+pub(crate) struct TempDir(pub(crate) std::path::PathBuf);
+
+impl TempDir {
+    pub(crate) fn new(name: &str, create: bool) -> Self {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "rill-{name}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&path);
+        if create {
+            std::fs::create_dir_all(&path).expect("create a temporary directory");
+        }
+        Self(path)
+    }
+
+    pub(crate) fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// The path of `program` (from the environment variable `env`, else from PATH), checked to
 /// run with `--version`. Fails the test, saying how to install it, when it is missing: a test
 /// that needs a tool does not pass without it.
