@@ -13,7 +13,7 @@
 //! is timed by one observer, a read-committed consumer of the system's output topic in this
 //! process, so an exactly-once output counts once its transaction is committed:
 //!
-//! - **throughput**: `EVENTS` records are written to a topic before the system starts; its
+//! - **throughput**: `RILL_PEERS_EVENTS` records (default 1,000,000) are written to a topic before the system starts; its
 //!   rate is the events over the time from its first output to its last. Its **start-up** is
 //!   the time from spawning the process to the first output.
 //! - **latency**: records are offered at a fixed rate (`RILL_PEERS_RATE`, default 20k/s) to an
@@ -46,7 +46,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 type BoxResult<T> = Result<T, Box<dyn Error + Send + Sync>>;
 
-const EVENTS: u64 = 300_000;
+/// Events of a throughput round (`RILL_PEERS_EVENTS`, default 1,000,000): longer rounds weigh
+/// start-up (a group join, a first transaction) less.
+fn events() -> u64 {
+    static EVENTS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *EVENTS.get_or_init(|| env_or("RILL_PEERS_EVENTS", 1_000_000))
+}
 const PARTITIONS: i32 = 4;
 /// How long a system may take to process a round's events, or to stop.
 const ROUND_TIMEOUT: Duration = Duration::from_secs(180);
@@ -443,8 +448,9 @@ fn compare() -> BoxResult<()> {
     let mut results = Results::default();
 
     println!(
-        "throughput: {EVENTS} keyed JSON events on {PARTITIONS} partitions, written before \
-         each system starts; {rounds} rounds"
+        "throughput: {} keyed JSON events on {PARTITIONS} partitions, written before \
+         each system starts; {rounds} rounds",
+        events()
     );
     // The first round warms the broker up (its JIT, the offsets and transaction topics it
     // creates on first use) and is not counted.
@@ -638,9 +644,9 @@ impl Ctx {
         let mut running = self.spawn(peer, input, output, group)?;
         let spawned = Instant::now();
         let (mut first, mut n) = (None, 0u64);
-        while n < EVENTS {
+        while n < events() {
             if spawned.elapsed() > ROUND_TIMEOUT {
-                return Err(running.failed(&format!("{n} of {EVENTS} outputs")));
+                return Err(running.failed(&format!("{n} of {} outputs", events())));
             }
             if running.exited() {
                 return Err(running.failed("the process exited"));
@@ -659,7 +665,7 @@ impl Ctx {
         let first = first.unwrap_or(last);
         Ok(Throughput {
             start_up: first - spawned,
-            rate: (EVENTS - 1) as f64 / (last - first).as_secs_f64().max(1e-6),
+            rate: (events() - 1) as f64 / (last - first).as_secs_f64().max(1e-6),
         })
     }
 
@@ -907,10 +913,10 @@ fn send_one(
     }
 }
 
-/// Writes `EVENTS` keyed JSON `Add` records to `topic`.
+/// Writes [`events`] keyed JSON `Add` records to `topic`.
 fn fill(addr: &str, topic: &str) -> BoxResult<()> {
     let p = producer(addr, "5")?;
-    for i in 0..EVENTS {
+    for i in 0..events() {
         let key = format!("k{}", i % 1000);
         let value = serde_json::to_vec(&Add { a: i as i64, b: 1 })?;
         send_one(&p, topic, None, &key, &value);
@@ -966,9 +972,10 @@ fn report(results: &Results, rounds: usize, latency_rounds: usize, rate: u64) ->
         |peer: Peer, p: f64| median(results.latency_of(peer).iter().map(|l| l.pct(p)).collect());
     let _ = writeln!(
         s,
-        "Apache Kafka 4.4 ({broker}), one KRaft node on the same machine; {EVENTS} keyed JSON \
+        "Apache Kafka 4.4 ({broker}), one KRaft node on the same machine; {events} keyed JSON \
          events on {PARTITIONS} partitions; medians of {rounds} throughput rounds and \
-         {latency_rounds} latency rounds ({rate} events/s offered).\n"
+         {latency_rounds} latency rounds ({rate} events/s offered).\n",
+        events = events()
     );
     let _ = writeln!(
         s,

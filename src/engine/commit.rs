@@ -159,7 +159,7 @@ impl Dispatcher {
                     self.persist(flushed);
                 }
                 if !offsets.is_empty() {
-                    tracing::debug!(offsets = %offsets.iter().map(|(tp, o)| format!("{tp}={o}")).collect::<Vec<_>>().join(","), "committed");
+                    tracing::debug!(offsets = %offsets.iter().map(|(tp, o)| format!("{tp}={o}")).collect::<Vec<_>>().join(","), took_ms = started.elapsed().as_secs_f64() * 1e3, "committed");
                     self.committed.extend(offsets);
                     self.rt.ops.committed(started.elapsed());
                 }

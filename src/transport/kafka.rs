@@ -442,6 +442,8 @@ fn commit_transaction(
     offsets: &TopicPartitionList,
 ) -> Result<(), TransportError> {
     let producer = inner.producer();
+    let started = Instant::now();
+    let mut offsets_sent = Duration::ZERO;
     let committed = (|| {
         if offsets.count() > 0 {
             let group = consumer
@@ -450,11 +452,19 @@ fn commit_transaction(
             producer
                 .send_offsets_to_transaction(offsets, &group, TXN_TIMEOUT)
                 .map_err(|e| e.to_string())?;
+            offsets_sent = started.elapsed();
         }
         producer
             .commit_transaction(TXN_TIMEOUT)
             .map_err(|e| e.to_string())
     })();
+    tracing::debug!(
+        target: "rill::kafka",
+        offsets_ms = offsets_sent.as_secs_f64() * 1e3,
+        total_ms = started.elapsed().as_secs_f64() * 1e3,
+        in_flight = producer.in_flight_count(),
+        "transaction committed"
+    );
     match committed {
         Ok(()) => begin_transaction(&producer),
         // A producer in a fatal state cannot abort either: its transaction is gone.
