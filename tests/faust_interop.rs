@@ -438,14 +438,16 @@ const FAUST_WORD_COUNT: &str = r#"
 import json, sys
 import faust
 
-broker = sys.argv[2]
-counted = open(sys.argv[4], "a", buffering=1)
+mode, broker = sys.argv[1], sys.argv[2]
+counted = open(sys.argv[4], "a", buffering=1) if mode == "count" else None
 app = faust.App(
     "interop-wc",
     broker="kafka://" + broker,
-    web_enabled=False,
     topic_partitions=4,
     datadir=sys.argv[3],
+    web_port=int(sys.argv[5]) if mode == "count" else 6066,
+    web_bind="127.0.0.1",
+    web_host="127.0.0.1",
 )
 
 
@@ -462,6 +464,29 @@ async def count(stream):
     async for word in stream.group_by(Word.text):
         counts[word.text] += 1
         counted.write(json.dumps({"text": word.text, "count": counts[word.text]}) + "\n")
+
+
+# Faust serves a table over HTTP from a view the app writes; `table_route` sends the request
+# to the worker that owns the key.
+@app.page("/count/{word}/")
+@app.table_route(table=counts, match_info="word")
+async def get_count(web, request, word):
+    return web.json({"word": word, "count": counts[word]})
+
+
+# Reads a rill worker's table over HTTP, as a Faust view or client would:
+# `read URL DATADIR WORD...`.
+if mode == "read":
+    import asyncio, aiohttp
+
+    async def read(url, words):
+        async with aiohttp.ClientSession() as http:
+            for word in words:
+                async with http.get(f"{url}/tables/counts/{word}") as r:
+                    print(json.dumps({"word": word, "status": r.status, "count": await r.json()}))
+
+    asyncio.run(read(sys.argv[2], sys.argv[4:]))
+    sys.exit(0)
 
 
 # Info logs carry the worker's "Ready" line, which the test waits for.
@@ -596,6 +621,7 @@ async fn take_turns(dir: &Path, broker: String) {
         .expect("the feeder starts");
 
     // Faust counts the first batch.
+    let faust_web = common::kafka::free_port();
     let counted = dir.join("counted-1.jsonl");
     let faust = FaustProcess::run(
         dir,
@@ -603,7 +629,7 @@ async fn take_turns(dir: &Path, broker: String) {
         "count",
         "count-1",
         &broker,
-        &[&counted.to_string_lossy()],
+        &[&counted.to_string_lossy(), &faust_web.to_string()],
     );
     faust_ready(&faust).await;
     send_words(&feeder, PER_BATCH[0]).await;
@@ -616,6 +642,7 @@ async fn take_turns(dir: &Path, broker: String) {
     )
     .await;
     let app = app_on("interop-wc", &broker);
+    app.configure(|s| s.web_port = Some(0));
     wait_committed(&app, &["wc-words", REPARTITION], Some(&faust)).await;
     assert_eq!(
         counts_by_word(&faust_counts(&counted)),
@@ -675,6 +702,30 @@ async fn take_turns(dir: &Path, broker: String) {
         WORDS * (PER_BATCH[0] + PER_BATCH[1]),
         "Faust and rill regroup into the one repartition topic"
     );
+    // Python (aiohttp, what a Faust view would use) reads rill's table over HTTP.
+    let web = worker.web_addr().expect("the rill worker serves the web");
+    let words_asked: Vec<String> = (0..WORDS).map(|w| format!("w{w}")).collect();
+    let mut read_args: Vec<&str> = Vec::new();
+    read_args.extend(words_asked.iter().map(String::as_str));
+    let reader = FaustProcess::run(
+        dir,
+        FAUST_WORD_COUNT,
+        "read",
+        "read-2",
+        &format!("http://{web}"),
+        &read_args,
+    );
+    let read: Vec<serde_json::Value> = reader
+        .finish()
+        .await
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let want: Vec<serde_json::Value> = words_asked
+        .iter()
+        .map(|w| serde_json::json!({"word": w, "status": 200, "count": second}))
+        .collect();
+    assert_eq!(read, want, "rill's table as Python read it over HTTP");
     within(WAIT, "the rill worker to stop", worker.shutdown())
         .await
         .expect("the rill worker stops");
@@ -697,7 +748,7 @@ async fn take_turns(dir: &Path, broker: String) {
         "count",
         "count-3",
         &broker,
-        &[&counted.to_string_lossy()],
+        &[&counted.to_string_lossy(), &faust_web.to_string()],
     );
     faust_ready(&faust).await;
     send_words(&feeder, PER_BATCH[2]).await;
@@ -724,6 +775,20 @@ async fn take_turns(dir: &Path, broker: String) {
         "Faust's counts after rill's turn\n{}",
         faust.output()
     );
+    // And Faust's table over HTTP, from its `table_route` view.
+    let faust_addr: std::net::SocketAddr = ([127, 0, 0, 1], faust_web).into();
+    let last = second + PER_BATCH[2] as i64;
+    for word in &words_asked {
+        let path = format!("/count/{word}/");
+        let (status, body) =
+            tokio::task::spawn_blocking(move || common::http_get(faust_addr, &path))
+                .await
+                .expect("the request runs");
+        assert_eq!(status, 200, "Faust's view of {word}: {body}");
+        let got: serde_json::Value = serde_json::from_str(&body)
+            .unwrap_or_else(|e| panic!("Faust's view of {word} answered {body:?}: {e}"));
+        assert_eq!(got, serde_json::json!({"word": word, "count": last}));
+    }
     faust.stop().await;
     within(WAIT, "the feeder to stop", feeding.shutdown())
         .await
