@@ -443,10 +443,11 @@ impl App {
         self.start_with(Role::Client).await
     }
 
-    /// Whether the app runs on the embedded transport (`memory://`), where every agent runs
-    /// in this process.
+    /// Whether the app runs on an embedded transport (`memory://`, or its durable twin
+    /// `file://`), where every agent runs in this process.
     pub fn is_embedded(&self) -> bool {
-        self.core.settings().broker.starts_with("memory:")
+        let broker = &self.core.settings().broker;
+        broker.starts_with("memory:") || broker.starts_with("file://")
     }
 
     /// Starts the app in `role`.
@@ -580,7 +581,7 @@ impl App {
         }
         rt.ops
             .set_agents(agents.iter().filter_map(|a| a.info().ok()).collect());
-        let steady = transport.kind() == "memory" || routes.is_empty();
+        let steady = transport.embedded() || routes.is_empty();
         let dispatcher = if run_agents {
             let consumer = transport.group_consumer(&self.core.id)?;
             Some(Dispatcher::new(
@@ -661,7 +662,8 @@ impl App {
     }
 
     /// Connects to the broker at `url`; on Kafka, with a transactional producer when
-    /// `transactional_id` is given (exactly-once processing).
+    /// `transactional_id` is given (exactly-once processing), on `file://` staging what is
+    /// produced until the worker's commit.
     async fn connect(
         &self,
         url: &str,
@@ -675,6 +677,14 @@ impl App {
                 MemoryBroker::named(name)
             };
             return Ok(Arc::new(MemoryTransport::new(broker)));
+        }
+        if url.starts_with("file://") {
+            use crate::transport::{FileBroker, FileTransport};
+            let parsed = crate::transport::file::FileUrl::parse(url)?;
+            let broker = FileBroker::open(&parsed.dir, &self.core.id)?;
+            let transport: FileTransport =
+                broker.transport(parsed.fsync, transactional_id.is_some());
+            return Ok(Arc::new(transport));
         }
         #[cfg(feature = "kafka")]
         if url.starts_with("kafka://") {

@@ -12,10 +12,13 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub(crate) mod file;
 #[cfg(feature = "kafka")]
 pub(crate) mod kafka;
 pub(crate) mod memory;
 
+#[doc(inline)]
+pub use file::{FileBroker, FileTransport, Fsync};
 #[doc(inline)]
 pub use memory::MemoryBroker;
 
@@ -170,6 +173,12 @@ pub struct Retention {
 pub trait Transport: Send + Sync + fmt::Debug + 'static {
     /// Short name for logs and the start-up banner, e.g. `memory`.
     fn kind(&self) -> &'static str;
+
+    /// Whether every worker of the app runs in this process (the embedded transports,
+    /// `memory://` and `file://`): nobody else reads or writes its log.
+    fn embedded(&self) -> bool {
+        false
+    }
 
     /// Whether the app's group divides partitions with range assignment (per topic, over the
     /// members in a fixed order), so that who takes a partition over when a worker leaves can
