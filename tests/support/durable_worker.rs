@@ -83,6 +83,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             "drain" => {
                 let worker = app.start().await?;
+                if !worker.ready().await {
+                    return Err("the worker stopped before it was ready".into());
+                }
                 worker.processed(Duration::from_secs(120)).await?;
                 worker.shutdown().await?;
                 println!("drained");
