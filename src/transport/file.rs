@@ -1215,3 +1215,182 @@ impl Consumer for FileConsumer {
         self.inner.assignment_lost()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("rill-file-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    fn spec(name: &str) -> TopicSpec {
+        TopicSpec {
+            name: name.into(),
+            partitions: 1,
+            replication_factor: 1,
+            compacted: false,
+            retention: Default::default(),
+        }
+    }
+
+    fn record(topic: &str, value: &str) -> OutgoingRecord {
+        OutgoingRecord {
+            topic: Arc::from(topic),
+            partition: 0,
+            key: Some(Bytes::from(format!("k-{value}"))),
+            value: Some(Bytes::from(value.to_owned())),
+            headers: vec![("h".into(), Bytes::from_static(b"1"))],
+            timestamp: None,
+        }
+    }
+
+    fn values(broker: &FileBroker, topic: &str) -> Vec<String> {
+        broker
+            .memory()
+            .read(topic, 0, 0, usize::MAX)
+            .into_iter()
+            .map(|m| String::from_utf8_lossy(m.value.as_deref().unwrap_or_default()).into())
+            .collect()
+    }
+
+    /// The largest file under `dir`: the journal the last batches went to.
+    fn largest_file(dir: &Path) -> PathBuf {
+        let mut best: Option<(u64, PathBuf)> = None;
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for entry in std::fs::read_dir(&d).expect("read journal dir").flatten() {
+                let path = entry.path();
+                let meta = entry.metadata().expect("metadata");
+                if meta.is_dir() {
+                    stack.push(path);
+                } else if best.as_ref().is_none_or(|(size, _)| meta.len() > *size) {
+                    best = Some((meta.len(), path));
+                }
+            }
+        }
+        best.expect("a journal file").1
+    }
+
+    #[tokio::test]
+    async fn a_commit_cut_short_in_the_journal_is_not_recovered_in_part() {
+        let dir = temp_dir("torn");
+        let tp = TopicPartition::new("in", 0);
+        {
+            let broker = FileBroker::open(&dir, "app").expect("open");
+            let t = broker.transport(Fsync::Commit, true);
+            t.ensure_topic(spec("in")).await.expect("in");
+            t.ensure_topic(spec("out")).await.expect("out");
+            let mut consumer = t.group_consumer("g").expect("consumer");
+            t.send(record("out", "a1")).await.expect("stage");
+            t.send(record("out", "a2")).await.expect("stage");
+            consumer
+                .commit(vec![(tp.clone(), 1)])
+                .await
+                .expect("commit a");
+            for v in ["b1", "b2", "b3"] {
+                t.send(record("out", v)).await.expect("stage");
+            }
+            consumer
+                .commit(vec![(tp.clone(), 4)])
+                .await
+                .expect("commit b");
+            assert_eq!(values(&broker, "out"), ["a1", "a2", "b1", "b2", "b3"]);
+        }
+        // The last commit's batch (some 250 bytes) loses its end, as a write cut off by a
+        // crash would: its last 30 bytes (the end marker and part of its last item).
+        let journal = largest_file(&dir.join("app").join("log").join("journals"));
+        // The journal is preallocated: what was written ends at its last byte that is not 0.
+        let bytes = std::fs::read(&journal).expect("read journal");
+        let len = bytes
+            .iter()
+            .rposition(|b| *b != 0)
+            .expect("a written journal") as u64
+            + 1;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&journal)
+            .expect("open journal");
+        file.set_len(len - 30).expect("truncate");
+        drop(file);
+        let broker = FileBroker::open(&dir, "app").expect("reopen");
+        assert_eq!(values(&broker, "out"), ["a1", "a2"], "none of commit b");
+        assert_eq!(broker.memory().committed("g"), vec![(tp, 1)]);
+        // The records keep what they were sent with.
+        let m = &broker.memory().read("out", 0, 1, 1)[0];
+        assert_eq!(m.key.as_deref(), Some(&b"k-a2"[..]));
+        assert_eq!(m.header("h").map(|h| &h[..]), Some(&b"1"[..]));
+        drop(broker);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn records_read_back_as_written() {
+        let mut r = record("t", "v");
+        r.partition = 3;
+        let decoded = decode_record(&encode_record(&r, 42), "t", 3).expect("decode");
+        assert_eq!(
+            (
+                decoded.key,
+                decoded.value,
+                decoded.headers,
+                decoded.timestamp
+            ),
+            (r.key.clone(), r.value.clone(), r.headers.clone(), Some(42))
+        );
+        let tombstone = OutgoingRecord {
+            key: None,
+            value: None,
+            headers: Vec::new(),
+            ..r
+        };
+        let decoded = decode_record(&encode_record(&tombstone, -1), "t", 3).expect("decode");
+        assert_eq!((decoded.key, decoded.value), (None, None));
+        let bytes = encode_record(&record("t", "v"), 1);
+        assert!(decode_record(&bytes[..bytes.len() - 1], "t", 0).is_none());
+        let key = record_key("a.b", 7, 1234);
+        assert_eq!(parse_record_key(&key), Some(("a.b", 7, 1234)));
+    }
+
+    #[test]
+    fn urls_name_a_directory_and_a_sync_policy() {
+        assert_eq!(
+            FileUrl::parse("file://./data").expect("url"),
+            FileUrl {
+                dir: PathBuf::from("./data"),
+                fsync: Fsync::Commit
+            }
+        );
+        assert_eq!(
+            FileUrl::parse("file:///var/lib/x?fsync=always")
+                .expect("url")
+                .fsync,
+            Fsync::Always
+        );
+        assert_eq!(
+            FileUrl::parse("file://d?fsync=never").expect("url").fsync,
+            Fsync::Never
+        );
+        let e = FileUrl::parse("file://d?sync=1").expect_err("unknown option");
+        assert!(e.to_string().contains("unknown option \"sync=1\""), "{e}");
+    }
+
+    #[test]
+    fn a_locked_directory_is_refused_with_its_path() {
+        let dir = temp_dir("lock");
+        std::fs::create_dir_all(&dir).expect("dir");
+        let lock_file = dir.join("log.lock");
+        let _held = DirLock::take(&lock_file, &dir).expect("first lock");
+        let e = DirLock::take(&lock_file, &dir)
+            .err()
+            .expect("second lock refused");
+        assert!(
+            e.to_string().contains(&dir.display().to_string())
+                && e.to_string().contains("in use by another process"),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
