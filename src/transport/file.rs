@@ -73,9 +73,12 @@ const MAX_BATCH: usize = 16 * 1024;
 /// fjall's block cache: records are read from disk only when a log is opened.
 const CACHE_BYTES: u64 = 4 << 20;
 /// fjall's write buffer for all its partitions, and each partition's memtable: what fjall holds
-/// in memory of what it wrote before flushing it to disk tables.
+/// in memory of what it wrote before flushing it to disk tables. With these, and no bloom
+/// filters (the log reads records in order, never by key; a filter per table file was what
+/// grew), a million records through the log grow resident memory by a few megabytes
+/// (tests/durable_memory_behavior.rs).
 const WRITE_BUFFER_BYTES: u64 = 16 << 20;
-const MEMTABLE_BYTES: u32 = 4 << 20;
+const MEMTABLE_BYTES: u32 = 8 << 20;
 
 /// When the durable transport syncs its writes to the disk (the `fsync` parameter of a
 /// `file://` URL). Whatever the policy, every write is handed to the operating system before
@@ -257,7 +260,11 @@ impl FileBroker {
             .manual_journal_persist(true)
             .open()
             .map_err(|e| fail(&path, "cannot open the log", e))?;
-        let options = || fjall::PartitionCreateOptions::default().max_memtable_size(MEMTABLE_BYTES);
+        let options = || {
+            fjall::PartitionCreateOptions::default()
+                .max_memtable_size(MEMTABLE_BYTES)
+                .bloom_filter_bits(None)
+        };
         let records = keyspace
             .open_partition("records", options())
             .map_err(|e| fail(&path, "cannot open the log's records", e))?;
