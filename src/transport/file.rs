@@ -59,7 +59,7 @@ use crate::error::TransportError;
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::FutureExt;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
@@ -285,7 +285,14 @@ impl FileBroker {
             let shared = shared.clone();
             std::thread::Builder::new()
                 .name("rill-file-log".into())
-                .spawn(move || Writer { shared, disk }.run(rx))
+                .spawn(move || {
+                    Writer {
+                        shared,
+                        disk,
+                        unsynced: false,
+                    }
+                    .run(rx)
+                })
                 .map_err(|e| fail(app_dir, "cannot start the log's writer", e))?
         };
         Ok(Self {
@@ -305,8 +312,9 @@ impl FileBroker {
         &self.shared.path
     }
 
-    /// How many records of a partition are on disk: what a restart would find (before
-    /// retention decides again what to keep).
+    /// How many records of a partition are on disk. Records are stored in chunks (those of
+    /// one partition one write batch wrote), and a chunk goes when its last record does, so
+    /// this counts records below the log-start offset that share a chunk with kept ones.
     pub fn records_on_disk(&self, topic: &str, partition: u32) -> Result<usize, TransportError> {
         let mut n = 0;
         for kv in self
@@ -314,8 +322,16 @@ impl FileBroker {
             .records
             .prefix(partition_prefix(topic, partition))
         {
-            kv.map_err(|e| fail(&self.shared.path, "cannot read the log", e))?;
-            n += 1;
+            let (k, v) = kv.map_err(|e| fail(&self.shared.path, "cannot read the log", e))?;
+            n += decode_chunk(&v)
+                .ok_or_else(|| {
+                    fail(
+                        &self.shared.path,
+                        "cannot read the log",
+                        format!("an unreadable chunk {:?}", String::from_utf8_lossy(&k)),
+                    )
+                })?
+                .len();
         }
         Ok(n)
     }
@@ -590,12 +606,57 @@ fn decode_record(value: &[u8], topic: &str, partition: u32) -> Option<OutgoingRe
 }
 
 /// What is on disk of a partition, as the writer knows it.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Default)]
 struct DiskLog {
-    /// The lowest offset that may still be on disk.
+    /// The log-start offset stored.
     start: i64,
-    /// Records on disk (compacted partitions, whose removals are not a run from the front).
+    /// The partition's chunks on disk, oldest first.
+    chunks: VecDeque<Chunk>,
+    /// Records in them.
     count: usize,
+}
+
+/// A chunk: the records of one partition one batch wrote, stored as one value under the
+/// offset of the first, so that the log writes (and removes) one key per partition and batch
+/// rather than one per record.
+#[derive(Debug, Clone, Copy)]
+struct Chunk {
+    first: i64,
+    /// Past its last record's offset.
+    end: i64,
+    count: usize,
+}
+
+/// Records per chunk when a compacted partition is written again.
+const CHUNK_RECORDS: usize = 4096;
+
+/// A chunk's value: the record count, then each record's offset, length and encoding.
+fn encode_chunk(records: &[(i64, Vec<u8>)]) -> Vec<u8> {
+    let size: usize = records.iter().map(|(_, r)| 12 + r.len()).sum();
+    let mut out = Vec::with_capacity(4 + size);
+    out.extend_from_slice(&(records.len() as u32).to_be_bytes());
+    for (offset, r) in records {
+        out.extend_from_slice(&offset.to_be_bytes());
+        out.extend_from_slice(&(r.len() as u32).to_be_bytes());
+        out.extend_from_slice(r);
+    }
+    out
+}
+
+/// The records of a chunk: offset and encoding.
+fn decode_chunk(value: &[u8]) -> Option<Vec<(i64, &[u8])>> {
+    let (n, mut rest) = value.split_at_checked(4)?;
+    let n = u32::from_be_bytes(n.try_into().ok()?) as usize;
+    let mut out = Vec::with_capacity(n.min(CHUNK_RECORDS * 4));
+    for _ in 0..n {
+        let (offset, r) = rest.split_at_checked(8)?;
+        let (len, r) = r.split_at_checked(4)?;
+        let len = u32::from_be_bytes(len.try_into().ok()?) as usize;
+        let (record, r) = r.split_at_checked(len)?;
+        out.push((i64::from_be_bytes(offset.try_into().ok()?), record));
+        rest = r;
+    }
+    rest.is_empty().then_some(out)
 }
 
 type Key = (Arc<str>, u32);
@@ -654,15 +715,24 @@ impl Shared {
         }
         for kv in self.records.iter() {
             let (k, v) = kv.map_err(|e| fail(path, "cannot read the log", e))?;
-            let (topic, p, offset) = parse_record_key(&k).ok_or_else(|| corrupt("record", &k))?;
+            let (topic, p, first) = parse_record_key(&k).ok_or_else(|| corrupt("chunk", &k))?;
+            let records = decode_chunk(&v).ok_or_else(|| corrupt("chunk", &k))?;
             let log = disk.entry((Arc::from(topic), p)).or_default();
-            log.count += 1;
-            if offset < log.start {
-                // Removed in memory before the crash; the next write removes it on disk.
-                continue;
+            let end = records.last().map_or(first, |(o, _)| o + 1);
+            log.chunks.push_back(Chunk {
+                first,
+                end,
+                count: records.len(),
+            });
+            log.count += records.len();
+            for (offset, bytes) in records {
+                if offset < log.start {
+                    // Removed before the log was closed, with others of its chunk kept.
+                    continue;
+                }
+                let record = decode_record(bytes, topic, p).ok_or_else(|| corrupt("record", &k))?;
+                self.memory.append_at(record, offset)?;
             }
-            let record = decode_record(&v, topic, p).ok_or_else(|| corrupt("record", &k))?;
-            self.memory.append_at(record, offset)?;
         }
         for spec in &topics {
             self.memory.retain(&spec.name);
@@ -686,19 +756,19 @@ fn check(memory: &MemoryBroker, record: &OutgoingRecord) -> Result<(), Transport
     Ok(())
 }
 
-/// Gives `record` the next offset of its partition in this batch (`next`) and puts it in
-/// `batch`.
+/// Gives `record` the next offset of its partition in this batch (`next`) and adds it to its
+/// partition's chunk (`chunks`).
 fn place(
     shared: &Shared,
     next: &mut HashMap<Key, i64>,
     now: i64,
     record: &mut OutgoingRecord,
-    batch: &mut fjall::Batch,
+    chunks: &mut HashMap<Key, Vec<(i64, Vec<u8>)>>,
 ) -> Result<i64, TransportError> {
     let memory = &shared.memory;
     check(memory, record)?;
     let key = (record.topic.clone(), record.partition);
-    let offset = next.entry(key).or_insert_with(|| {
+    let offset = next.entry(key.clone()).or_insert_with(|| {
         memory
             .end_offset(&record.topic, record.partition)
             .unwrap_or(0)
@@ -706,11 +776,10 @@ fn place(
     let at = *offset;
     *offset += 1;
     let timestamp = *record.timestamp.get_or_insert(now);
-    batch.insert(
-        &shared.records,
-        record_key(&record.topic, record.partition, at),
-        encode_record(record, timestamp),
-    );
+    chunks
+        .entry(key)
+        .or_default()
+        .push((at, encode_record(record, timestamp)));
     Ok(at)
 }
 
@@ -718,6 +787,9 @@ fn place(
 struct Writer {
     shared: Arc<Shared>,
     disk: HashMap<Key, DiskLog>,
+    /// Whether appends or commits were written since the last sync. (Removals need none: a
+    /// removal lost with the machine is made again when the log is loaded.)
+    unsynced: bool,
 }
 
 /// A write's outcome, told to its sender once its batch is written.
@@ -756,6 +828,8 @@ impl Writer {
         let mut sync = false;
         // Offsets given out in this batch, per partition.
         let mut next: HashMap<Key, i64> = HashMap::new();
+        // The records of this batch, per partition.
+        let mut chunks: HashMap<Key, Vec<(i64, Vec<u8>)>> = HashMap::new();
         let now = super::memory::now_millis();
         // What to make visible once written: records at their offsets, and commits.
         enum Visible {
@@ -772,9 +846,8 @@ impl Writer {
                     done,
                 } => {
                     sync |= s;
-                    match place(&shared, &mut next, now, &mut record, &mut batch) {
+                    match place(&shared, &mut next, now, &mut record, &mut chunks) {
                         Ok(offset) => {
-                            self.appended(&record);
                             let position = RecordPosition {
                                 partition: record.partition,
                                 offset,
@@ -802,9 +875,8 @@ impl Writer {
                         continue;
                     }
                     for mut record in records {
-                        if let Ok(offset) = place(&shared, &mut next, now, &mut record, &mut batch)
+                        if let Ok(offset) = place(&shared, &mut next, now, &mut record, &mut chunks)
                         {
-                            self.appended(&record);
                             visible.push(Visible::Record(record, offset));
                         }
                     }
@@ -820,12 +892,43 @@ impl Writer {
                 }
             }
         }
+        let mut written_chunks = Vec::with_capacity(chunks.len());
+        for ((topic, p), records) in chunks {
+            let (Some((first, _)), Some((last, _))) = (records.first(), records.last()) else {
+                continue;
+            };
+            let chunk = Chunk {
+                first: *first,
+                end: last + 1,
+                count: records.len(),
+            };
+            batch.insert(
+                &shared.records,
+                record_key(&topic, p, chunk.first),
+                encode_chunk(&records),
+            );
+            written_chunks.push(((topic, p), chunk));
+        }
+        // A sync is needed for what this batch writes, or for what earlier ones wrote
+        // unsynced; a flush or commit with neither writes nothing.
+        let writes = !batch.is_empty();
+        let sync = sync && (writes || self.unsynced);
         let mode = if sync {
             fjall::PersistMode::SyncData
         } else {
             fjall::PersistMode::Buffer
         };
-        if let Err(e) = batch.durability(Some(mode)).commit() {
+        let written = if writes {
+            batch.durability(Some(mode)).commit()
+        } else if sync {
+            shared.keyspace.persist(mode)
+        } else {
+            Ok(())
+        };
+        if written.is_ok() {
+            self.unsynced = !sync && (writes || self.unsynced);
+        }
+        if let Err(e) = written {
             let e = fail(&shared.path, "cannot write to the log", e);
             for reply in replies {
                 let failed = TransportError::Other(e.to_string());
@@ -842,6 +945,11 @@ impl Writer {
                 }
             }
             return;
+        }
+        for (key, chunk) in written_chunks {
+            let disk = self.disk.entry(key).or_default();
+            disk.count += chunk.count;
+            disk.chunks.push_back(chunk);
         }
         for v in visible {
             match v {
@@ -872,13 +980,9 @@ impl Writer {
         }
     }
 
-    /// Counts a record put on disk.
-    fn appended(&mut self, record: &OutgoingRecord) {
-        let key = (record.topic.clone(), record.partition);
-        self.disk.entry(key).or_default().count += 1;
-    }
-
-    /// Removes from disk what the index removed (retention, compaction), in one batch.
+    /// Removes from disk what the index removed (retention, compaction), in one batch: the
+    /// chunks of a partition whose records are all below its log-start offset, and the
+    /// records a compaction removed.
     fn trim(&mut self) {
         let shared = self.shared.clone();
         let memory = &shared.memory;
@@ -893,17 +997,16 @@ impl Writer {
                 if compacted {
                     let kept = memory.record_count(&topic, p).unwrap_or(0);
                     if disk.count > kept {
-                        self.compact(&mut batch, &topic, p);
-                    }
-                    if let Some(d) = self.disk.get_mut(&(topic.clone(), p)) {
-                        d.count = kept;
+                        rewrite(&shared, &mut batch, &topic, p, disk);
                     }
                     continue;
                 }
+                while let Some(chunk) = disk.chunks.front().filter(|c| c.end <= start).copied() {
+                    batch.remove(&shared.records, record_key(&topic, p, chunk.first));
+                    disk.count -= chunk.count;
+                    disk.chunks.pop_front();
+                }
                 if disk.start < start {
-                    for offset in disk.start..start {
-                        batch.remove(&shared.records, record_key(&topic, p, offset));
-                    }
                     batch.insert(&shared.meta, start_key(&topic, p), start.to_be_bytes());
                     disk.start = start;
                 }
@@ -913,33 +1016,49 @@ impl Writer {
             return;
         }
         if let Err(e) = batch.durability(Some(fjall::PersistMode::Buffer)).commit() {
-            // Left on disk: the next load removes them again.
+            // Left on disk: loading the log skips them, and removes them at its first write.
             tracing::warn!(path = %shared.path.display(), error = %e, "cannot remove trimmed records from the file log");
         }
     }
+}
 
-    /// Removes the records of a compacted partition the index no longer keeps.
-    fn compact(&self, batch: &mut fjall::Batch, topic: &str, partition: u32) {
-        let kept: BTreeSet<i64> = self
-            .shared
-            .memory
-            .kept_offsets(topic, partition)
-            .into_iter()
+/// Writes a compacted partition again as the index keeps it: its chunks are replaced by chunks
+/// of the records kept.
+fn rewrite(shared: &Shared, batch: &mut fjall::Batch, topic: &str, p: u32, disk: &mut DiskLog) {
+    for chunk in disk.chunks.drain(..) {
+        batch.remove(&shared.records, record_key(topic, p, chunk.first));
+    }
+    let kept = shared.memory.read(topic, p, 0, usize::MAX);
+    disk.count = kept.len();
+    for part in kept.chunks(CHUNK_RECORDS) {
+        let records: Vec<(i64, Vec<u8>)> = part
+            .iter()
+            .map(|m| {
+                let record = OutgoingRecord {
+                    topic: m.topic.clone(),
+                    partition: m.partition,
+                    key: m.key.clone(),
+                    value: m.value.clone(),
+                    headers: m.headers.clone(),
+                    timestamp: Some(m.timestamp),
+                };
+                (m.offset, encode_record(&record, m.timestamp))
+            })
             .collect();
-        for kv in self
-            .shared
-            .records
-            .prefix(partition_prefix(topic, partition))
-        {
-            let Ok((k, _)) = kv else {
-                return;
-            };
-            if let Some((_, _, offset)) = parse_record_key(&k) {
-                if !kept.contains(&offset) {
-                    batch.remove(&self.shared.records, k);
-                }
-            }
-        }
+        let (Some((first, _)), Some((last, _))) = (records.first(), records.last()) else {
+            continue;
+        };
+        let chunk = Chunk {
+            first: *first,
+            end: last + 1,
+            count: records.len(),
+        };
+        batch.insert(
+            &shared.records,
+            record_key(topic, p, chunk.first),
+            encode_chunk(&records),
+        );
+        disk.chunks.push_back(chunk);
     }
 }
 

@@ -748,18 +748,6 @@ impl MemoryBroker {
             })
             .collect()
     }
-
-    /// The offsets of the records a partition keeps, in order.
-    pub(crate) fn kept_offsets(&self, topic: &str, partition: u32) -> Vec<i64> {
-        let Ok(t) = self.topic(topic) else {
-            return Vec::new();
-        };
-        let Some(part) = t.partitions.get(partition as usize) else {
-            return Vec::new();
-        };
-        let log = read(&part.log);
-        log.records.iter().map(|r| r.offset).collect()
-    }
 }
 
 /// Up to `max` records from `offset` on; below the log-start offset, from there.
