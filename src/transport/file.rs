@@ -6,49 +6,7 @@
 //! the input it had not processed, its outputs, its tables' changelogs and its group's
 //! offsets.
 //!
-//! # Design
-//!
-//! The log has two layers. A [`MemoryBroker`] is the index consumers read from: its consumer
-//! groups, rebalances, retention and compaction are the embedded transport's, unchanged. Beneath
-//! it, fjall is the durable copy: when the log is opened, the records kept, log-start offsets
-//! and committed offsets are loaded into a fresh broker, and from then on every append, commit
-//! and removal is written to fjall before (appends, commits) or right after (removals) the
-//! broker makes it. Records are keyed `topic \0 partition (big-endian) offset (big-endian)`,
-//! so a partition's records are stored in offset order: loading reads them in order, and
-//! what retention removes from the front of a partition is one contiguous run of keys.
-//!
-//! Keeping the index in memory (rather than reading consumers' records back from fjall) keeps
-//! one implementation of groups and retention for both embedded transports, and the reading
-//! side as fast as `memory://`. What it costs is that the records a group has not committed are
-//! held in memory as well as on disk, as on `memory://`; a worker commits every 10,000 records
-//! or [`commit_interval`](crate::Settings::commit_interval), so that is a few megabytes while
-//! it runs, and at most what an unread partition keeps ([`Retention`](super::Retention)).
-//!
-//! One writer thread makes every write: it takes every pending append and commit at once and
-//! writes them as one fjall batch, then makes them visible in the index, then answers their
-//! senders (group commit). So records are never visible before they are written, and
-//! throughput comes from batching, not from skipping the write.
-//!
-//! # Durability
-//!
-//! Every batch is written to the operating system before anyone is told it is done (fjall's
-//! journal buffer is flushed), so what was acknowledged survives the process being killed
-//! (`kill -9`). What survives a power loss is what was synced to the disk, which the URL's
-//! `fsync` parameter decides ([`Fsync`]).
-//!
-//! # Exactly-once
-//!
-//! A worker with [`ProcessingGuarantee::ExactlyOnce`](crate::ProcessingGuarantee) stages what
-//! its agents produce, table changes included: staged records are neither visible nor on disk.
-//! Its consumer's commit writes the consumed offsets and every staged record in one fjall
-//! batch, which fjall's journal recovers whole or not at all, then makes the records visible;
-//! an abort drops them. Readers never see a record of an uncommitted commit.
-//!
-//! # Locking
-//!
-//! A log is one process's: opening it takes an exclusive lock on `PATH/<app id>/log.lock`, and
-//! a second process gets an error naming the directory. Within a process, every app that opens
-//! the same directory shares one open log.
+//! See [`FileBroker`] for the design, what survives what, exactly-once and locking.
 
 use super::memory::{MemoryBroker, MemoryTransport};
 use super::{
@@ -165,6 +123,56 @@ impl FileUrl {
 /// [`open`](FileBroker::open) it to look at a log while no worker of another process has it
 /// open (a worker of this process shares it); [`memory`](FileBroker::memory) is its index,
 /// with the records, offsets and groups it holds.
+///
+/// # Design
+///
+/// The log has two layers. A [`MemoryBroker`] is the index consumers read from: its consumer
+/// groups, rebalances, retention and compaction are the embedded transport's, unchanged. Beneath
+/// it, fjall is the durable copy: when the log is opened, the records kept, log-start offsets
+/// and committed offsets are loaded into a fresh broker, and from then on every append, commit
+/// and removal is written to fjall before (appends, commits) or right after (removals) the
+/// broker makes it. The records one write batch appends to a partition are stored as one
+/// value (a chunk), keyed `topic \0 partition (big-endian) first offset (big-endian)`: a
+/// partition's chunks are in offset order, so loading reads them in order, and retention,
+/// which removes records from the front of a partition, removes whole chunks (a chunk goes
+/// with its last record; loading skips the records below the log-start offset). A write or a
+/// trim costs one fjall key per partition and batch rather than one per record, which is what
+/// makes the log about as fast as `memory://` (`cargo bench --bench durable`). A compacted
+/// partition (a changelog) is written again, as the records the index keeps, when a compaction
+/// has removed some.
+///
+/// Keeping the index in memory (rather than reading consumers' records back from fjall) keeps
+/// one implementation of groups and retention for both embedded transports, and the reading
+/// side as fast as `memory://`. What it costs is that the records a group has not committed are
+/// held in memory as well as on disk, as on `memory://`; a worker commits every 10,000 records
+/// or [`commit_interval`](crate::Settings::commit_interval), so that is a few megabytes while
+/// it runs, and at most what an unread partition keeps ([`Retention`](super::Retention)).
+///
+/// One writer thread makes every write: it takes every pending append and commit at once and
+/// writes them as one fjall batch, then makes them visible in the index, then answers their
+/// senders (group commit). So records are never visible before they are written, and
+/// throughput comes from batching, not from skipping the write.
+///
+/// # Durability
+///
+/// Every batch is written to the operating system before anyone is told it is done (fjall's
+/// journal buffer is flushed), so what was acknowledged survives the process being killed
+/// (`kill -9`). What survives a power loss is what was synced to the disk, which the URL's
+/// `fsync` parameter decides ([`Fsync`]).
+///
+/// # Exactly-once
+///
+/// A worker with [`ProcessingGuarantee::ExactlyOnce`](crate::ProcessingGuarantee) stages what
+/// its agents produce, table changes included: staged records are neither visible nor on disk.
+/// Its consumer's commit writes the consumed offsets and every staged record in one fjall
+/// batch, which fjall's journal recovers whole or not at all, then makes the records visible;
+/// an abort drops them. Readers never see a record of an uncommitted commit.
+///
+/// # Locking
+///
+/// A log is one process's: opening it takes an exclusive lock on `PATH/<app id>/log.lock`, and
+/// a second process gets an error naming the directory. Within a process, every app that opens
+/// the same directory shares one open log.
 pub struct FileBroker {
     shared: Arc<Shared>,
     writer: Mutex<Option<(mpsc::Sender<Op>, std::thread::JoinHandle<()>)>>,
@@ -337,7 +345,7 @@ impl FileBroker {
     }
 
     /// A transport on this log. With `exactly_once`, what is sent through it is staged until a
-    /// group consumer made by it commits (see the [module docs](self)).
+    /// group consumer made by it commits (see [exactly-once](FileBroker#exactly-once)).
     pub fn transport(self: &Arc<Self>, fsync: Fsync, exactly_once: bool) -> FileTransport {
         FileTransport {
             memory: MemoryTransport::new(self.shared.memory.clone()),
