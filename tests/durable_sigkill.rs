@@ -201,7 +201,9 @@ fn an_exactly_once_worker_on_file_survives_ten_sigkills() {
     for round in 0..KILLS {
         let worker = Running::start(&dir);
         if round == 0 {
-            // The log is the worker's: a second process is refused, with the directory named.
+            // Once the worker has the log open (it processes events), it is the worker's: a
+            // second process is refused, with the directory named.
+            assert_eq!(worker.run_for(1, WAIT), 1, "the worker processes events");
             let (ok, _, err) = run(&dir, "feed", &["0", "1"]);
             assert!(!ok, "a second process opened the worker's log");
             let app_dir = dir.canonicalize().expect("dir").join(APP);
