@@ -218,6 +218,11 @@ enum Op {
         sync: bool,
         done: oneshot::Sender<Result<(), TransportError>>,
     },
+    /// Removes a topic, its records and offsets from the log.
+    Delete {
+        topic: String,
+        done: oneshot::Sender<Result<(), TransportError>>,
+    },
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -721,9 +726,15 @@ impl Shared {
             self.memory.restore_start(topic, p, start);
             disk.entry((Arc::from(topic), p)).or_default().start = start;
         }
+        let mut orphans = Vec::new();
         for kv in self.records.iter() {
             let (k, v) = kv.map_err(|e| fail(path, "cannot read the log", e))?;
             let (topic, p, first) = parse_record_key(&k).ok_or_else(|| corrupt("chunk", &k))?;
+            if self.memory.partitions(topic).is_none() {
+                // Of a deleted topic (its deletion was cut short): removed now.
+                orphans.push(k);
+                continue;
+            }
             let records = decode_chunk(&v).ok_or_else(|| corrupt("chunk", &k))?;
             let log = disk.entry((Arc::from(topic), p)).or_default();
             let end = records.last().map_or(first, |(o, _)| o + 1);
@@ -741,6 +752,15 @@ impl Shared {
                 let record = decode_record(bytes, topic, p).ok_or_else(|| corrupt("record", &k))?;
                 self.memory.append_at(record, offset)?;
             }
+        }
+        if !orphans.is_empty() {
+            let mut batch = self.keyspace.batch();
+            for k in orphans {
+                batch.remove(&self.records, k);
+            }
+            batch
+                .commit()
+                .map_err(|e| fail(path, "cannot write to the log", e))?;
         }
         for spec in &topics {
             self.memory.retain(&spec.name);
@@ -898,6 +918,10 @@ impl Writer {
                     sync |= s;
                     replies.push(Reply::Done(done, Ok(())));
                 }
+                Op::Delete { topic, done } => {
+                    let r = self.delete(&mut batch, &topic);
+                    replies.push(Reply::Done(done, r));
+                }
             }
         }
         let mut written_chunks = Vec::with_capacity(chunks.len());
@@ -905,6 +929,10 @@ impl Writer {
             let (Some((first, _)), Some((last, _))) = (records.first(), records.last()) else {
                 continue;
             };
+            if memory.partitions(&topic).is_none() {
+                // Deleted in this batch.
+                continue;
+            }
             let chunk = Chunk {
                 first: *first,
                 end: last + 1,
@@ -986,6 +1014,27 @@ impl Writer {
                 }
             }
         }
+    }
+
+    /// Puts the removal of `topic` in `batch` (its shape, start offsets and records) and
+    /// forgets it: the topic is gone from the index at once, from disk with the batch.
+    fn delete(&mut self, batch: &mut fjall::Batch, topic: &str) -> Result<(), TransportError> {
+        let shared = &self.shared;
+        let Some(partitions) = shared.memory.partitions(topic) else {
+            return Ok(());
+        };
+        batch.remove(&shared.meta, topic_key(topic));
+        for p in 0..partitions {
+            batch.remove(&shared.meta, start_key(topic, p));
+            self.disk.remove(&(Arc::from(topic), p));
+        }
+        let prefix = [topic.as_bytes(), b"\0"].concat();
+        for kv in shared.records.prefix(prefix) {
+            let (k, _) = kv.map_err(|e| fail(&shared.path, "cannot read the log", e))?;
+            batch.remove(&shared.records, k);
+        }
+        shared.memory.remove_topic(topic);
+        Ok(())
     }
 
     /// Removes from disk what the index removed (retention, compaction), in one batch: the
@@ -1165,6 +1214,13 @@ impl Transport for FileTransport {
     fn ensure_topic(&self, spec: TopicSpec) -> BoxFuture<'_, Result<u32, TransportError>> {
         let r = self.broker.ensure_topic(&spec);
         async move { r }.boxed()
+    }
+
+    /// Deletes a topic and what the log keeps of it (a worker's temporary reply topic, when
+    /// it stops), so that restarts do not pile them up.
+    fn delete_topic(&self, name: &str) -> BoxFuture<'_, Result<(), TransportError>> {
+        let topic = name.to_owned();
+        async move { self.broker.submit(|done| Op::Delete { topic, done }).await }.boxed()
     }
 
     fn partition_count(&self, topic: &str) -> BoxFuture<'_, Result<Option<u32>, TransportError>> {
@@ -1456,6 +1512,32 @@ mod tests {
         let m = &broker.memory().read("out", 0, 1, 1)[0];
         assert_eq!(m.key.as_deref(), Some(&b"k-a2"[..]));
         assert_eq!(m.header("h").map(|h| &h[..]), Some(&b"1"[..]));
+        drop(broker);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_deleted_topic_leaves_nothing_in_the_log() {
+        let dir = temp_dir("delete");
+        {
+            let broker = FileBroker::open(&dir, "app").expect("open");
+            let t = broker.transport(Fsync::Commit, false);
+            t.ensure_topic(spec("app-reply-1")).await.expect("topic");
+            t.ensure_topic(spec("kept")).await.expect("topic");
+            for v in ["a", "b"] {
+                t.send(record("app-reply-1", v)).await.expect("send");
+                t.send(record("kept", v)).await.expect("send");
+            }
+            t.delete_topic("app-reply-1").await.expect("delete");
+            assert_eq!(broker.memory().partitions("app-reply-1"), None);
+            t.send(record("app-reply-1", "late"))
+                .await
+                .expect_err("the topic is gone");
+        }
+        let broker = FileBroker::open(&dir, "app").expect("reopen");
+        assert_eq!(broker.memory().partitions("app-reply-1"), None);
+        assert_eq!(broker.records_on_disk("app-reply-1", 0).expect("count"), 0);
+        assert_eq!(values(&broker, "kept"), ["a", "b"]);
         drop(broker);
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -735,6 +735,12 @@ impl MemoryBroker {
         self.apply_retention(topic);
     }
 
+    /// Forgets a topic (the durable log's temporary reply topics); its consumers read what
+    /// they hold, nothing more.
+    pub(crate) fn remove_topic(&self, name: &str) {
+        write(&self.topics).remove(name);
+    }
+
     /// Every topic: its name, partition count and whether it is compacted.
     pub(crate) fn topic_list(&self) -> Vec<(Arc<str>, u32, bool)> {
         read(&self.topics)

@@ -192,8 +192,8 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
     fn ensure_topic(&self, spec: TopicSpec) -> BoxFuture<'_, Result<u32, TransportError>>;
 
     /// Deletes a topic this worker made for itself (its temporary reply topic); a topic that
-    /// does not exist is not an error. The embedded transport keeps its topics: they end with
-    /// the process.
+    /// does not exist is not an error. `memory://` keeps its topics (they end with the
+    /// process); `file://` deletes them from its log.
     fn delete_topic(&self, name: &str) -> BoxFuture<'_, Result<(), TransportError>> {
         let _ = name;
         Box::pin(async { Ok(()) })
