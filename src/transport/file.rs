@@ -1290,8 +1290,26 @@ impl Transport for FileTransport {
         .boxed()
     }
 
+    /// With exactly-once, the end offsets count the records this connection staged, as a
+    /// Kafka partition's high watermark counts the records of open transactions: what is
+    /// staged is written, only not committed yet.
     fn end_offsets(&self, topic: &str) -> BoxFuture<'_, Result<Vec<i64>, TransportError>> {
-        self.memory.end_offsets(topic)
+        let topic = topic.to_owned();
+        async move {
+            let mut ends = self.memory.end_offsets(&topic).await?;
+            if let Some(stage) = &self.stage {
+                let staged = lock(&stage.records);
+                for ((t, p), n) in &staged.counts {
+                    if **t == *topic {
+                        if let Some(end) = ends.get_mut(*p as usize) {
+                            *end += n;
+                        }
+                    }
+                }
+            }
+            Ok(ends)
+        }
+        .boxed()
     }
 
     fn group_consumer(&self, group: &str) -> Result<Box<dyn Consumer>, TransportError> {
