@@ -144,7 +144,9 @@ pub enum TransportError {
         actual: u32,
     },
     /// The broker URL is not understood.
-    #[error("unsupported broker URL {0:?}: use memory:// (embedded) or kafka://host:port")]
+    #[error(
+        "unsupported broker URL {0:?}: use memory:// (embedded), file://PATH (embedded, on disk) or kafka://host:port"
+    )]
     UnsupportedUrl(String),
     /// A transaction could not be committed and was aborted: nothing it wrote is visible
     /// and its input offsets are not committed (exactly-once processing).

@@ -630,7 +630,7 @@ pub(crate) async fn refresh(
 ) {
     let sampled = ops.sample_rate();
     let assigned: Vec<TopicPartition> = lock(&ops.assigned).iter().cloned().collect();
-    let lag = if transport.kind() == "memory" {
+    let lag = if transport.embedded() {
         embedded_lag(app_id, transport, &assigned).await
     } else {
         let known = lock(&KAFKA_LAG);

@@ -100,7 +100,9 @@ impl std::str::FromStr for BadInput {
 #[derive(Debug, Clone)]
 pub struct Settings {
     /// Where the app's topics live: `memory://` (embedded, the default), `memory://NAME` (an
-    /// embedded broker shared by the apps of one process), or `kafka://host:port[,host:port]`.
+    /// embedded broker shared by the apps of one process), `file://PATH[?fsync=...]` (embedded,
+    /// on disk under `PATH/<app id>`: see [`FileBroker`](crate::transport::FileBroker)), or
+    /// `kafka://host:port[,host:port]`.
     /// The `--broker` option and the `RILL_BROKER` environment variable override it.
     pub broker: String,
     /// Partitions of topics the app creates when the topic does not say (Faust's default: 8).

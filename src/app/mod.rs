@@ -447,12 +447,14 @@ impl App {
         self.start_with(Role::Client).await
     }
 
-    /// Whether the app runs on the embedded transport (`memory://`), where every agent runs
-    /// in this process. A command of the app's command line that finds a running worker of
-    /// the app (see [`Settings::datadir`]) runs as that worker's client instead, on
-    /// `remote://`: this is `false` then, as on Kafka, and the worker runs the agents.
+    /// Whether the app runs on an embedded transport (`memory://`, or its durable twin
+    /// `file://`), where every agent runs in this process. A command of the app's command
+    /// line that finds a running worker of the app (see [`Settings::datadir`]) runs as that
+    /// worker's client instead, on `remote://`: this is `false` then, as on Kafka, and the
+    /// worker runs the agents.
     pub fn is_embedded(&self) -> bool {
-        self.core.settings().broker.starts_with("memory:")
+        let broker = &self.core.settings().broker;
+        broker.starts_with("memory:") || broker.starts_with("file://")
     }
 
     /// Whether the app runs on its own embedded broker (`memory://`, not a named one shared
@@ -621,7 +623,7 @@ impl App {
         }
         rt.ops
             .set_agents(agents.iter().filter_map(|a| a.info().ok()).collect());
-        let steady = transport.kind() == "memory" || routes.is_empty();
+        let steady = transport.embedded() || routes.is_empty();
         let dispatcher = if run_agents {
             let consumer = transport.group_consumer(&self.core.id)?;
             Some(Dispatcher::new(
@@ -737,7 +739,8 @@ impl App {
     }
 
     /// Connects to the broker at `url`; on Kafka, with a transactional producer when
-    /// `transactional_id` is given (exactly-once processing).
+    /// `transactional_id` is given (exactly-once processing), on `file://` staging what is
+    /// produced until the worker's commit.
     async fn connect(
         &self,
         url: &str,
@@ -756,6 +759,14 @@ impl App {
             return Ok(Arc::new(
                 crate::transport::remote::RemoteTransport::connect(address).await?,
             ));
+        }
+        if url.starts_with("file://") {
+            use crate::transport::{FileBroker, FileTransport};
+            let parsed = crate::transport::file::FileUrl::parse(url)?;
+            let broker = FileBroker::open(&parsed.dir, &self.core.id)?;
+            let transport: FileTransport =
+                broker.transport(parsed.fsync, transactional_id.is_some());
+            return Ok(Arc::new(transport));
         }
         #[cfg(feature = "kafka")]
         if url.starts_with("kafka://") {

@@ -59,7 +59,7 @@ impl App {
                     .global(true)
                     .env("RILL_BROKER")
                     .value_name("URL")
-                    .help("Broker URL: memory:// (embedded) or kafka://host:port[,host:port]"),
+                    .help("Broker URL: memory:// (embedded), file://PATH[?fsync=commit|always|never] (embedded, durable) or kafka://host:port[,host:port]"),
             )
             .arg(
                 Arg::new("loglevel")

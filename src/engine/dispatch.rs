@@ -158,7 +158,7 @@ impl Dispatcher {
         let commit_every = match self.rt.settings.commit_every {
             Some(0) => None,
             Some(n) => Some(n),
-            None if self.rt.transport.kind() == "memory" => Some(EMBEDDED_COMMIT_EVERY),
+            None if self.rt.transport.embedded() => Some(EMBEDDED_COMMIT_EVERY),
             None => None,
         };
         let mut failures = 0u32;

@@ -21,7 +21,7 @@ const PLACEMENT_EVERY: Duration = Duration::from_millis(250);
 pub(crate) fn standby_replicas(settings: &Settings, transport: &dyn Transport) -> u32 {
     settings
         .table_standby_replicas
-        .unwrap_or(if transport.kind() == "memory" { 0 } else { 1 })
+        .unwrap_or(if transport.embedded() { 0 } else { 1 })
 }
 
 impl<K: TableKey, V: TableValue> Table<K, V> {

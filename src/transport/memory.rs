@@ -847,6 +847,97 @@ impl Drop for Watching {
     }
 }
 
+/// What the durable transport (`file://`, see [`super::file`]) needs of the broker it keeps as
+/// its in-memory index: loading what its log holds, and learning what retention removed.
+impl MemoryBroker {
+    /// Creates a topic, as `ensure_topic` does.
+    pub(crate) fn create_topic(&self, spec: &TopicSpec) -> Result<u32, TransportError> {
+        self.create(spec)
+    }
+
+    /// Appends a record at `offset`, or at the partition's end offset if that is further on
+    /// (records are appended in offset order). Offsets between the end and `offset` stay
+    /// empty, as those a compaction removed. Goes through the broker's append path, so
+    /// whatever it keeps per record is rebuilt when a log is loaded.
+    pub(crate) fn append_at(
+        &self,
+        record: OutgoingRecord,
+        offset: i64,
+    ) -> Result<RecordPosition, TransportError> {
+        if let Ok(t) = self.topic(&record.topic) {
+            if let Some(part) = t.partitions.get(record.partition as usize) {
+                let mut log = write(&part.log);
+                if offset > log.end {
+                    log.end = offset;
+                }
+            }
+        }
+        self.append(record)
+    }
+
+    /// Sets an empty partition's log-start (and end) offset, as loaded from a log whose
+    /// records below it were removed.
+    pub(crate) fn restore_start(&self, topic: &str, partition: u32, start: i64) {
+        if let Ok(t) = self.topic(topic) {
+            if let Some(part) = t.partitions.get(partition as usize) {
+                let mut log = write(&part.log);
+                if log.records.is_empty() && start > log.end {
+                    log.start = start;
+                    log.end = start;
+                }
+            }
+        }
+    }
+
+    /// Sets offsets a group committed earlier (loaded from a log), without deciding what the
+    /// topics keep: [`retain`](Self::retain) does once the topics are loaded.
+    pub(crate) fn restore_committed(&self, group: &str, offsets: Vec<(TopicPartition, i64)>) {
+        let mut all = lock(&self.offsets);
+        all.entry(group.to_owned()).or_default().extend(offsets);
+    }
+
+    /// Commits `offsets` for `group`, and forgets what every group reading those partitions
+    /// has committed.
+    pub(crate) fn commit_group(&self, group: &str, offsets: Vec<(TopicPartition, i64)>) {
+        let topics: BTreeSet<Arc<str>> = offsets.iter().map(|(tp, _)| tp.topic.clone()).collect();
+        {
+            let mut all = lock(&self.offsets);
+            let map = all.entry(group.to_owned()).or_default();
+            for (tp, o) in offsets {
+                map.insert(tp, o);
+            }
+        }
+        for t in &topics {
+            self.apply_retention(t);
+        }
+    }
+
+    /// Decides again what `topic` keeps (see [what is kept](MemoryBroker#what-is-kept)).
+    pub(crate) fn retain(&self, topic: &str) {
+        self.apply_retention(topic);
+    }
+
+    /// Forgets a topic (the durable log's temporary reply topics); its consumers read what
+    /// they hold, nothing more.
+    pub(crate) fn remove_topic(&self, name: &str) {
+        write(&self.topics).remove(name);
+    }
+
+    /// Every topic: its name, partition count and whether it is compacted.
+    pub(crate) fn topic_list(&self) -> Vec<(Arc<str>, u32, bool)> {
+        read(&self.topics)
+            .values()
+            .map(|t| {
+                (
+                    t.name.clone(),
+                    t.partitions.len() as u32,
+                    t.policy.compacted,
+                )
+            })
+            .collect()
+    }
+}
+
 /// Up to `max` records from `offset` on; below the log-start offset, from there.
 fn read_from(
     topic: &Topic,
@@ -887,6 +978,10 @@ impl MemoryTransport {
 impl Transport for MemoryTransport {
     fn kind(&self) -> &'static str {
         "memory"
+    }
+
+    fn embedded(&self) -> bool {
+        true
     }
 
     fn ensure_topic(&self, spec: TopicSpec) -> BoxFuture<'_, Result<u32, TransportError>> {
@@ -1208,19 +1303,7 @@ impl Consumer for MemoryConsumer {
     ) -> BoxFuture<'_, Result<(), TransportError>> {
         let r = match &self.group {
             Some(group) => {
-                let topics: BTreeSet<Arc<str>> =
-                    offsets.iter().map(|(tp, _)| tp.topic.clone()).collect();
-                {
-                    let mut all = lock(&self.broker.offsets);
-                    let map = all.entry(group.clone()).or_default();
-                    for (tp, o) in offsets {
-                        map.insert(tp, o);
-                    }
-                }
-                // What every group reading these partitions has committed can go.
-                for t in &topics {
-                    self.broker.apply_retention(t);
-                }
+                self.broker.commit_group(group, offsets);
                 Ok(())
             }
             None => Err(TransportError::Other(

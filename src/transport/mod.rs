@@ -33,11 +33,14 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub(crate) mod file;
 #[cfg(feature = "kafka")]
 pub(crate) mod kafka;
 pub(crate) mod memory;
 pub(crate) mod remote;
 
+#[doc(inline)]
+pub use file::{FileBroker, FileTransport, Fsync};
 #[doc(inline)]
 pub use memory::MemoryBroker;
 
@@ -201,6 +204,12 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
     /// Short name for logs and the start-up banner, e.g. `memory`.
     fn kind(&self) -> &'static str;
 
+    /// Whether every worker of the app runs in this process (the embedded transports,
+    /// `memory://` and `file://`): nobody else reads or writes its log.
+    fn embedded(&self) -> bool {
+        false
+    }
+
     /// Whether the app's group divides partitions with range assignment (per topic, over the
     /// members in a fixed order), so that who takes a partition over when a worker leaves can
     /// be predicted: standby replicas are placed on that worker.
@@ -213,8 +222,8 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
     fn ensure_topic(&self, spec: TopicSpec) -> BoxFuture<'_, Result<u32, TransportError>>;
 
     /// Deletes a topic this worker made for itself (its temporary reply topic); a topic that
-    /// does not exist is not an error. The embedded transport keeps its topics: they end with
-    /// the process.
+    /// does not exist is not an error. `memory://` keeps its topics (they end with the
+    /// process); `file://` deletes them from its log.
     fn delete_topic(&self, name: &str) -> BoxFuture<'_, Result<(), TransportError>> {
         let _ = name;
         Box::pin(async { Ok(()) })
