@@ -2,15 +2,21 @@
 //! `durable_worker` example) reads numbered events from `numbers` (4 partitions), forwards each
 //! to `out` and totals them per key in a table. It is SIGKILLed 10 times at random points (after
 //! a random number of processed events, or a random delay, whichever comes first) and
-//! restarted; between kills, while it is down, another process feeds it the next numbers. After
-//! the last restart and a clean stop, `out` and the table are read back from disk: every
-//! number is in `out` exactly once, and the table's totals are exact.
+//! restarted, while another process (this test's feeder thread) sends it the numbers over the
+//! running worker's ingest path (`POST /transport/records` on its web server, found through
+//! its `worker.json`): batches with a producer id and sequence numbers, sent again after a
+//! kill until a worker answers for them, so that a batch the killed worker wrote before it
+//! could answer lands once. After the last restart and a clean stop, `out` and the table are
+//! read back from disk: every number is in `out` exactly once, and the table's totals are
+//! exact.
 //!
 //! `RILL_DURABLE_SEED` replays a run's kill schedule (each run prints its seed).
 
+use base64::Engine as _;
 use rill::transport::FileBroker;
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -19,8 +25,10 @@ use std::time::Duration;
 const PARTITIONS: u32 = 4;
 const KEYS: u64 = 8;
 const KILLS: usize = 10;
-/// Numbers fed before the first start and after each kill: (KILLS + 1) * CHUNK in all.
+/// Numbers released to the feeder at each start of a worker: (KILLS + 1) * CHUNK in all.
 const CHUNK: u64 = 2_000;
+/// Numbers per request of the feeder.
+const BATCH: u64 = 50;
 /// The longest a worker runs before it is killed, if it has not processed its quota by then.
 const MAX_RUN: Duration = Duration::from_secs(4);
 /// The bound on any one process's start, feed or drain.
@@ -110,16 +118,106 @@ fn run(dir: &Path, mode: &str, args: &[&str]) -> (bool, String, String) {
     (status.success(), out, err)
 }
 
-/// Feeds the numbers `from..to` to `numbers` from a process of its own. Today the worker
-/// cannot be reached while it runs (its log is locked), so the harness feeds while it is down;
-/// this is the one place to change to feed a running worker.
-fn feed(dir: &Path, from: u64, to: u64) {
-    let (from_s, to_s) = (from.to_string(), to.to_string());
-    let (ok, out, err) = run(dir, "feed", &[&from_s, &to_s]);
-    assert!(
-        ok && out.contains("fed"),
-        "feeding {from}..{to} failed: {err}"
-    );
+/// An HTTP/1.1 POST of a JSON body: the status and body, or why there was none (the worker
+/// was killed, or is not up yet).
+fn post(addr: SocketAddr, path: &str, body: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut response = String::new();
+    s.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other("no HTTP response"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other("no status code"))?;
+    Ok((status, body.to_owned()))
+}
+
+/// The web address of the running worker, from the `worker.json` it wrote (a killed worker's
+/// stays until the next one replaces it: requests to it fail and are sent again).
+fn worker_addr(dir: &Path) -> Option<SocketAddr> {
+    let text = std::fs::read_to_string(dir.join("datadir").join("worker.json")).ok()?;
+    let announced: serde_json::Value = serde_json::from_str(&text).ok()?;
+    announced["web"]
+        .as_str()?
+        .strip_prefix("http://")?
+        .parse()
+        .ok()
+}
+
+/// The body of `POST /transport/records` for the numbers `from..to`: each keyed `n % KEYS`,
+/// in partition `key % PARTITIONS`, from producer `producer` with sequence number `n`.
+fn records(producer: &str, from: u64, to: u64) -> String {
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+    let records: Vec<serde_json::Value> = (from..to)
+        .map(|n| {
+            let key = n % KEYS;
+            serde_json::json!({
+                "topic": "numbers",
+                "partition": key % u64::from(PARTITIONS),
+                "key": b64(key.to_string().as_bytes()),
+                "value": b64(serde_json::json!({ "n": n }).to_string().as_bytes()),
+                "headers": [
+                    ["rill-producer-id", b64(producer.as_bytes())],
+                    ["rill-producer-seq", b64(n.to_string().as_bytes())],
+                ],
+            })
+        })
+        .collect();
+    serde_json::json!({ "records": records }).to_string()
+}
+
+/// Feeds the running worker, from this process (independent of the worker's): sends every
+/// number released through `released`, [`BATCH`] at a time, each batch again until a worker
+/// acknowledges all of it. Returns how many requests had to be sent again.
+fn feeder(dir: PathBuf, released: mpsc::Receiver<u64>) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let producer = format!("sigkill-harness-{}", std::process::id());
+        let (mut next, mut until, mut retries) = (0, 0, 0);
+        loop {
+            if next == until {
+                match released.recv() {
+                    Ok(to) => until = to,
+                    Err(_) => return retries,
+                }
+                continue;
+            }
+            let to = (next + BATCH).min(until);
+            let body = records(&producer, next, to);
+            let deadline = std::time::Instant::now() + WAIT;
+            loop {
+                let answer = worker_addr(&dir)
+                    .ok_or_else(|| std::io::Error::other("no worker.json yet"))
+                    .and_then(|addr| post(addr, "/transport/records", &body));
+                if let Ok((200, text)) = &answer {
+                    let written: serde_json::Value =
+                        serde_json::from_str(text).expect("the answer is JSON");
+                    let results = written["results"].as_array().expect("results");
+                    assert_eq!(results.len() as u64, to - next, "one result per record");
+                    if results.iter().all(|r| r["offset"].is_i64()) {
+                        break;
+                    }
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no worker took numbers {next}..{to} within {WAIT:?}: {answer:?}"
+                );
+                retries += 1;
+                // The worker is down or starting: try again shortly.
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            next = to;
+        }
+    })
 }
 
 /// A running `work` process and the count of events it printed as processed.
@@ -130,12 +228,18 @@ struct Running {
 
 impl Running {
     fn start(dir: &Path) -> Self {
+        // Its log (warnings and errors) goes to DIR/worker.log, kept when the test fails.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("worker.log"))
+            .expect("the worker's log file");
         let mut child = Command::new(worker_binary())
             .arg("work")
             .arg(dir)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .expect("start durable_worker work");
         let stdout = child.stdout.take().expect("stdout");
@@ -172,6 +276,16 @@ impl Running {
     }
 }
 
+impl Drop for Running {
+    /// A worker the test did not kill (it failed first) is killed too.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// Decodes a JSON record value.
 fn number(value: &[u8]) -> u64 {
     let v: serde_json::Value = serde_json::from_slice(value).expect("a JSON event");
@@ -195,11 +309,14 @@ fn an_exactly_once_worker_on_file_survives_ten_sigkills() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("temporary directory");
 
+    let (release, released) = mpsc::channel();
+    let feeding = feeder(dir.clone(), released);
     let mut sent = 0;
-    feed(&dir, sent, sent + CHUNK);
-    sent += CHUNK;
     for round in 0..KILLS {
         let worker = Running::start(&dir);
+        // The next numbers go to this worker while it runs, and while it is killed.
+        sent += CHUNK;
+        release.send(sent).expect("the feeder runs");
         if round == 0 {
             // Once the worker has the log open (it processes events), it is the worker's: a
             // second process is refused, with the directory named.
@@ -221,9 +338,15 @@ fn an_exactly_once_worker_on_file_survives_ten_sigkills() {
             "scenario=embedded_durable_sigkill round {round}: SIGKILLed after {done} events \
              (quota {quota}, limit {limit:?})"
         );
-        feed(&dir, sent, sent + CHUNK);
-        sent += CHUNK;
     }
+    // The last numbers go to a worker that lives until the feeder is done with them.
+    let worker = Running::start(&dir);
+    sent += CHUNK;
+    release.send(sent).expect("the feeder runs");
+    drop(release);
+    let retries = feeding.join().expect("the feeder finishes");
+    worker.kill();
+    println!("scenario=embedded_durable_sigkill feeder requests sent again: {retries}");
     let (ok, out, err) = run(&dir, "drain", &[]);
     assert!(
         ok && out.contains("drained"),

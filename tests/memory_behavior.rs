@@ -90,8 +90,13 @@ fn idle_embedded_worker_stays_under_30_mb() {
     };
     assert!(exit.success(), "worker exited with {exit}");
     assert!(
-        !datadir.exists(),
-        "a worker stopped by SIGTERM removes its worker.json, and the data directory it made"
+        !datadir.join("worker.json").exists(),
+        "a worker stopped by SIGTERM removes its worker.json"
+    );
+    // The worker command keeps its log on disk, in the data directory, for its next run.
+    assert!(
+        datadir.join("agent-example").join("log").is_dir(),
+        "the worker's durable log stays in its data directory"
     );
     assert!(
         peak < 30 * 1024,

@@ -784,3 +784,86 @@ async fn a_send_whose_answer_is_lost_is_sent_again_and_lands_once() -> anyhow::R
     worker.shutdown().await?;
     Ok(())
 }
+
+/// The count of `word` the worker at `web` serves over HTTP, once it serves one (a restoring
+/// partition answers 503, a word not counted yet 404).
+async fn served_count(web: SocketAddr, word: &str) -> Option<i64> {
+    let path = format!("/tables/word_counts/{word}");
+    let (status, body) = tokio::task::spawn_blocking(move || common::http_get(web, &path))
+        .await
+        .expect("request");
+    (status == 200).then(|| {
+        body.trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("a count is a number: {body:?}: {e}"))
+    })
+}
+
+/// Waits (bounded) until the worker at `web` serves `want` for every word of it.
+async fn wait_for_counts(web: SocketAddr, want: &[(&str, i64)]) {
+    let deadline = tokio::time::Instant::now() + RUN;
+    loop {
+        let mut got = Vec::new();
+        for (word, _) in want {
+            got.push((*word, served_count(web, word).await));
+        }
+        let expected: Vec<(&str, Option<i64>)> = want.iter().map(|(w, n)| (*w, Some(*n))).collect();
+        if got == expected {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the worker's counts: {got:?}, want {expected:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The `worker` command keeps its log in its data directory (`file://`): a word count worker
+/// SIGKILLed right after a second process sent it sentences comes back with every word counted
+/// once (exactly-once: its counts and offsets are committed together), and goes on counting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_word_count_worker_killed_and_restarted_keeps_its_counts() {
+    let datadir = common::TempDir::new("reach-durable-counts", false);
+    let args = ["--processing-guarantee", "exactly_once"];
+    let mut worker = WorkerProcess::start("word_count", datadir.path(), &args)
+        .await
+        .unwrap_or_else(|(banner, _)| panic!("the worker did not start: {banner:?}"));
+    assert!(
+        worker
+            .banner
+            .iter()
+            .any(|l| l.contains("transport") && l.contains("file://")),
+        "the worker command keeps its log on disk: {:?}",
+        worker.banner
+    );
+    let sentences = ["the quick brown fox", "the lazy dog"];
+    let out = run(
+        "word_count",
+        datadir.path(),
+        &["count", sentences[0], sentences[1]],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    // Killed at once: the sentences are in the log; their counting may be anywhere.
+    worker.child.kill().expect("SIGKILL the worker");
+    worker.child.wait().expect("reap the worker");
+
+    let worker = WorkerProcess::start("word_count", datadir.path(), &args)
+        .await
+        .unwrap_or_else(|(banner, _)| panic!("the worker did not restart: {banner:?}"));
+    let web = worker.web();
+    let counted = [
+        ("the", 2),
+        ("quick", 1),
+        ("brown", 1),
+        ("fox", 1),
+        ("lazy", 1),
+        ("dog", 1),
+    ];
+    wait_for_counts(web, &counted).await;
+
+    let out = run("word_count", datadir.path(), &["count", "the end"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    wait_for_counts(web, &[("the", 3), ("end", 1), ("dog", 1)]).await;
+}

@@ -458,13 +458,34 @@ impl App {
     }
 
     /// Whether the app runs on its own embedded broker (`memory://`, not a named one shared
-    /// by the apps of the process): the broker a worker publishes to other processes.
+    /// by the apps of the process, or a durable `file://` log): the broker a worker publishes
+    /// to other processes.
     pub(crate) fn owns_embedded_broker(&self) -> bool {
-        self.core
-            .settings()
-            .broker
-            .strip_prefix("memory:")
-            .is_some_and(|rest| rest.trim_matches('/').is_empty())
+        let broker = self.core.settings().broker;
+        broker.starts_with("file://")
+            || broker
+                .strip_prefix("memory:")
+                .is_some_and(|rest| rest.trim_matches('/').is_empty())
+    }
+
+    /// The embedded broker a worker publishes to other processes (see
+    /// [`owns_embedded_broker`](Self::owns_embedded_broker)): its in-memory log, and a
+    /// transport that writes to it at once (on `file://`, to the durable log, outside any
+    /// transaction).
+    fn published_broker(&self) -> Result<(Arc<MemoryBroker>, Arc<dyn Transport>, &'static str)> {
+        let url = self.core.settings().broker;
+        if url.starts_with("file://") {
+            let parsed = crate::transport::file::FileUrl::parse(&url)?;
+            let broker = crate::transport::FileBroker::open(&parsed.dir, &self.core.id)?;
+            let transport: Arc<dyn Transport> = Arc::new(broker.transport(parsed.fsync, false));
+            return Ok((broker.memory().clone(), transport, "file"));
+        }
+        let broker = self.core.memory();
+        Ok((
+            broker.clone(),
+            Arc::new(MemoryTransport::new(broker)),
+            "memory",
+        ))
     }
 
     /// The app's data directory ([`Settings::datadir`]; by default `<app id>-data` in the
@@ -648,17 +669,24 @@ impl App {
         let closed = CancellationToken::new();
         let web = match (run_agents, settings.web_port) {
             (true, Some(port)) => {
-                let published = publishes.then(|| {
-                    (
-                        self.core.memory(),
-                        crate::transport::remote::Hello {
+                let published = match publishes.then(|| self.published_broker()) {
+                    None => None,
+                    Some(Ok((broker, transport, kind))) => Some(crate::web::Published {
+                        broker,
+                        transport,
+                        hello: crate::transport::remote::Hello {
                             app: self.core.id.to_string(),
                             instance: rt.instance.clone(),
                             pid: std::process::id(),
-                            transport: "memory".to_owned(),
+                            transport: kind.to_owned(),
                         },
-                    )
-                });
+                    }),
+                    Some(Err(e)) => {
+                        rt.stop.cancel();
+                        self.core.clear_runtime(&rt);
+                        return Err(e);
+                    }
+                };
                 let served = crate::web::start(
                     rt.clone(),
                     tables.clone(),

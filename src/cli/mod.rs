@@ -33,6 +33,10 @@ const LEVELS: [&str; 9] = [
 ];
 
 /// The commands every app has; an app's own command may not take one of these names.
+/// The broker of [`Settings::default`](crate::Settings): what the `worker` command takes to mean
+/// "embedded, durable in the data directory".
+const DEFAULT_BROKER: &str = "memory://";
+
 pub(crate) const BUILT_IN: [&str; 6] = ["worker", "reset", "send", "agents", "tables", "help"];
 
 impl App {
@@ -322,6 +326,15 @@ impl App {
             .subcommand()
             .ok_or_else(|| Error::Config("no command given".into()))?;
         if name == "worker" {
+            // A worker on the default broker keeps its log on disk, in its data directory, as a
+            // Faust worker keeps its data there: a restarted worker goes on where it stopped.
+            // `--broker memory://` (or RILL_BROKER) keeps it in memory.
+            if matches.get_one::<String>("broker").is_none()
+                && self.settings().broker == DEFAULT_BROKER
+            {
+                let durable = format!("file://{}", self.datadir().display());
+                self.configure(|s| s.broker = durable);
+            }
             let port = if sub.get_flag("without_web") {
                 None
             } else {

@@ -491,6 +491,11 @@ impl StoredSpec {
 const TOPIC: &[u8] = b"topic\0";
 const START: &[u8] = b"start\0";
 const OFFSET: &[u8] = b"offset\0";
+/// What a partition remembers of an idempotent writer: `producer\0 topic \0 partition(4) id`
+/// to when it last wrote (8), its last sequence number (8) and that record's offset (8); kept
+/// apart from the records (which commits remove), so that a retry is answered after a restart
+/// too.
+const PRODUCER: &[u8] = b"producer\0";
 
 fn topic_key(topic: &str) -> Vec<u8> {
     [TOPIC, topic.as_bytes()].concat()
@@ -510,6 +515,36 @@ fn offset_key(group: &str, tp: &TopicPartition) -> Vec<u8> {
         &tp.partition.to_be_bytes(),
     ]
     .concat()
+}
+
+fn producer_key(topic: &str, partition: u32, id: &[u8]) -> Vec<u8> {
+    [PRODUCER, &partition_prefix(topic, partition), id].concat()
+}
+
+/// A producer key's topic, partition and producer id.
+fn parse_producer_key(key: &[u8]) -> Option<(&str, u32, &[u8])> {
+    let rest = key.strip_prefix(PRODUCER)?;
+    let nul = rest.iter().position(|b| *b == 0)?;
+    let topic = std::str::from_utf8(&rest[..nul]).ok()?;
+    let (p, id) = rest[nul + 1..].split_at_checked(4)?;
+    Some((topic, u32::from_be_bytes(p.try_into().ok()?), id))
+}
+
+fn encode_producer(at: i64, seq: u64, offset: i64) -> Vec<u8> {
+    [at.to_be_bytes(), seq.to_be_bytes(), offset.to_be_bytes()].concat()
+}
+
+fn decode_producer(v: &[u8]) -> Option<(i64, u64, i64)> {
+    if v.len() != 24 {
+        return None;
+    }
+    let (at, rest) = v.split_at(8);
+    let (seq, offset) = rest.split_at(8);
+    Some((
+        i64_value(at)?,
+        u64::from_be_bytes(seq.try_into().ok()?),
+        i64_value(offset)?,
+    ))
 }
 
 fn partition_prefix(topic: &str, partition: u32) -> Vec<u8> {
@@ -753,10 +788,31 @@ impl Shared {
                 self.memory.append_at(record, offset)?;
             }
         }
-        if !orphans.is_empty() {
+        // What partitions remember of idempotent writers, over what re-appending the records
+        // rebuilt (those of committed records are gone); writers quiet for longer than they
+        // are remembered are forgotten.
+        let now = super::memory::now_millis();
+        let mut expired = Vec::new();
+        for kv in self.meta.prefix(PRODUCER) {
+            let (k, v) = kv.map_err(|e| fail(path, "cannot read the log", e))?;
+            let (topic, p, id) = parse_producer_key(&k).ok_or_else(|| corrupt("producer", &k))?;
+            let (at, seq, offset) = decode_producer(&v).ok_or_else(|| corrupt("producer", &k))?;
+            if self.memory.partitions(topic).is_none()
+                || at < now.saturating_sub(super::memory::PRODUCER_EXPIRY_MS)
+            {
+                expired.push(k);
+                continue;
+            }
+            self.memory
+                .restore_producer(topic, p, Bytes::copy_from_slice(id), (seq, offset), at);
+        }
+        if !orphans.is_empty() || !expired.is_empty() {
             let mut batch = self.keyspace.batch();
             for k in orphans {
                 batch.remove(&self.records, k);
+            }
+            for k in expired {
+                batch.remove(&self.meta, k);
             }
             batch
                 .commit()
@@ -866,6 +922,12 @@ impl Writer {
         }
         let mut visible = Vec::new();
         let mut replies = Vec::with_capacity(ops.len());
+        // Records of idempotent writers placed in this batch: (topic, partition, producer id,
+        // sequence) to offset.
+        let mut in_batch: HashMap<(Arc<str>, u32, Bytes, u64), i64> = HashMap::new();
+        // The last of them per writer and partition: what the log remembers of the writer is
+        // written with the records.
+        let mut placed: HashMap<(Arc<str>, u32, Bytes), (u64, i64)> = HashMap::new();
         for op in ops {
             match op {
                 Op::Append {
@@ -874,12 +936,45 @@ impl Writer {
                     done,
                 } => {
                     sync |= s;
+                    // A retried record of an idempotent writer (a remote client) is answered
+                    // with its first position, here before it gets an offset: in the log
+                    // already, or earlier in this batch.
+                    let producer = match super::memory::producer_of(&record.headers) {
+                        Some(Ok((id, seq))) => {
+                            Some((record.topic.clone(), record.partition, id, seq))
+                        }
+                        _ => None,
+                    };
+                    if let Some(first) = producer.as_ref().and_then(|p| in_batch.get(p)) {
+                        let position = RecordPosition {
+                            partition: record.partition,
+                            offset: *first,
+                        };
+                        replies.push(Reply::Append(done, Ok(position)));
+                        continue;
+                    }
+                    match memory.already_written(&record) {
+                        Ok(Some(position)) => {
+                            replies.push(Reply::Append(done, Ok(position)));
+                            continue;
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            replies.push(Reply::Append(done, Err(e)));
+                            continue;
+                        }
+                    }
                     match place(&shared, &mut next, now, &mut record, &mut chunks) {
                         Ok(offset) => {
                             let position = RecordPosition {
                                 partition: record.partition,
                                 offset,
                             };
+                            if let Some((topic, partition, id, seq)) = producer {
+                                placed
+                                    .insert((topic.clone(), partition, id.clone()), (seq, offset));
+                                in_batch.insert((topic, partition, id, seq), offset);
+                            }
                             visible.push(Visible::Record(record, offset));
                             replies.push(Reply::Append(done, Ok(position)));
                         }
@@ -923,6 +1018,13 @@ impl Writer {
                     replies.push(Reply::Done(done, r));
                 }
             }
+        }
+        for ((topic, p, id), (seq, offset)) in placed {
+            batch.insert(
+                &shared.meta,
+                producer_key(&topic, p, &id),
+                encode_producer(now, seq, offset),
+            );
         }
         let mut written_chunks = Vec::with_capacity(chunks.len());
         for ((topic, p), records) in chunks {
@@ -1480,6 +1582,58 @@ mod tests {
             }
         }
         best.expect("a journal file").1
+    }
+
+    #[tokio::test]
+    async fn a_retried_record_is_not_appended_again_after_a_restart_even_once_removed() {
+        let dir = temp_dir("retried");
+        let with_seq = |value: &str, seq: u64| {
+            let mut r = record("in", value);
+            r.headers = vec![
+                (
+                    super::super::PRODUCER_ID_HEADER.into(),
+                    Bytes::from_static(b"p1"),
+                ),
+                (
+                    super::super::PRODUCER_SEQ_HEADER.into(),
+                    Bytes::from(seq.to_string()),
+                ),
+            ];
+            r
+        };
+        {
+            let broker = FileBroker::open(&dir, "app").expect("open");
+            let t = broker.transport(Fsync::Commit, false);
+            t.ensure_topic(spec("in")).await.expect("in");
+            for (seq, v) in [(1, "a"), (2, "b"), (3, "c")] {
+                t.send(with_seq(v, seq)).await.expect("send");
+            }
+            // Every group read them: they are removed from the log.
+            let mut consumer = t.group_consumer("g").expect("consumer");
+            consumer.subscribe(&["in".to_owned()]).expect("subscribe");
+            consumer
+                .commit(vec![(TopicPartition::new("in", 0), 3)])
+                .await
+                .expect("commit");
+        }
+        let broker = FileBroker::open(&dir, "app").expect("reopen");
+        let t = broker.transport(Fsync::Commit, false);
+        // The producer's retries are answered, not appended: the last one with its offset,
+        // older ones (removed with their records) without.
+        let last = t.send(with_seq("c", 3)).await.expect("retry of 3");
+        assert_eq!(last.offset, 2);
+        let older = t.send(with_seq("b", 2)).await.expect("retry of 2");
+        assert_eq!(older.offset, -1);
+        assert_eq!(
+            broker.memory().end_offset("in", 0),
+            Some(3),
+            "nothing appended again"
+        );
+        let next = t.send(with_seq("d", 4)).await.expect("send 4");
+        assert_eq!(next.offset, 3);
+        drop(t);
+        drop(broker);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]

@@ -40,7 +40,7 @@ const PRODUCER_WINDOW: usize = 1024;
 
 /// How long a partition remembers a producer that wrote nothing since, in milliseconds (Kafka's
 /// `producer.id.expiration.ms`, one day).
-const PRODUCER_EXPIRY_MS: i64 = 24 * 3600 * 1000;
+pub(crate) const PRODUCER_EXPIRY_MS: i64 = 24 * 3600 * 1000;
 
 /// Records a compacted partition may hold that a later record of the same key replaced before
 /// it is compacted (and at least as many as it holds live).
@@ -127,6 +127,10 @@ struct Produced {
     recent: VecDeque<(u64, i64)>,
     /// When it last wrote here (milliseconds since the Unix epoch).
     at: i64,
+    /// Its last sequence number here before the log was loaded (see
+    /// [`MemoryBroker::restore_producer`]): records up to it are written, even those `recent`
+    /// no longer has.
+    known_below: Option<u64>,
 }
 
 /// The producer id and sequence number a record carries (headers
@@ -197,6 +201,10 @@ impl Log {
         let recent = &self.producers[id].recent;
         match recent.binary_search_by_key(&seq, |(s, _)| *s) {
             Ok(i) => Ok(Some(recent[i].1)),
+            // Written before the log was loaded, and removed since (committed by every group
+            // reading it): a retry of it is answered as written, without its offset, as Kafka
+            // answers a duplicate it no longer holds.
+            Err(_) if self.producers[id].known_below.is_some_and(|k| seq <= k) => Ok(Some(-1)),
             Err(_) => Err(format!(
                 "record {seq} of producer {} is below its last one here ({last}) and is not one \
                  of the last {PRODUCER_WINDOW} it wrote: an old duplicate, or records sent out \
@@ -850,6 +858,66 @@ impl Drop for Watching {
 /// What the durable transport (`file://`, see [`super::file`]) needs of the broker it keeps as
 /// its in-memory index: loading what its log holds, and learning what retention removed.
 impl MemoryBroker {
+    /// Where the partition put `record` already, if it is a retry of an idempotent writer's
+    /// record the partition has (see [idempotent writers](super#idempotent-writers)); `None`
+    /// for a record to append; an error for one the partition refuses (a sequence number below
+    /// the producer's window, or a malformed producer header). What the durable log asks
+    /// before it writes a record, since it gives the record its offset itself.
+    pub(crate) fn already_written(
+        &self,
+        record: &OutgoingRecord,
+    ) -> Result<Option<RecordPosition>, TransportError> {
+        let refused = |reason: String| {
+            TransportError::Rejected(format!("{}[{}]: {reason}", record.topic, record.partition))
+        };
+        let (id, seq) = match producer_of(&record.headers) {
+            None => return Ok(None),
+            Some(Ok(producer)) => producer,
+            Some(Err(e)) => return Err(refused(e)),
+        };
+        let topic = self.topic(&record.topic)?;
+        let Some(part) = topic.partitions.get(record.partition as usize) else {
+            return Ok(None);
+        };
+        let log = read(&part.log);
+        match log.written(&id, seq) {
+            Ok(offset) => Ok(offset.map(|offset| RecordPosition {
+                partition: record.partition,
+                offset,
+            })),
+            Err(e) => Err(refused(e)),
+        }
+    }
+
+    /// Tells a partition, loaded from a durable log, that the idempotent writer `id` wrote
+    /// records up to sequence number `last` (at `offset`), last at `at`. The log keeps this
+    /// apart from the records, since those may be gone (committed by every group and removed)
+    /// while a retry of them must still be answered rather than appended again. Call it after
+    /// the log's records are appended again: what they rebuilt stays.
+    pub(crate) fn restore_producer(
+        &self,
+        topic: &str,
+        partition: u32,
+        id: Bytes,
+        last: (u64, i64),
+        at: i64,
+    ) {
+        let Ok(t) = self.topic(topic) else { return };
+        let Some(part) = t.partitions.get(partition as usize) else {
+            return;
+        };
+        let mut log = write(&part.log);
+        let p = log.producers.entry(id).or_default();
+        if p.recent.back().is_none_or(|(seq, _)| *seq < last.0) {
+            p.recent.push_back(last);
+            if p.recent.len() > PRODUCER_WINDOW {
+                p.recent.pop_front();
+            }
+        }
+        p.known_below = Some(p.known_below.map_or(last.0, |k| k.max(last.0)));
+        p.at = p.at.max(at);
+    }
+
     /// Creates a topic, as `ensure_topic` does.
     pub(crate) fn create_topic(&self, spec: &TopicSpec) -> Result<u32, TransportError> {
         self.create(spec)

@@ -138,16 +138,22 @@ fn url_host(host: &str) -> String {
     }
 }
 
+/// An embedded broker a worker publishes under `/transport`: its in-memory log, the transport
+/// other processes' writes go through (on `file://`, one writing to the durable log at once),
+/// and who the worker is.
+pub(crate) struct Published {
+    pub(crate) broker: Arc<crate::transport::MemoryBroker>,
+    pub(crate) transport: Arc<dyn crate::transport::Transport>,
+    pub(crate) hello: crate::transport::remote::Hello,
+}
+
 /// Binds the web server and starts serving; stops when `closed` is cancelled.
 pub(crate) async fn start(
     rt: Arc<Runtime>,
     tables: Vec<Arc<dyn TableRunner>>,
     bind: &str,
     port: u16,
-    published: Option<(
-        Arc<crate::transport::MemoryBroker>,
-        crate::transport::remote::Hello,
-    )>,
+    published: Option<Published>,
     closed: CancellationToken,
 ) -> Result<Web> {
     let listener = tokio::net::TcpListener::bind((bind, port))
@@ -162,7 +168,7 @@ pub(crate) async fn start(
         .local_addr()
         .map_err(|e| Error::Config(format!("cannot read the web address: {e}")))?;
     let host = advertised_host(rt.settings.web_host.as_deref(), addr.ip());
-    if rt.transport.kind() != "memory" && is_loopback(&host) {
+    if !rt.transport.embedded() && is_loopback(&host) {
         tracing::info!(
             url = %format!("http://{host}:{}", addr.port()),
             "the web server is reachable from this machine only: workers on other hosts cannot \
@@ -183,7 +189,12 @@ pub(crate) async fn start(
         .route("/tables/{table}/{key}", get(get_key))
         .with_state(served.clone());
     let app = match published {
-        Some((broker, hello)) => app.merge(transport::routes(broker, hello, closed.clone())),
+        Some(p) => app.merge(transport::routes(
+            p.broker,
+            p.transport,
+            p.hello,
+            closed.clone(),
+        )),
         None => app,
     };
     let stop = closed.clone();

@@ -1,7 +1,6 @@
 //! The embedded broker of this worker, published under `/transport` for the app's commands in
 //! other processes (the remote transport; the API is described in `transport::remote`).
 
-use crate::transport::memory::MemoryTransport;
 use crate::transport::remote::{
     ErrorBody, Hello, Offsets, Read, ReadRecord, ReadResult, Records, TopicBody, TopicInfo,
     WireError, WriteResults, Written, MAX_READ, MAX_WAIT,
@@ -20,20 +19,27 @@ use tokio_util::sync::CancellationToken;
 /// The largest request body taken: a batch of records near the largest message size.
 const BODY_LIMIT: usize = 64 << 20;
 
-/// What the handlers share: the broker, who this worker is, and when it stops.
+/// What the handlers share: the broker (its in-memory log, read directly, and the transport
+/// writes go through: on `file://`, the durable log's), who this worker is, and when it stops.
 struct Published {
     broker: Arc<MemoryBroker>,
-    transport: MemoryTransport,
+    transport: Arc<dyn Transport>,
     hello: Hello,
     /// Cancelled when the web server stops: long polls answer at once, so that they do not
     /// hold the worker's shutdown.
     closed: CancellationToken,
 }
 
-/// The routes under `/transport`, publishing `broker` until `closed`.
-pub(super) fn routes(broker: Arc<MemoryBroker>, hello: Hello, closed: CancellationToken) -> Router {
+/// The routes under `/transport`, publishing `broker` until `closed`: reads from its log,
+/// writes through `transport` (one that writes at once, not in a transaction).
+pub(super) fn routes(
+    broker: Arc<MemoryBroker>,
+    transport: Arc<dyn Transport>,
+    hello: Hello,
+    closed: CancellationToken,
+) -> Router {
     let published = Arc::new(Published {
-        transport: MemoryTransport::new(broker.clone()),
+        transport,
         broker,
         hello,
         closed,

@@ -3,7 +3,8 @@
 //! An exactly-once worker on `file://DIR` reads numbered events from `numbers`, forwards each
 //! one to `out`, and adds it to the table `totals` (per key: how many events, and their sum).
 //! It prints `processed N` for every event it processes, so the harness can kill it after a
-//! number of events.
+//! number of events. A running worker serves its log over its web server (on a free port,
+//! announced in `DIR/datadir/worker.json`), so the harness feeds it from another process.
 //!
 //! ```console
 //! $ cargo run --example durable_worker -- work DIR          # runs until killed
@@ -42,6 +43,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     app.configure(|s| {
         s.broker = format!("file://{dir}");
         s.processing_guarantee = rill::ProcessingGuarantee::ExactlyOnce;
+        // A running worker is reachable: it serves its log on a free port and announces
+        // itself in DIR/datadir/worker.json, where the harness's feeder finds it.
+        if mode != "feed" {
+            s.web_port = Some(0);
+            s.datadir = Some(std::path::PathBuf::from(&dir).join("datadir"));
+        }
     });
     let numbers = app
         .topic("numbers")
