@@ -153,12 +153,21 @@ async fn bare_loop(events: u64) -> Run {
 
 /// The `adding` agent reads a 4-partition topic a producer writes keyed events to, committing
 /// every `commit_interval` and, unless `commit_every` is `Some(0)`, every so many records.
-async fn rill_agent(events: u64, commit_interval: Duration, commit_every: Option<u64>) -> Run {
+async fn rill_agent(
+    events: u64,
+    commit_interval: Duration,
+    commit_every: Option<u64>,
+    durable: Option<&std::path::Path>,
+) -> Run {
     let app = App::new("bench-retention");
+    let broker = durable.map(|dir| format!("file://{}", dir.display()));
     app.configure(|s| {
         s.topic_partitions = PARTITIONS;
         s.commit_interval = commit_interval;
         s.commit_every = commit_every;
+        if let Some(broker) = broker {
+            s.broker = broker;
+        }
     });
     let topic = app.topic("adding").value_type::<Add>();
     let progress = Arc::new(Progress::default());
@@ -186,8 +195,16 @@ async fn rill_agent(events: u64, commit_interval: Duration, commit_every: Option
     progress.finish(events).await;
     let elapsed = start.elapsed();
     let end_kib = rss_kib();
+    let memory = match durable {
+        // The durable log's index (the process's one open log of this directory).
+        Some(dir) => rill::transport::FileBroker::open(dir, "bench-retention")
+            .expect("the durable log")
+            .memory()
+            .clone(),
+        None => app.memory_broker(),
+    };
     let held: usize = (0..PARTITIONS)
-        .map(|p| app.memory_broker().record_count("adding", p).unwrap_or(0))
+        .map(|p| memory.record_count("adding", p).unwrap_or(0))
         .sum();
     worker.shutdown().await.expect("shutdown");
     println!(
@@ -219,12 +236,19 @@ fn main() {
         // Memory the allocator has once held stays resident: the run that holds less goes
         // first, so that each run's growth is its own.
         let interval = Settings::default().commit_interval;
-        let default = rill_agent(events, interval, None).await;
-        let short = rill_agent(events, Duration::from_millis(100), Some(0)).await;
-        let by_time = rill_agent(events, interval, Some(0)).await;
+        let default = rill_agent(events, interval, None, None).await;
+        let dir = std::env::temp_dir().join(format!("rill-bench-retention-{}", std::process::id()));
+        let durable = rill_agent(events, interval, None, Some(&dir)).await;
+        let _ = std::fs::remove_dir_all(&dir);
+        let short = rill_agent(events, Duration::from_millis(100), Some(0), None).await;
+        let by_time = rill_agent(events, interval, Some(0), None).await;
         bare.print("bare loop (tokio channel + serde_json + a + b)", events);
         default.print(
             "rill adding agent, memory://, default settings (2.8 s or 10,000 records)",
+            events,
+        );
+        durable.print(
+            "rill adding agent, file:// (durable), default settings",
             events,
         );
         short.print(
@@ -237,8 +261,10 @@ fn main() {
         );
         let ratio = |r: &Run| bare.elapsed.as_secs_f64() / r.elapsed.as_secs_f64();
         println!(
-            "  ratio rill / bare, throughput: {:.2} (default), {:.2} (100 ms), {:.2} (2.8 s only)",
+            "  ratio rill / bare, throughput: {:.2} (default), {:.2} (file://), {:.2} (100 ms), \
+             {:.2} (2.8 s only)",
             ratio(&default),
+            ratio(&durable),
             ratio(&short),
             ratio(&by_time)
         );
