@@ -8,9 +8,11 @@
 //! ...
 //! ```
 //!
-//! On the embedded transport `count` runs the agents in its own process and prints the counts
-//! once every word is counted. With a worker running (on Kafka), its web server answers
-//! `GET http://127.0.0.1:6066/tables/word_counts/the` with the count of `the`.
+//! With no worker running, `count` runs the agents in its own process (embedded, in memory) and
+//! prints the counts once every word is counted. With a worker running (embedded, where the
+//! `worker` command keeps its log in `word_count-data/`, or on Kafka), `count` sends the
+//! sentences to it, and its web server answers `GET http://127.0.0.1:6066/tables/word_counts/the`
+//! with the count of `the`; a restarted worker still has its counts.
 
 use rill::prelude::*;
 use std::time::{Duration, Instant};
