@@ -4,6 +4,7 @@
 //! Every test file uses only part of this module.
 #![allow(dead_code)]
 
+pub(crate) mod bounded;
 pub(crate) mod kafka;
 
 use rill::transport::{MemoryBroker, TopicPartition};
