@@ -4,9 +4,8 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::io::BufRead;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Output, Stdio};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -15,10 +14,6 @@ use tokio::process::Command;
 /// Building the example may take minutes on a loaded machine; running it takes milliseconds.
 const BUILD: Duration = Duration::from_secs(600);
 const RUN: Duration = Duration::from_secs(60);
-
-fn manifest_dir() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
 
 /// A data directory of its own for each command (nothing makes it but a worker): tests run
 /// side by side, and a command must not find the worker another test started.
@@ -35,7 +30,7 @@ fn own_datadir() -> PathBuf {
 /// A command with no settings inherited from the environment that would change the app.
 fn command(program: impl AsRef<std::ffi::OsStr>) -> Command {
     let mut c = Command::new(program);
-    c.current_dir(manifest_dir())
+    c.current_dir(common::manifest_dir())
         .env("RILL_DATADIR", own_datadir())
         .env_remove("RILL_BROKER")
         .env_remove("RILL_LOG")
@@ -45,37 +40,6 @@ fn command(program: impl AsRef<std::ffi::OsStr>) -> Command {
         .stdin(Stdio::null())
         .kill_on_drop(true);
     c
-}
-
-/// Builds the example `name` once per test binary and returns the path cargo reports for it.
-fn example_binary(name: &str) -> PathBuf {
-    static BINARIES: Mutex<BTreeMap<String, PathBuf>> = Mutex::new(BTreeMap::new());
-    let mut built = BINARIES.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(path) = built.get(name) {
-        return path.clone();
-    }
-    let out = std::process::Command::new(env!("CARGO"))
-        .current_dir(manifest_dir())
-        .args([
-            "build",
-            "--quiet",
-            "--message-format=json",
-            "--example",
-            name,
-        ])
-        .stdin(Stdio::null())
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("cargo runs");
-    assert!(out.status.success(), "cargo build --example {name} failed");
-    let path = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter(|msg| msg["reason"] == "compiler-artifact" && msg["target"]["name"] == name)
-        .find_map(|msg| msg["executable"].as_str().map(PathBuf::from))
-        .expect("cargo reports the example's executable");
-    built.insert(name.to_owned(), path.clone());
-    path
 }
 
 async fn run(mut cmd: Command, limit: Duration, what: &str) -> Output {
@@ -96,7 +60,7 @@ async fn run_example(args: &[&str]) -> Output {
 /// Runs the example `example` with `args`.
 async fn run_named(example: &str, args: &[&str]) -> Output {
     let name = example.to_owned();
-    let binary = tokio::task::spawn_blocking(move || example_binary(&name))
+    let binary = tokio::task::spawn_blocking(move || common::example_binary(&name))
         .await
         .expect("build");
     let mut cmd = command(binary);
@@ -209,13 +173,13 @@ async fn start_worker() -> ReadyWorker {
 
 /// Starts `agent worker ARGS` and waits (bounded) for the banner line that says it is ready.
 async fn start_worker_with(args: &[&str]) -> ReadyWorker {
-    let binary = tokio::task::spawn_blocking(|| example_binary("agent"))
+    let binary = tokio::task::spawn_blocking(|| common::example_binary("agent"))
         .await
         .expect("build");
     let datadir = common::TempDir::new("cli-worker", false);
     let mut child = Running(
         std::process::Command::new(binary)
-            .current_dir(manifest_dir())
+            .current_dir(common::manifest_dir())
             .env("RILL_DATADIR", datadir.path())
             .env_remove("RILL_BROKER")
             .env_remove("RILL_LOG")
@@ -355,7 +319,7 @@ async fn an_unknown_processing_guarantee_is_a_usage_error_with_exit_code_2() {
     );
 
     // The same from the environment.
-    let binary = tokio::task::spawn_blocking(|| example_binary("agent"))
+    let binary = tokio::task::spawn_blocking(|| common::example_binary("agent"))
         .await
         .expect("build");
     let mut cmd = command(binary);

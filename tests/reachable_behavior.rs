@@ -8,13 +8,12 @@ mod common;
 
 use futures::TryStreamExt;
 use rill::prelude::*;
-use std::collections::BTreeMap;
 use std::io::BufRead;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 use tokio::process::Command;
 
@@ -22,43 +21,8 @@ use tokio::process::Command;
 /// minutes on a loaded machine (done once, before the clock of a test's waits starts).
 const RUN: Duration = Duration::from_secs(60);
 
-fn manifest_dir() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// Builds the example `name` once per test binary and returns its path.
-fn example_binary(name: &str) -> PathBuf {
-    static BINARIES: Mutex<BTreeMap<String, PathBuf>> = Mutex::new(BTreeMap::new());
-    let mut built = BINARIES.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(path) = built.get(name) {
-        return path.clone();
-    }
-    let out = std::process::Command::new(env!("CARGO"))
-        .current_dir(manifest_dir())
-        .args([
-            "build",
-            "--quiet",
-            "--message-format=json",
-            "--example",
-            name,
-        ])
-        .stdin(Stdio::null())
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("cargo runs");
-    assert!(out.status.success(), "cargo build --example {name} failed");
-    let path = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter(|msg| msg["reason"] == "compiler-artifact" && msg["target"]["name"] == name)
-        .find_map(|msg| msg["executable"].as_str().map(PathBuf::from))
-        .expect("cargo reports the example's executable");
-    built.insert(name.to_owned(), path.clone());
-    path
-}
-
 async fn binary(name: &'static str) -> PathBuf {
-    tokio::task::spawn_blocking(move || example_binary(name))
+    tokio::task::spawn_blocking(move || common::example_binary(name))
         .await
         .expect("build")
 }
@@ -70,7 +34,7 @@ fn text(bytes: &[u8]) -> String {
 /// Runs the example `example` with `args` on the data directory `datadir`, to its end.
 async fn run(example: &'static str, datadir: &Path, args: &[&str]) -> Output {
     let mut cmd = Command::new(binary(example).await);
-    cmd.current_dir(manifest_dir())
+    cmd.current_dir(common::manifest_dir())
         .env("RILL_DATADIR", datadir)
         .env_remove("RILL_BROKER")
         .env_remove("RILL_LOG")
@@ -116,7 +80,7 @@ impl WorkerProcess {
         args: &[&str],
     ) -> Result<Self, (Vec<String>, std::process::Child)> {
         let mut child = std::process::Command::new(binary(example).await)
-            .current_dir(manifest_dir())
+            .current_dir(common::manifest_dir())
             .env("RILL_DATADIR", datadir)
             .env("RILL_WEB_PORT", "0")
             .env_remove("RILL_BROKER")

@@ -371,3 +371,40 @@ impl std::io::Write for LogCapture {
         Ok(())
     }
 }
+
+/// The package root, where the example binaries are built and run.
+pub(crate) fn manifest_dir() -> &'static std::path::Path {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Builds the example `name` once per test binary and returns the path cargo reports for it.
+pub(crate) fn example_binary(name: &str) -> std::path::PathBuf {
+    static BINARIES: std::sync::Mutex<std::collections::BTreeMap<String, std::path::PathBuf>> =
+        std::sync::Mutex::new(std::collections::BTreeMap::new());
+    let mut built = BINARIES.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(path) = built.get(name) {
+        return path.clone();
+    }
+    let out = std::process::Command::new(env!("CARGO"))
+        .current_dir(manifest_dir())
+        .args([
+            "build",
+            "--quiet",
+            "--message-format=json",
+            "--example",
+            name,
+        ])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .expect("cargo runs");
+    assert!(out.status.success(), "cargo build --example {name} failed");
+    let path = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|msg| msg["reason"] == "compiler-artifact" && msg["target"]["name"] == name)
+        .find_map(|msg| msg["executable"].as_str().map(std::path::PathBuf::from))
+        .expect("cargo reports the example's executable");
+    built.insert(name.to_owned(), path.clone());
+    path
+}
