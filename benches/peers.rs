@@ -225,6 +225,9 @@ fn bare_worker(
         .set("enable.auto.commit", "true")
         .set("fetch.wait.max.ms", "20")
         .set("isolation.level", "read_committed")
+        // As rill's consumer: librdkafka's default (1 s) stalls a consumer that reads a
+        // backlog faster than it handles it.
+        .set("fetch.queue.backoff.ms", "10")
         .create()?;
     consumer.subscribe(&[input])?;
     let producer: ThreadedProducer<_> = ClientConfig::new()
@@ -301,6 +304,12 @@ struct Throughput {
     start_up: Duration,
     /// Events per second from its first output to its last.
     rate: f64,
+    /// CPU time per event (µs) from its first output to its last: the system's process, and
+    /// the broker's (`None` where `/proc` is not readable, or the broker is not ours).
+    cpu_us: Option<f64>,
+    broker_cpu_us: Option<f64>,
+    /// The same for this process, which observes the output.
+    observer_cpu_us: Option<f64>,
 }
 
 /// What one system did in one latency round: end-to-end latencies in µs, sorted.
@@ -386,6 +395,27 @@ struct Broker {
     _kafka: Option<kafka::Kafka>,
 }
 
+impl Broker {
+    fn pid(&self) -> Option<u32> {
+        self._kafka.as_ref().and_then(|k| k.pid(0))
+    }
+}
+
+/// User + system CPU time of process `pid`, all its threads (Linux `/proc`).
+fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) in parentheses: utime and stime
+    // are the 14th and 15th fields of the line, the 12th and 13th after it.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    // SAFETY: sysconf only reads a configuration value.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let ticks = if ticks > 0 { ticks as f64 } else { 100.0 };
+    Some(Duration::from_secs_f64((utime + stime) as f64 / ticks))
+}
+
 fn broker(dir: &Path) -> Broker {
     if let Ok(addr) = std::env::var("RILL_BENCH_BROKER") {
         return Broker { addr, _kafka: None };
@@ -437,6 +467,7 @@ fn compare() -> BoxResult<()> {
     let broker = broker(&dir);
     let ctx = Ctx {
         addr: broker.addr.clone(),
+        broker_pid: broker.pid(),
         dir: dir.clone(),
         streams,
         faust,
@@ -474,11 +505,15 @@ fn compare() -> BoxResult<()> {
             } else {
                 format!("round {round}")
             };
+            let us = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.2}"));
             println!(
-                "  {name}: {:<34} {:>9.0} events/s   start-up {:>5.0} ms",
+                "  {name}: {:<34} {:>9.0} events/s   start-up {:>5.0} ms   CPU/event {:>5} µs (broker {:>5} µs, observer {:>5} µs)",
                 peer.label(),
                 t.rate,
-                t.start_up.as_secs_f64() * 1e3
+                t.start_up.as_secs_f64() * 1e3,
+                us(t.cpu_us),
+                us(t.broker_cpu_us),
+                us(t.observer_cpu_us),
             );
             if round > 0 {
                 results.throughputs(peer).push(t);
@@ -537,6 +572,7 @@ fn compare() -> BoxResult<()> {
 
 struct Ctx {
     addr: String,
+    broker_pid: Option<u32>,
     dir: PathBuf,
     streams: Option<PathBuf>,
     /// The Python that has faust-streaming installed.
@@ -643,7 +679,16 @@ impl Ctx {
         let observer = observer(&self.addr, output, PARTITIONS)?;
         let mut running = self.spawn(peer, input, output, group)?;
         let spawned = Instant::now();
+        let pid = running.child.as_ref().map(Child::id);
+        let cpu = || {
+            (
+                pid.and_then(cpu_time),
+                self.broker_pid.and_then(cpu_time),
+                cpu_time(std::process::id()),
+            )
+        };
         let (mut first, mut n) = (None, 0u64);
+        let mut cpu_at_first = (None, None, None);
         while n < events() {
             if spawned.elapsed() > ROUND_TIMEOUT {
                 return Err(running.failed(&format!("{n} of {} outputs", events())));
@@ -653,7 +698,10 @@ impl Ctx {
             }
             match observer.poll(Duration::from_millis(100)) {
                 Some(Ok(_)) => {
-                    first.get_or_insert_with(Instant::now);
+                    if first.is_none() {
+                        first = Some(Instant::now());
+                        cpu_at_first = cpu();
+                    }
                     n += 1;
                 }
                 Some(Err(e)) => return Err(running.failed(&format!("observer: {e}"))),
@@ -661,11 +709,18 @@ impl Ctx {
             }
         }
         let last = Instant::now();
+        let cpu_at_last = cpu();
         running.stop()?;
         let first = first.unwrap_or(last);
+        let per_event = |a: Option<Duration>, b: Option<Duration>| {
+            Some((b? - a?).as_secs_f64() * 1e6 / (events() - 1).max(1) as f64)
+        };
         Ok(Throughput {
             start_up: first - spawned,
             rate: (events() - 1) as f64 / (last - first).as_secs_f64().max(1e-6),
+            cpu_us: per_event(cpu_at_first.0, cpu_at_last.0),
+            broker_cpu_us: per_event(cpu_at_first.1, cpu_at_last.1),
+            observer_cpu_us: per_event(cpu_at_first.2, cpu_at_last.2),
         })
     }
 
@@ -833,6 +888,9 @@ fn observer(addr: &str, topic: &str, partitions: i32) -> BoxResult<BaseConsumer>
         .set("enable.auto.commit", "false")
         .set("isolation.level", "read_committed")
         .set("fetch.wait.max.ms", "10")
+        // librdkafka's default (1 s) stalls a consumer whose prefetch queue filled once: it
+        // would bound the rate it can observe (see the transport's consumer settings).
+        .set("fetch.queue.backoff.ms", "10")
         .create()?;
     let mut tpl = TopicPartitionList::new();
     for p in 0..partitions {

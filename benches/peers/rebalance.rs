@@ -75,6 +75,7 @@ pub(super) fn run() -> BoxResult<()> {
     let broker = super::broker(&dir);
     let ctx = Ctx {
         addr: broker.addr.clone(),
+        broker_pid: broker.pid(),
         dir: dir.clone(),
         streams: None,
         faust: None,

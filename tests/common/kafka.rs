@@ -448,6 +448,11 @@ impl Kafka {
             .unwrap_or_else(|| panic!("no node with id {id}"))
     }
 
+    /// The process id of node `i`, while it runs.
+    pub(crate) fn pid(&self, i: usize) -> Option<u32> {
+        self.nodes[i].pid()
+    }
+
     /// SIGKILLs node `i`.
     pub(crate) fn kill(&mut self, i: usize) {
         self.nodes[i].kill();
