@@ -230,9 +230,12 @@ fn bare_worker(
         .set("fetch.queue.backoff.ms", "10")
         .create()?;
     consumer.subscribe(&[input])?;
+    // rill's producer settings: idempotent (per-key order across retries), 5 ms linger.
     let producer: ThreadedProducer<_> = ClientConfig::new()
         .set("bootstrap.servers", broker)
         .set("linger.ms", "5")
+        .set("enable.idempotence", "true")
+        .set("max.in.flight.requests.per.connection", "5")
         .create()?;
     while !stop.load(Ordering::Relaxed) {
         let Some(m) = consumer.poll(Duration::from_millis(100)) else {

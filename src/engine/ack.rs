@@ -76,8 +76,13 @@ impl PartitionTracker {
         if s.frozen {
             return;
         }
-        let Ok(i) = s.pending.binary_search_by_key(&offset, |e| e.0) else {
-            return;
+        // Acks mostly come in order (one actor per partition): the oldest pending record first.
+        let i = match s.pending.front() {
+            Some(&(o, _)) if o == offset => 0,
+            _ => match s.pending.binary_search_by_key(&offset, |e| e.0) {
+                Ok(i) => i,
+                Err(_) => return,
+            },
         };
         let e = &mut s.pending[i];
         e.1 = e.1.saturating_sub(1);
