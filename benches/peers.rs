@@ -13,7 +13,7 @@
 //! is timed by one observer, a read-committed consumer of the system's output topic in this
 //! process, so an exactly-once output counts once its transaction is committed:
 //!
-//! - **throughput**: `RILL_PEERS_EVENTS` records (default 1,000,000) are written to a topic before the system starts; its
+//! - **throughput**: `RILL_PEERS_EVENTS` records (default 2,000,000) are written to a topic before the system starts; its
 //!   rate is the events over the time from its first output to its last. Its **start-up** is
 //!   the time from spawning the process to the first output.
 //! - **latency**: records are offered at a fixed rate (`RILL_PEERS_RATE`, default 20k/s) to an
@@ -46,11 +46,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 type BoxResult<T> = Result<T, Box<dyn Error + Send + Sync>>;
 
-/// Events of a throughput round (`RILL_PEERS_EVENTS`, default 1,000,000): longer rounds weigh
+/// Events of a throughput round (`RILL_PEERS_EVENTS`, default 2,000,000): longer rounds weigh
 /// start-up (a group join, a first transaction) less.
 fn events() -> u64 {
     static EVENTS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    *EVENTS.get_or_init(|| env_or("RILL_PEERS_EVENTS", 1_000_000))
+    *EVENTS.get_or_init(|| env_or("RILL_PEERS_EVENTS", 2_000_000))
 }
 const PARTITIONS: i32 = 4;
 /// How long a system may take to process a round's events, or to stop.

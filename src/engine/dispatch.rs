@@ -162,6 +162,8 @@ impl Dispatcher {
             None => None,
         };
         let mut failures = 0u32;
+        // With exactly-once processing: how long commits take, on average (see below).
+        let mut commit_time = Duration::ZERO;
         loop {
             tokio::select! {
                 biased;
@@ -178,9 +180,12 @@ impl Dispatcher {
                     let _ = self.commit().await;
                     if self.exactly_once() {
                         // Processing stops while a transaction ends: keep that under a fifth
-                        // of the time when the broker is slow to end them.
+                        // of the time when the broker is slow to end them. The recent
+                        // average, not the last commit, sets the pace: one slow commit among
+                        // fast ones would hold every output back for five times as long.
                         let took = started.elapsed();
-                        let wait = (took * EXACTLY_ONCE_COMMIT_SHARE).min(EXACTLY_ONCE_COMMIT_MAX_WAIT);
+                        commit_time = (commit_time * 4 + took) / 5;
+                        let wait = (commit_time * EXACTLY_ONCE_COMMIT_SHARE).min(EXACTLY_ONCE_COMMIT_MAX_WAIT);
                         ticker.reset_after(interval.max(wait));
                     }
                 }

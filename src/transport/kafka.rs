@@ -451,6 +451,8 @@ fn commit_transaction(
     let producer = inner.producer();
     let started = Instant::now();
     let mut offsets_sent = Duration::ZERO;
+    // Lingering records go out now, and are delivered while the offsets are sent.
+    let _ = producer.flush(Duration::ZERO);
     let committed = (|| {
         if offsets.count() > 0 {
             let group = consumer
@@ -460,6 +462,15 @@ fn commit_transaction(
                 .send_offsets_to_transaction(offsets, &group, TXN_TIMEOUT)
                 .map_err(|e| e.to_string())?;
             offsets_sent = started.elapsed();
+        }
+        // `commit_transaction` flushes the producer first, and librdkafka's flush, while
+        // another thread serves the delivery reports (the threaded producer's), checks in
+        // steps of 100 ms: every commit took over 100 ms. Waiting here for the records to be
+        // delivered leaves it nothing to wait for. (No record joins meanwhile: the
+        // transaction's gate is closed.)
+        let deadline = Instant::now() + TXN_TIMEOUT;
+        while producer.in_flight_count() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_micros(500));
         }
         producer
             .commit_transaction(TXN_TIMEOUT)
@@ -806,7 +817,13 @@ impl KafkaTransport {
             // consumers of its partitions until the broker aborts it after this long.
             pc.set("transactional.id", id)
                 .set("enable.idempotence", "true")
-                .set("transaction.timeout.ms", "10000");
+                .set("transaction.timeout.ms", "10000")
+                // Right after a commit the coordinator answers the next transaction's first
+                // requests with CONCURRENT_TRANSACTIONS until the last one's markers are
+                // written; librdkafka retries after `retry.backoff.ms` (100 ms by default),
+                // which held a commit (and records of partitions new to the transaction) for
+                // 100 ms every few commits. The Java client retries those after 20 ms.
+                .set("retry.backoff.ms", "20");
         }
         for (k, v) in &config.extra {
             pc.set(k, v);
