@@ -402,13 +402,33 @@ async fn a_full_agent_queue_does_not_hold_commits_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revocation_while_records_wait_for_a_full_queue_loses_nothing() {
     let id = "full-queue-revoke";
+    revocation_while_held_back(id, &format!("memory://{id}"), 50).await;
+}
+
+/// On Kafka a worker whose agents are behind polls less instead of pausing its partitions
+/// (librdkafka would drop what it fetched ahead): a rebalance is still served meanwhile, so a
+/// worker that joins gets partitions while the first one is still far behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_kafka_a_worker_joins_while_the_first_holds_reading_back_and_nothing_is_lost() {
+    let (_cluster, url) = mock_cluster(&[("events", 4)]);
+    revocation_while_held_back("full-queue-revoke-kafka", &url, 1000).await;
+}
+
+/// Worker a reads 8 keys × `per_key` events with a slow agent and a queue of 4, so records
+/// wait for it and reading is held back; b joins meanwhile. Every event is processed, each
+/// worker went through each key in order, and b took part.
+async fn revocation_while_held_back(id: &str, url: &str, per_key: u64) {
     let build = |seen: Recorder<(u64, u64)>| {
         let app = App::new(id);
+        let url = url.to_owned();
         app.configure(|s| {
-            s.broker = format!("memory://{id}");
+            s.broker = url;
             s.topic_partitions = 4;
             s.commit_interval = Duration::from_millis(20);
             s.stream_buffer_maxsize = 4;
+            s.kafka.insert("session.timeout.ms".into(), "6000".into());
+            // The test's sends wait for each record: none lingers.
+            s.kafka.insert("linger.ms".into(), "0".into());
         });
         let input = app.topic("events").key_type::<u64>().value_type::<u64>();
         app.agent(move |numbers: Stream<u64, u64>| {
@@ -428,12 +448,13 @@ async fn a_revocation_while_records_wait_for_a_full_queue_loses_nothing() {
     let (seen_a, seen_b) = (Recorder::new(), Recorder::new());
     let (a, input) = build(seen_a.clone());
     let wa = a.start().await.expect("start a");
-    // 8 keys, 50 events each, in order per key.
-    for seq in 0..50u64 {
+    // 8 keys, `per_key` events each, in order per key.
+    for seq in 0..per_key {
         for key in 0..8u64 {
             input.send(seq).key(key).await.expect("send");
         }
     }
+    let total = 8 * per_key as usize;
     // b joins while a's queue is full and records wait for it: half of a's partitions move.
     wait_until(WAIT, "a processing", || seen_a.len() > 10).await;
     let (b, _) = build(seen_b.clone());
@@ -444,22 +465,26 @@ async fn a_revocation_while_records_wait_for_a_full_queue_loses_nothing() {
         all
     };
     common::wait_until_state(
-        WAIT,
+        KAFKA_WAIT,
         "every event processed",
         || {
             let got: BTreeSet<(u64, u64)> = all().into_iter().collect();
             let missing: Vec<(u64, u64)> = (0..8u64)
-                .flat_map(|k| (0..50u64).map(move |s| (k, s)))
+                .flat_map(|k| (0..per_key).map(move |s| (k, s)))
                 .filter(|e| !got.contains(e))
                 .take(20)
                 .collect();
             (got.len(), missing)
         },
-        |(n, _)| *n == 400,
+        |(n, _)| *n == total,
     )
     .await;
     wa.shutdown().await.expect("stop a");
     wb.shutdown().await.expect("stop b");
+    assert!(
+        !seen_b.is_empty(),
+        "the worker that joined processed nothing: the rebalance waited for the first to catch up"
+    );
     // Per key, each worker went through the events in order: the next one, or back to an
     // earlier one (read again from the last commit after a rebalance), never past one.
     for (worker, seen) in [("a", seen_a.snapshot()), ("b", seen_b.snapshot())] {

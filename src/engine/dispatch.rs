@@ -288,7 +288,7 @@ impl Dispatcher {
                     self.assigned.insert(tp.clone());
                 }
                 if self.held_back {
-                    if let Err(e) = self.consumer.pause(&tps) {
+                    if let Err(e) = self.consumer.hold_back(true, &tps) {
                         tracing::warn!(error = %e, "cannot pause reading");
                     }
                 }
@@ -427,7 +427,7 @@ impl Dispatcher {
         if self.held_back && self.backlogged <= self.backlog_limit() / 4 {
             self.held_back = false;
             let tps: Vec<TopicPartition> = self.assigned.iter().cloned().collect();
-            if let Err(e) = self.consumer.resume(&tps) {
+            if let Err(e) = self.consumer.hold_back(false, &tps) {
                 tracing::warn!(error = %e, "cannot resume reading");
             }
         }
@@ -441,7 +441,7 @@ impl Dispatcher {
         self.held_back = true;
         let tps: Vec<TopicPartition> = self.assigned.iter().cloned().collect();
         tracing::debug!(partitions = %list(&tps), "an agent's queue is full; reading paused");
-        if let Err(e) = self.consumer.pause(&tps) {
+        if let Err(e) = self.consumer.hold_back(true, &tps) {
             tracing::warn!(error = %e, "cannot pause reading");
         }
     }

@@ -54,6 +54,9 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const CREATE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Most records the poll thread hands over at once.
 const MAX_BATCH: usize = 500;
+/// How often the poll thread polls while the worker holds reading back (see
+/// [`Consumer::hold_back`]): rebalances are still served within this, and a few records read.
+const HELD_BACK_POLL: Duration = Duration::from_millis(50);
 /// How long librdkafka waits before fetching a partition again once its prefetch queue was
 /// full (`fetch.queue.backoff.ms`). Its default, 1 s, stalls a consumer that reads a backlog
 /// faster than it processes it: the queue drains well within the second and the partition
@@ -1397,6 +1400,9 @@ struct GroupCtx {
     membership: Mutex<Membership>,
     /// Set when the group must be rejoined as a new member (see `on_assign`).
     rejoin: AtomicBool,
+    /// Set while the worker's agents are behind (see [`Consumer::hold_back`]): the poll
+    /// thread polls only every [`HELD_BACK_POLL`].
+    throttled: AtomicBool,
     /// Assigned partitions kept paused until the handoff grace is over (see `on_assign`).
     held_back: Mutex<Option<HeldBack>>,
     /// Whether the consumer is a static member of its group (`group.instance.id`).
@@ -1874,6 +1880,7 @@ impl KafkaConsumer {
                 topics: Mutex::new(Vec::new()),
                 membership: Mutex::new(Membership::default()),
                 rejoin: AtomicBool::new(false),
+                throttled: AtomicBool::new(false),
                 held_back: Mutex::new(None),
                 static_member: config.get("group.instance.id").is_some(),
                 unsent: Mutex::new(Vec::new()),
@@ -2058,6 +2065,17 @@ fn poll_loop(
     let ctx = consumer.context();
     let mut copier = Copier::default();
     while !stop.load(Ordering::Relaxed) {
+        if ctx.throttled.load(Ordering::SeqCst) {
+            // The agents are behind: poll (for rebalances, and a few records) only now and
+            // then, until the worker lets reading go on.
+            let until = Instant::now() + HELD_BACK_POLL;
+            while ctx.throttled.load(Ordering::SeqCst)
+                && Instant::now() < until
+                && !stop.load(Ordering::Relaxed)
+            {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
         // Records wait in `ctx.unsent` (not locked across `poll`, whose rebalance callbacks
         // send them first).
         let mut next = consumer.poll(POLL_WAIT);
@@ -2214,6 +2232,19 @@ impl Consumer for KafkaConsumer {
         self.consumer
             .resume(&tpl)
             .map_err(|e| err(format!("cannot resume {}: {e}", names(partitions))))
+    }
+
+    fn hold_back(&mut self, on: bool, _: &[TopicPartition]) -> Result<(), TransportError> {
+        // Not a pause: librdkafka would drop what it fetched ahead of the paused partitions
+        // (up to `queued.max.messages.kbytes`) and fetch it again after the resume, so a
+        // worker catching up would read much of its input twice and stall at every resume.
+        // Polling less leaves the prefetch queue full, and librdkafka stops fetching by
+        // itself.
+        self.consumer
+            .context()
+            .throttled
+            .store(on, Ordering::SeqCst);
+        Ok(())
     }
 
     fn rejoin(&mut self) -> bool {

@@ -332,6 +332,19 @@ pub trait Consumer: Send + fmt::Debug {
     /// Fetches records of `partitions` again, from the first one not yet returned.
     fn resume(&mut self, partitions: &[TopicPartition]) -> Result<(), TransportError>;
 
+    /// Holds reading back (`on`) while the worker's agents are behind, or lets it go on;
+    /// `partitions` are those assigned. Records already read may still come, and rebalances
+    /// are still reported. By default the partitions are paused and resumed; a transport can
+    /// slow its polling down instead, which keeps what it fetched ahead (the Kafka consumer:
+    /// librdkafka drops a paused partition's prefetched records and fetches them again).
+    fn hold_back(&mut self, on: bool, partitions: &[TopicPartition]) -> Result<(), TransportError> {
+        if on {
+            self.pause(partitions)
+        } else {
+            self.resume(partitions)
+        }
+    }
+
     /// Leaves the group and joins it again, so every partition is revoked and assigned anew
     /// from the committed offsets: how a worker rolls back to its last commit. A consumer that
     /// cannot (the embedded transport's, where nothing needs it) returns `false`.
