@@ -16,6 +16,9 @@
 //! - **throughput**: `RILL_PEERS_EVENTS` records (default 2,000,000) are written to a topic before the system starts; its
 //!   rate is the events over the time from its first output to its last. Its **start-up** is
 //!   the time from spawning the process to the first output.
+//! - **CPU per event**: the CPU time (user and system, from Linux's `/proc`) the system's
+//!   process and the broker's spent from the first output to the last, over the events. On a
+//!   machine the broker, the system and the observer share, it is what sets the throughput.
 //! - **latency**: records are offered at a fixed rate (`RILL_PEERS_RATE`, default 20k/s) to an
 //!   empty topic with `a` = the time they were sent, in µs since the epoch, and `b` = 1; the
 //!   output `a + b` says when its input was sent. The first seconds after the first output are
@@ -1040,18 +1043,27 @@ fn report(results: &Results, rounds: usize, latency_rounds: usize, rate: u64) ->
     );
     let _ = writeln!(
         s,
-        "| system | throughput (events/s) | start-up to first output (ms) | latency p50 (ms) | latency p99 (ms) |"
+        "| system | throughput (events/s) | start-up to first output (ms) | latency p50 (ms) | latency p99 (ms) | CPU per event (µs): system / broker |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|");
+    let _ = writeln!(s, "|---|---|---|---|---|---|");
+    let cpu = |v: f64| {
+        if v.is_nan() {
+            "-".to_owned()
+        } else {
+            format!("{v:.2}")
+        }
+    };
     for peer in &results.peers() {
         let _ = writeln!(
             s,
-            "| {} | {:.0} | {:.0} | {:.1} | {:.1} |",
+            "| {} | {:.0} | {:.0} | {:.1} | {:.1} | {} / {} |",
             peer.label(),
             tp(*peer, &|t| t.rate),
             tp(*peer, &|t| t.start_up.as_secs_f64() * 1e3),
             lat(*peer, 0.5),
             lat(*peer, 0.99),
+            cpu(tp(*peer, &|t| t.cpu_us.unwrap_or(f64::NAN))),
+            cpu(tp(*peer, &|t| t.broker_cpu_us.unwrap_or(f64::NAN))),
         );
     }
     // Ratios within a round, then their median.
