@@ -138,6 +138,8 @@ fn bare_loop(addr: &str, input: &str, output: &str, group: &str) -> Timing {
         // As rill's consumers: a broker holds a fetch for up to this long when it has nothing
         // new (Kafka's default of 500 ms would cap the loop at a few fetches a second).
         .set("fetch.wait.max.ms", "20")
+        // As rill's consumers: librdkafka's default (1 s) stalls a consumer reading a backlog.
+        .set("fetch.queue.backoff.ms", "10")
         .set("isolation.level", "read_committed")
         .create()
         .expect("consumer");
