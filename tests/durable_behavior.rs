@@ -495,3 +495,65 @@ async fn bad_file_urls_are_refused_with_what_is_wrong() {
         "{e}"
     );
 }
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Transfer {
+    account_id: String,
+    seq: u32,
+}
+
+/// `Worker::processed` with exactly-once on `file://`: the records a commit writes are
+/// counted until the log's index has them, so "processed" is not answered while the sent
+/// records, or the repartitioned ones, are on their way through a commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_processed_waits_for_every_record_through_a_group_by() {
+    const EVENTS: u32 = 2000;
+    // The window was a commit's: several runs make it likely that one falls into it.
+    for run in 0..5 {
+        let dir = temp_dir(&format!("processed-eos-{run}"));
+        let app = App::new("durable-processed");
+        let url = file_url(&dir);
+        app.configure(|s| {
+            s.broker = url;
+            s.processing_guarantee = rill::ProcessingGuarantee::ExactlyOnce;
+            s.commit_interval = std::time::Duration::from_millis(100);
+        });
+        let topic = app
+            .topic("transfers")
+            .partitions(2)
+            .value_type::<Transfer>();
+        let seen: Recorder<u32> = Recorder::new();
+        let rec = seen.clone();
+        app.agent(move |s: Stream<Transfer>| {
+            let rec = rec.clone();
+            async move {
+                let mut s = s.group_by(field!(Transfer.account_id));
+                while let Some(t) = s.next().await {
+                    rec.push(t.seq);
+                }
+            }
+        })
+        .named("by-account")
+        .channel(&topic);
+        let worker = started(&app, "start").await;
+        for seq in 0..EVENTS {
+            topic
+                .send(Transfer {
+                    account_id: format!("acct-{}", seq % 7),
+                    seq,
+                })
+                .await
+                .expect("send");
+        }
+        worker.processed(WAIT).await.expect("processed");
+        let mut got = seen.snapshot();
+        got.sort_unstable();
+        assert_eq!(
+            got,
+            (0..EVENTS).collect::<Vec<_>>(),
+            "run {run}: processed() answered before every transfer went through the repartition topic"
+        );
+        worker.shutdown().await.expect("stop");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1232,12 +1232,51 @@ struct Staged {
     records: Vec<OutgoingRecord>,
     /// Records staged per partition.
     counts: HashMap<Key, i64>,
+    /// Records per partition of a commit on its way to the log: no longer staged, not in the
+    /// index yet, and still counted by the end offsets (or a worker waiting for everything to
+    /// be processed would see nothing left while they are being committed).
+    committing: HashMap<Key, i64>,
 }
 
 impl Staged {
-    fn take(&mut self) -> Vec<OutgoingRecord> {
+    /// Throws the staged records away (an abort).
+    fn discard(&mut self) {
         self.counts.clear();
-        std::mem::take(&mut self.records)
+        self.records.clear();
+    }
+
+    /// Takes the staged records for a commit; they count as committing until
+    /// [`Staged::committed`] is told the same counts.
+    fn take_for_commit(&mut self) -> (Vec<OutgoingRecord>, HashMap<Key, i64>) {
+        let counts = std::mem::take(&mut self.counts);
+        for (k, n) in &counts {
+            *self.committing.entry(k.clone()).or_default() += n;
+        }
+        (std::mem::take(&mut self.records), counts)
+    }
+
+    /// A commit of these counts ended (its records are in the index, or thrown away).
+    fn committed(&mut self, counts: &HashMap<Key, i64>) {
+        for (k, n) in counts {
+            if let Some(c) = self.committing.get_mut(k) {
+                *c -= n;
+                if *c <= 0 {
+                    self.committing.remove(k);
+                }
+            }
+        }
+    }
+}
+
+/// Records of a commit on its way to the log (see [`Staged::committing`]).
+struct Committing {
+    stage: Arc<Stage>,
+    counts: HashMap<Key, i64>,
+}
+
+impl Drop for Committing {
+    fn drop(&mut self) {
+        lock(&self.stage.records).committed(&self.counts);
     }
 }
 
@@ -1401,7 +1440,7 @@ impl Transport for FileTransport {
             let mut ends = self.memory.end_offsets(&topic).await?;
             if let Some(stage) = &self.stage {
                 let staged = lock(&stage.records);
-                for ((t, p), n) in &staged.counts {
+                for ((t, p), n) in staged.counts.iter().chain(&staged.committing) {
                     if **t == *topic {
                         if let Some(end) = ends.get_mut(*p as usize) {
                             *end += n;
@@ -1479,15 +1518,18 @@ impl Consumer for FileConsumer {
         &mut self,
         offsets: Vec<(TopicPartition, i64)>,
     ) -> BoxFuture<'_, Result<(), TransportError>> {
-        let records = self
+        let (records, counts) = self
             .stage
             .as_ref()
-            .map(|s| lock(&s.records).take())
+            .map(|s| lock(&s.records).take_for_commit())
             .unwrap_or_default();
         async move {
             if offsets.is_empty() && records.is_empty() {
                 return Ok(());
             }
+            // The records stop counting as committing once the commit ends, or its future is
+            // dropped.
+            let _committing = self.stage.clone().map(|stage| Committing { stage, counts });
             let (group, sync) = (self.group.clone(), self.sync);
             self.broker
                 .submit(|done| Op::Commit {
@@ -1504,7 +1546,7 @@ impl Consumer for FileConsumer {
 
     fn abort(&mut self) -> BoxFuture<'_, Result<(), TransportError>> {
         if let Some(stage) = &self.stage {
-            lock(&stage.records).take();
+            lock(&stage.records).discard();
         }
         async { Ok(()) }.boxed()
     }
