@@ -1302,6 +1302,42 @@ fn wait_for_open_transaction(setup: &Setup, workers: &mut Workers) -> BTreeMap<i
     }
 }
 
+/// Waits (bounded) until records of an open transaction are in the output topic while every
+/// worker is frozen (SIGSTOP), and returns them with the workers still frozen. Commits come
+/// every 100 ms and take a few: a transaction seen open may be committed before the workers
+/// are killed, so the workers are frozen first, and looked at again once what they had sent
+/// before the freeze has reached the broker (two looks in a row agree).
+fn freeze_with_open_transaction(setup: &Setup, workers: &mut Workers) -> BTreeMap<i32, i64> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        wait_for_open_transaction(setup, workers);
+        let pids: Vec<u32> = workers.list.iter().map(|w| w.child.id()).collect();
+        for pid in &pids {
+            signal(*pid, "STOP");
+        }
+        let mut open = open_transaction_offsets(setup);
+        for _ in 0..40 {
+            std::thread::sleep(Duration::from_millis(50));
+            let again = open_transaction_offsets(setup);
+            if again == open {
+                break;
+            }
+            open = again;
+        }
+        if !open.is_empty() {
+            return open;
+        }
+        for pid in &pids {
+            signal(*pid, "CONT");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "scenario {}: the workers were never frozen with a transaction open within 60 s",
+            setup.name
+        );
+    }
+}
+
 /// A setup for the exactly-once scenarios on one broker.
 fn exactly_once_setup(name: &'static str, dir: &Path, kafka: &Kafka, events: u64) -> Setup {
     Setup {
@@ -1335,7 +1371,7 @@ fn a_worker_killed_between_producing_and_committing_is_redone_once() {
         for round in 1..=3 {
             // The scenario's schedule, not a wait for a condition.
             std::thread::sleep(Duration::from_secs(5));
-            let open = wait_for_open_transaction(&setup, workers);
+            let open = freeze_with_open_transaction(&setup, workers);
             for w in &mut workers.list {
                 w.kill();
             }
