@@ -110,7 +110,10 @@ pub struct Settings {
     /// Replication factor of topics the app creates (Kafka only).
     pub topic_replication_factor: i16,
     /// How often processed offsets are committed (Faust's default: 2.8 s); see also
-    /// [`commit_every`](Settings::commit_every). On the embedded transport the records a group
+    /// [`commit_every`](Settings::commit_every). With exactly-once processing, at most every
+    /// 100 ms (Kafka Streams' default then), since outputs become visible only when committed;
+    /// further apart while commits are slow (five times their average duration, at most 2 s).
+    /// On the embedded transport the records a group
     /// has read and not committed stay in memory (see
     /// [`MemoryBroker`](crate::transport::MemoryBroker#what-is-kept)).
     pub commit_interval: Duration,
