@@ -87,7 +87,7 @@ impl<K: TableKey, V: TableValue> Table<K, V> {
             .extend(partitions.iter().copied());
         let started = Instant::now();
         let persistent = a.store.is_persistent();
-        let ends = a.worker.transport().end_offsets(&topic).await?;
+        let ends = a.worker.transport().settled_end_offsets(&topic).await?;
         let mut starts: Vec<(u32, i64)> = Vec::new();
         let mut total = 0i64;
         let mut loaded = 0usize;

@@ -435,6 +435,40 @@ struct Inner {
     /// under its read side, and a transaction ends under its write side, since librdkafka
     /// refuses records while a transaction commits or aborts.
     txn: Option<Arc<tokio::sync::RwLock<()>>>,
+    /// Two handles, made when first needed, that ask for the end offsets of partitions as a
+    /// read_committed and a read_uncommitted reader sees them (see [`settled_ends`]).
+    end_readers: Mutex<Option<Arc<EndReaders>>>,
+}
+
+/// See [`Inner::end_readers`].
+struct EndReaders {
+    committed: BaseConsumer,
+    uncommitted: BaseConsumer,
+}
+
+impl Inner {
+    fn end_readers(&self) -> Result<Arc<EndReaders>, TransportError> {
+        let mut slot = self.end_readers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(readers) = &*slot {
+            return Ok(readers.clone());
+        }
+        let reader = |isolation: &str| -> Result<BaseConsumer, TransportError> {
+            let mut c = self.config.client();
+            for (k, v) in &self.config.extra {
+                c.set(k, v);
+            }
+            // Only this handle's purpose decides its isolation level.
+            c.set("isolation.level", isolation)
+                .create()
+                .map_err(|e| err(format!("cannot create a Kafka client: {e}")))
+        };
+        let readers = Arc::new(EndReaders {
+            committed: reader("read_committed")?,
+            uncommitted: reader("read_uncommitted")?,
+        });
+        *slot = Some(readers.clone());
+        Ok(readers)
+    }
 }
 
 /// How long a transaction's end (offsets, commit, abort) may take.
@@ -736,6 +770,48 @@ fn partitions_of_known(inner: &Inner, topic: &str) -> Result<u32, TransportError
     }
 }
 
+/// How long a table restore waits for the transactions open on its changelog to end (see
+/// [`Transport::settled_end_offsets`]): a little over the producers' `transaction.timeout.ms`,
+/// after which the brokers abort a transaction whose producer went away.
+const SETTLE_WAIT: Duration = Duration::from_secs(15);
+
+/// The end offsets of `topic` once its last stable offsets (what read-committed readers read
+/// up to) have caught up with its high watermarks: no transaction is open on it.
+fn settled_ends(inner: &Inner, topic: &str) -> Result<Vec<i64>, TransportError> {
+    let n = partitions_of_known(inner, topic)?;
+    let readers = inner.end_readers()?;
+    let ends = |reader: &BaseConsumer| {
+        (0..n as i32)
+            .map(|p| {
+                reader
+                    .fetch_watermarks(topic, p, REQUEST_TIMEOUT)
+                    .map(|(_, high)| high)
+                    .map_err(|e| err(format!("cannot read the end of {topic}[{p}]: {e}")))
+            })
+            .collect::<Result<Vec<i64>, _>>()
+    };
+    let started = Instant::now();
+    loop {
+        // The last stable offsets first: a transaction ending between the two questions
+        // makes them differ once more, never agree too early.
+        let stable = ends(&readers.committed)?;
+        let high = ends(&readers.uncommitted)?;
+        if stable.iter().zip(&high).all(|(s, h)| s >= h) {
+            return Ok(stable);
+        }
+        if started.elapsed() >= SETTLE_WAIT {
+            tracing::warn!(
+                target: "rill::kafka",
+                topic,
+                waited = ?SETTLE_WAIT,
+                "a transaction is still open on the changelog; restoring what is committed"
+            );
+            return Ok(stable);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// The end offset of a partition of `topic`, which exists. A partition created a moment ago
 /// may be unknown for a moment to the broker asked, or have no leader yet: it is asked about
 /// again for up to [`METADATA_PROPAGATION`].
@@ -862,6 +938,7 @@ impl KafkaTransport {
             reported_failures: AtomicU64::new(0),
             no_create_topics: AtomicBool::new(false),
             txn,
+            end_readers: Mutex::new(None),
         });
         let reached = blocking(&inner, |i| brokers_reached(&i.producer(), CONNECT_TIMEOUT)).await?;
         if let Err(e) = reached {
@@ -1207,6 +1284,11 @@ impl Transport for KafkaTransport {
             Ok(())
         }
         .boxed()
+    }
+
+    fn settled_end_offsets(&self, topic: &str) -> BoxFuture<'_, Result<Vec<i64>, TransportError>> {
+        let topic = topic.to_owned();
+        async move { blocking(&self.inner, move |i| settled_ends(i, &topic)).await? }.boxed()
     }
 
     fn end_offsets(&self, topic: &str) -> BoxFuture<'_, Result<Vec<i64>, TransportError>> {

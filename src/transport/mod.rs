@@ -265,6 +265,16 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
     /// of `topic`, by partition.
     fn end_offsets(&self, topic: &str) -> BoxFuture<'_, Result<Vec<i64>, TransportError>>;
 
+    /// The end offsets of `topic` once no transaction is open on it: what a table restore
+    /// must read up to. A transaction that just committed may not have its markers written
+    /// yet, and until they are, a read-committed reader ends before its records (a restore
+    /// ending there would miss the last changes of the partition's previous owner, whose
+    /// input offsets are committed). Transports without transactions answer
+    /// [`end_offsets`](Transport::end_offsets).
+    fn settled_end_offsets(&self, topic: &str) -> BoxFuture<'_, Result<Vec<i64>, TransportError>> {
+        self.end_offsets(topic)
+    }
+
     /// A consumer in the consumer group `group`. It receives partitions once it subscribes.
     fn group_consumer(&self, group: &str) -> Result<Box<dyn Consumer>, TransportError>;
 
