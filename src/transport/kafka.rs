@@ -774,6 +774,8 @@ fn partitions_of_known(inner: &Inner, topic: &str) -> Result<u32, TransportError
 /// [`Transport::settled_end_offsets`]): a little over the producers' `transaction.timeout.ms`,
 /// after which the brokers abort a transaction whose producer went away.
 const SETTLE_WAIT: Duration = Duration::from_secs(15);
+/// Timeout of each question of [`settled_ends`].
+const SETTLE_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The end offsets of `topic` once its last stable offsets (what read-committed readers read
 /// up to) have caught up with its high watermarks: no transaction is open on it.
@@ -784,18 +786,32 @@ fn settled_ends(inner: &Inner, topic: &str) -> Result<Vec<i64>, TransportError> 
         (0..n as i32)
             .map(|p| {
                 reader
-                    .fetch_watermarks(topic, p, REQUEST_TIMEOUT)
+                    .fetch_watermarks(topic, p, SETTLE_REQUEST_TIMEOUT)
                     .map(|(_, high)| high)
-                    .map_err(|e| err(format!("cannot read the end of {topic}[{p}]: {e}")))
             })
+            .collect::<Result<Vec<i64>, _>>()
+    };
+    // The end offsets as they were asked for before: what a restore reads up to when the
+    // two handles cannot answer (a broker away; they were made after it left, and may not
+    // know the partitions' new leaders yet).
+    let fallback = |e: KafkaError| {
+        tracing::debug!(target: "rill::kafka", topic, error = %e, "cannot compare the stable and high ends; reading up to the stable ones");
+        (0..n as i32)
+            .map(|p| high_watermark(inner, topic, p))
             .collect::<Result<Vec<i64>, _>>()
     };
     let started = Instant::now();
     loop {
         // The last stable offsets first: a transaction ending between the two questions
         // makes them differ once more, never agree too early.
-        let stable = ends(&readers.committed)?;
-        let high = ends(&readers.uncommitted)?;
+        let stable = match ends(&readers.committed) {
+            Ok(ends) => ends,
+            Err(e) => return fallback(e),
+        };
+        let high = match ends(&readers.uncommitted) {
+            Ok(ends) => ends,
+            Err(e) => return fallback(e),
+        };
         if stable.iter().zip(&high).all(|(s, h)| s >= h) {
             return Ok(stable);
         }
