@@ -226,8 +226,22 @@ where
     }
 
     fn encode(&self, value: &T) -> Result<Bytes, CodecError> {
-        serde_json::to_vec(value)
-            .map(exact_bytes)
+        // Written into this thread's scratch buffer, then copied out at its exact size: one
+        // allocation per value (`to_vec` makes two, the second to shrink it).
+        SCRATCH
+            .with(|scratch| {
+                let Ok(mut buf) = scratch.try_borrow_mut() else {
+                    // A value whose serializer encodes JSON itself, on this thread.
+                    return serde_json::to_vec(value).map(exact_bytes);
+                };
+                buf.clear();
+                let written =
+                    serde_json::to_writer(&mut *buf, value).map(|()| Bytes::copy_from_slice(&buf));
+                if buf.capacity() > SCRATCH_KEEP {
+                    *buf = Vec::new();
+                }
+                written
+            })
             .map_err(|e| CodecError::new("json", e))
     }
 
@@ -250,6 +264,14 @@ where
         self.encode(&value)
     }
 }
+
+thread_local! {
+    /// Where [`Json`] encodes values before copying them out.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The largest scratch buffer a thread keeps between values.
+const SCRATCH_KEEP: usize = 64 * 1024;
 
 /// `buf` as [`Bytes`] holding no spare capacity.
 ///

@@ -70,6 +70,25 @@ impl PartitionTracker {
         }
     }
 
+    /// The consumer read up to `offset`: what lies below it and after the records registered
+    /// so far goes to no agent (transaction markers, aborted records), so once those records
+    /// are done the commit may move up to `offset`.
+    pub(crate) fn pass(&self, offset: i64) {
+        let mut s = self.state();
+        if s.frozen {
+            return;
+        }
+        let last = s.pending.back().map_or(s.done_until - 1, |e| e.0);
+        if offset - 1 > last {
+            // A record with no receivers: done as soon as everything before it is.
+            if s.pending.is_empty() {
+                s.done_until = offset;
+            } else {
+                s.pending.push_back((offset - 1, 0));
+            }
+        }
+    }
+
     /// One receiver is done with `offset`.
     pub(crate) fn ack(&self, offset: i64) {
         let mut s = self.state();
@@ -315,6 +334,35 @@ mod tests {
         assert_eq!(t.committable(), Some(1));
         t.register(1, 0);
         assert_eq!(t.committable(), Some(2));
+    }
+
+    #[test]
+    fn a_marker_read_past_is_committed_only_after_the_records_before_it() {
+        let t = tracker();
+        t.register(0, 1);
+        t.register(1, 1);
+        // Offset 2 is a transaction marker: the consumer is at 3.
+        t.pass(3);
+        assert_eq!(t.committable(), Some(0));
+        t.ack(0);
+        assert_eq!(t.committable(), Some(1));
+        t.ack(1);
+        assert_eq!(
+            t.committable(),
+            Some(3),
+            "the commit stays below the marker"
+        );
+        assert!(t.is_idle());
+        // A position the records already reached changes nothing.
+        t.register(3, 1);
+        t.pass(4);
+        t.pass(2);
+        assert_eq!(t.committable(), Some(3));
+        t.ack(3);
+        assert_eq!(t.committable(), Some(4));
+        // Idle: the next marker moves the commit at once.
+        t.pass(6);
+        assert_eq!(t.committable(), Some(6));
     }
 
     #[test]

@@ -316,6 +316,15 @@ impl Dispatcher {
                 }
             }
             ConsumerEvent::Ended(_) => {}
+            ConsumerEvent::Passed(positions) => {
+                for (tp, offset) in positions {
+                    if let Some(tracker) = self.trackers.get(&tp) {
+                        if self.assigned.contains(&tp) {
+                            tracker.pass(offset);
+                        }
+                    }
+                }
+            }
         }
     }
 
@@ -323,33 +332,34 @@ impl Dispatcher {
         self.count_in(&batch);
         self.since_commit += batch.len() as u64;
         let mut pending: Vec<Chunk> = self.routes.iter().map(|_| Vec::new()).collect();
-        let mut last: Option<Arc<PartitionTracker>> = None;
+        // The partition of the previous record, and the routes of its topic: records come in
+        // runs of one partition.
+        let mut current: Option<Arc<PartitionTracker>> = None;
+        let mut targets: Vec<usize> = Vec::new();
         let mut full: Vec<(usize, Chunk)> = Vec::new();
         for msg in batch {
-            let tracker = match &last {
-                Some(t) if *t.tp.topic == *msg.topic && t.tp.partition == msg.partition => {
-                    t.clone()
-                }
-                _ => {
-                    let tp = TopicPartition::new(msg.topic.clone(), msg.partition);
-                    let t = self
-                        .trackers
+            let same = matches!(&current, Some(t)
+                if *t.tp.topic == *msg.topic && t.tp.partition == msg.partition);
+            if !same {
+                let tp = TopicPartition::new(msg.topic.clone(), msg.partition);
+                current = Some(
+                    self.trackers
                         .entry(tp.clone())
                         .or_insert_with(|| PartitionTracker::new(tp))
-                        .clone();
-                    last = Some(t.clone());
-                    t
+                        .clone(),
+                );
+                targets.clear();
+                if let Some(routes) = self.topics.get(&msg.topic) {
+                    targets.extend_from_slice(routes);
                 }
+            }
+            let Some(tracker) = &current else {
+                continue;
             };
             let offset = msg.offset;
-            let targets = self
-                .topics
-                .get(&msg.topic)
-                .map(Vec::as_slice)
-                .unwrap_or(&[]);
             tracker.register(offset, targets.len() as u32);
             let msg = Arc::new(msg);
-            for &i in targets {
+            for &i in &targets {
                 pending[i].push(Delivery {
                     msg: msg.clone(),
                     ack: AckGuard::new(tracker.clone(), offset),

@@ -67,6 +67,9 @@ const FETCH_QUEUE_BACKOFF_MS: &str = "10";
 /// How long the poll thread waits for records before it looks at its other duties (the stop
 /// flag among them: a consumer's drop waits up to this long for the thread).
 const POLL_WAIT: Duration = Duration::from_millis(20);
+/// How often, at most, the poll thread tells the worker how far its consumer has read (see
+/// [`ConsumerEvent::Passed`]), when it has handed over everything read.
+const PASSED_CHECK: Duration = Duration::from_millis(100);
 /// How long a flush waits for the producer's queue to drain.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -2155,6 +2158,42 @@ impl Copier {
     }
 }
 
+/// How far a consumer has read, as last told to the worker (see [`ConsumerEvent::Passed`]).
+#[derive(Default)]
+struct Positions {
+    told: std::collections::HashMap<(String, i32), i64>,
+    checked: Option<Instant>,
+}
+
+impl Positions {
+    /// The partitions whose position moved since the last look, at most every
+    /// [`PASSED_CHECK`]. Called once every record polled was handed over: librdkafka moves a
+    /// position past a transaction marker or an aborted record when a poll skips it.
+    fn moved(&mut self, consumer: &BaseConsumer<GroupCtx>) -> Option<ConsumerEvent> {
+        if self.checked.is_some_and(|at| at.elapsed() < PASSED_CHECK) {
+            return None;
+        }
+        self.checked = Some(Instant::now());
+        let positions = consumer.position().ok()?;
+        let mut moved = Vec::new();
+        let mut told = std::collections::HashMap::with_capacity(positions.count());
+        for e in positions.elements() {
+            let (Offset::Offset(offset), Ok(partition)) =
+                (e.offset(), u32::try_from(e.partition()))
+            else {
+                continue;
+            };
+            let key = (e.topic().to_owned(), e.partition());
+            if self.told.get(&key) != Some(&offset) {
+                moved.push((TopicPartition::new(e.topic(), partition), offset));
+            }
+            told.insert(key, offset);
+        }
+        self.told = told;
+        (!moved.is_empty()).then_some(ConsumerEvent::Passed(moved))
+    }
+}
+
 fn poll_loop(
     consumer: Arc<BaseConsumer<GroupCtx>>,
     tx: mpsc::Sender<Polled>,
@@ -2162,6 +2201,7 @@ fn poll_loop(
 ) {
     let ctx = consumer.context();
     let mut copier = Copier::default();
+    let mut positions = Positions::default();
     while !stop.load(Ordering::Relaxed) {
         if ctx.throttled.load(Ordering::SeqCst) {
             // The agents are behind: poll (for rebalances, and a few records) only now and
@@ -2177,12 +2217,15 @@ fn poll_loop(
         // Records wait in `ctx.unsent` (not locked across `poll`, whose rebalance callbacks
         // send them first).
         let mut next = consumer.poll(POLL_WAIT);
+        // Whether every record librdkafka had was polled (no early break).
+        let mut drained = true;
         while let Some(polled) = next.take() {
             match polled {
                 Ok(m) => {
                     let mut unsent = ctx.unsent();
                     unsent.push(copier.message(&m));
                     if unsent.len() >= MAX_BATCH {
+                        drained = false;
                         break;
                     }
                 }
@@ -2212,6 +2255,7 @@ fn poll_loop(
                     } else {
                         tracing::debug!(target: "rill::kafka", error = %text, "consumer error");
                     }
+                    drained = false;
                     break;
                 }
             }
@@ -2219,6 +2263,14 @@ fn poll_loop(
         }
         if !ctx.send_unsent() {
             break;
+        }
+        if drained {
+            // After the records it covers.
+            if let Some(moved) = positions.moved(&consumer) {
+                if tx.blocking_send(Polled::Event(moved)).is_err() {
+                    break;
+                }
+            }
         }
         if ctx.rejoin.swap(false, Ordering::SeqCst) {
             rejoin(&consumer);

@@ -1265,7 +1265,7 @@ impl MemoryConsumer {
                     !gone
                 });
             }
-            ConsumerEvent::Messages(_) | ConsumerEvent::Ended(_) => {}
+            ConsumerEvent::Messages(_) | ConsumerEvent::Ended(_) | ConsumerEvent::Passed(_) => {}
         }
     }
 

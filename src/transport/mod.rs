@@ -152,6 +152,13 @@ pub enum ConsumerEvent {
     /// A reader reached the end of these partitions (for read-committed readers of
     /// transactional topics: their last committed record). Only readers report it.
     Ended(Vec<TopicPartition>),
+    /// The consumer has read each partition up to this offset (the next one it will read),
+    /// after the records it delivered before this event. It moves past what is never
+    /// delivered: Kafka's transaction markers, records of aborted transactions. Once what was
+    /// delivered is processed, everything below the offset is, and the commit may say so (a
+    /// committed offset stuck on a marker would show lag that is not there). Logs of records
+    /// only never need it.
+    Passed(Vec<(TopicPartition, i64)>),
 }
 
 /// Where a manually assigned consumer starts reading.
