@@ -472,6 +472,16 @@ impl Inner {
         *slot = Some(readers.clone());
         Ok(readers)
     }
+
+    /// Drops the end readers; the next question makes new ones.
+    fn forget_end_readers(&self) {
+        let readers = self
+            .end_readers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        drop(readers);
+    }
 }
 
 /// How long a transaction's end (offsets, commit, abort) may take.
@@ -783,8 +793,24 @@ const SETTLE_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// The end offsets of `topic` once its last stable offsets (what read-committed readers read
 /// up to) have caught up with its high watermarks: no transaction is open on it.
 fn settled_ends(inner: &Inner, topic: &str) -> Result<Vec<i64>, TransportError> {
+    Ok(match ends_after_settling(inner, topic)? {
+        Ends::Settled(ends) | Ends::Stable(ends) => ends,
+    })
+}
+
+/// What [`ends_after_settling`] could tell.
+#[derive(Debug, PartialEq)]
+enum Ends {
+    /// The last stable offsets, equal to the high watermarks (or, after [`SETTLE_WAIT`], with a
+    /// transaction still open).
+    Settled(Vec<i64>),
+    /// The ends read-committed readers read up to, not compared with the high watermarks: the
+    /// brokers could not be asked for both within [`SETTLE_WAIT`].
+    Stable(Vec<i64>),
+}
+
+fn ends_after_settling(inner: &Inner, topic: &str) -> Result<Ends, TransportError> {
     let n = partitions_of_known(inner, topic)?;
-    let readers = inner.end_readers()?;
     let ends = |reader: &BaseConsumer| {
         (0..n as i32)
             .map(|p| {
@@ -794,40 +820,53 @@ fn settled_ends(inner: &Inner, topic: &str) -> Result<Vec<i64>, TransportError> 
             })
             .collect::<Result<Vec<i64>, _>>()
     };
-    // The end offsets as they were asked for before: what a restore reads up to when the
-    // two handles cannot answer (a broker away; they were made after it left, and may not
-    // know the partitions' new leaders yet).
-    let fallback = |e: KafkaError| {
-        tracing::debug!(target: "rill::kafka", topic, error = %e, "cannot compare the stable and high ends; reading up to the stable ones");
-        (0..n as i32)
-            .map(|p| high_watermark(inner, topic, p))
-            .collect::<Result<Vec<i64>, _>>()
-    };
     let started = Instant::now();
     loop {
+        let readers = inner.end_readers()?;
         // The last stable offsets first: a transaction ending between the two questions
         // makes them differ once more, never agree too early.
-        let stable = match ends(&readers.committed) {
-            Ok(ends) => ends,
-            Err(e) => return fallback(e),
-        };
-        let high = match ends(&readers.uncommitted) {
-            Ok(ends) => ends,
-            Err(e) => return fallback(e),
-        };
-        if stable.iter().zip(&high).all(|(s, h)| s >= h) {
-            return Ok(stable);
+        let asked = ends(&readers.committed)
+            .and_then(|stable| ends(&readers.uncommitted).map(|high| (stable, high)));
+        match asked {
+            Ok((stable, high)) => {
+                if stable.iter().zip(&high).all(|(s, h)| s >= h) {
+                    return Ok(Ends::Settled(stable));
+                }
+                if started.elapsed() >= SETTLE_WAIT {
+                    tracing::warn!(
+                        target: "rill::kafka",
+                        topic,
+                        waited = ?SETTLE_WAIT,
+                        "a transaction is still open on the changelog; restoring what is committed"
+                    );
+                    return Ok(Ends::Settled(stable));
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => {
+                // These handles are never polled, and librdkafka does not look up the new
+                // leaders of such a handle when a broker goes away: it asks the dead broker
+                // until the next periodic metadata refresh (minutes). New handles learn the
+                // leaders as they connect; until the cluster has elected them, they fail too.
+                inner.forget_end_readers();
+                if started.elapsed() >= SETTLE_WAIT {
+                    // What a restore reads up to when the brokers cannot tell: the ends
+                    // read-committed readers read up to, asked through the producer's handle.
+                    tracing::warn!(
+                        target: "rill::kafka",
+                        topic,
+                        error = %e,
+                        "cannot compare the stable and high ends of the changelog; restoring up to the stable ones"
+                    );
+                    return (0..n as i32)
+                        .map(|p| high_watermark(inner, topic, p))
+                        .collect::<Result<Vec<i64>, _>>()
+                        .map(Ends::Stable);
+                }
+                tracing::debug!(target: "rill::kafka", topic, error = %e, "cannot compare the stable and high ends yet");
+                std::thread::sleep(Duration::from_millis(100));
+            }
         }
-        if started.elapsed() >= SETTLE_WAIT {
-            tracing::warn!(
-                target: "rill::kafka",
-                topic,
-                waited = ?SETTLE_WAIT,
-                "a transaction is still open on the changelog; restoring what is committed"
-            );
-            return Ok(stable);
-        }
-        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -2474,6 +2513,60 @@ mod tests {
             }
         }
         values
+    }
+
+    /// The handles a restore asks for end offsets with are made once and never polled, so
+    /// librdkafka does not look up new partition leaders for them: after a leader's broker
+    /// went away they asked it until they gave up, and a restore read only up to the stable
+    /// ends, back to the race those handles are there to close. New handles are made until
+    /// the ends can be compared.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn end_offsets_are_compared_again_after_a_leader_moves() {
+        let cluster = MockCluster::new(3).expect("mock cluster");
+        cluster.create_topic("changes", 3, 3).expect("topic");
+        for p in 0..3 {
+            cluster
+                .partition_leader("changes", p, Some(p + 1))
+                .expect("leader");
+        }
+        let bootstrap = cluster.bootstrap_servers();
+        let config = KafkaConfig::from_url(&format!("kafka://{bootstrap}"), &BTreeMap::new())
+            .expect("config");
+        let transport = KafkaTransport::connect(config).await.expect("connect");
+        for p in 0..3 {
+            let mut r = record("v");
+            r.partition = p;
+            transport.enqueue(r).await.expect("queued");
+        }
+        transport.flush().await.expect("delivered");
+        let inner = transport.inner.clone();
+        let first = tokio::task::spawn_blocking(move || ends_after_settling(&inner, "changes"))
+            .await
+            .expect("task")
+            .expect("ends");
+        assert_eq!(first, Ends::Settled(vec![1, 1, 1]));
+
+        // Broker 1, the leader of partition 0, goes away; broker 2 leads it now.
+        cluster
+            .partition_leader("changes", 0, Some(2))
+            .expect("new leader");
+        cluster.broker_down(1).expect("broker down");
+        let inner = transport.inner.clone();
+        let asked = Instant::now();
+        let second = tokio::task::spawn_blocking(move || ends_after_settling(&inner, "changes"))
+            .await
+            .expect("task")
+            .expect("ends");
+        assert_eq!(
+            second,
+            Ends::Settled(vec![1, 1, 1]),
+            "the ends were not compared after the leader moved"
+        );
+        assert!(
+            asked.elapsed() < SETTLE_WAIT,
+            "comparing took {:?}",
+            asked.elapsed()
+        );
     }
 
     /// What a worker had queued when its partitions were lost (table changes above all) never
