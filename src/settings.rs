@@ -110,9 +110,13 @@ pub struct Settings {
     /// Replication factor of topics the app creates (Kafka only).
     pub topic_replication_factor: i16,
     /// How often processed offsets are committed (Faust's default: 2.8 s); see also
-    /// [`commit_every`](Settings::commit_every). With exactly-once processing, at most every
-    /// 100 ms (Kafka Streams' default then), since outputs become visible only when committed;
-    /// further apart while commits are slow (five times their average duration, at most 2 s).
+    /// [`commit_every`](Settings::commit_every). With exactly-once processing and this left at
+    /// its default, every 100 ms (Kafka Streams' default then), since outputs become visible
+    /// only when committed; an interval set on purpose applies to exactly-once too (fewer,
+    /// larger transactions, outputs visible later), up to 5 s, half the transactions'
+    /// `transaction.timeout.ms` (past it the brokers abort a transaction). Exactly-once
+    /// commits come further apart while they are slow (five times their average duration, at
+    /// most 2 s).
     /// On the embedded transport the records a group
     /// has read and not committed stay in memory (see
     /// [`MemoryBroker`](crate::transport::MemoryBroker#what-is-kept)).
@@ -216,13 +220,37 @@ pub struct Settings {
     pub clock_start: Option<std::time::SystemTime>,
 }
 
+/// [`Settings::commit_interval`]'s default (Faust's).
+const DEFAULT_COMMIT_INTERVAL: Duration = Duration::from_millis(2800);
+/// How often exactly-once commits come when [`Settings::commit_interval`] is left at its default
+/// (Kafka Streams' `commit.interval.ms` under exactly-once).
+const EXACTLY_ONCE_COMMIT_INTERVAL: Duration = Duration::from_millis(100);
+/// The longest commit interval with exactly-once processing: half the transactions'
+/// `transaction.timeout.ms` (10 s), after which the brokers abort a transaction.
+pub(crate) const EXACTLY_ONCE_MAX_COMMIT_INTERVAL: Duration = Duration::from_secs(5);
+
+impl Settings {
+    /// How often the worker commits (see [`Settings::commit_interval`]).
+    pub(crate) fn effective_commit_interval(&self) -> Duration {
+        match self.processing_guarantee {
+            ProcessingGuarantee::AtLeastOnce => self.commit_interval,
+            ProcessingGuarantee::ExactlyOnce if self.commit_interval == DEFAULT_COMMIT_INTERVAL => {
+                EXACTLY_ONCE_COMMIT_INTERVAL
+            }
+            ProcessingGuarantee::ExactlyOnce => {
+                self.commit_interval.min(EXACTLY_ONCE_MAX_COMMIT_INTERVAL)
+            }
+        }
+    }
+}
+
 impl Default for Settings {
     fn default() -> Self {
         Self {
             broker: "memory://".to_owned(),
             topic_partitions: 8,
             topic_replication_factor: 1,
-            commit_interval: Duration::from_millis(2800),
+            commit_interval: DEFAULT_COMMIT_INTERVAL,
             commit_every: None,
             stream_buffer_maxsize: 4096,
             ask_timeout: Duration::from_secs(30),
@@ -244,5 +272,37 @@ impl Default for Settings {
             value_serializer: None,
             clock_start: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(guarantee: ProcessingGuarantee, interval: Option<Duration>) -> Duration {
+        let mut s = Settings {
+            processing_guarantee: guarantee,
+            ..Settings::default()
+        };
+        if let Some(i) = interval {
+            s.commit_interval = i;
+        }
+        s.effective_commit_interval()
+    }
+
+    #[test]
+    fn exactly_once_commits_every_100_ms_unless_told_otherwise() {
+        use ProcessingGuarantee::{AtLeastOnce, ExactlyOnce};
+        assert_eq!(with(AtLeastOnce, None), Duration::from_millis(2800));
+        assert_eq!(with(ExactlyOnce, None), Duration::from_millis(100));
+        // An interval set on purpose is kept, as Kafka Streams keeps `commit.interval.ms`...
+        let second = Duration::from_secs(1);
+        assert_eq!(with(ExactlyOnce, Some(second)), second);
+        let short = Duration::from_millis(20);
+        assert_eq!(with(ExactlyOnce, Some(short)), short);
+        // ...up to half the transaction timeout.
+        let long = Duration::from_secs(30);
+        assert_eq!(with(ExactlyOnce, Some(long)), Duration::from_secs(5));
+        assert_eq!(with(AtLeastOnce, Some(long)), long);
     }
 }

@@ -33,9 +33,6 @@ impl Drop for Paused<'_> {
     }
 }
 
-/// The longest commit interval with exactly-once processing, as Kafka Streams': outputs are
-/// visible to read-committed consumers only once committed.
-pub(super) const EXACTLY_ONCE_COMMIT_INTERVAL: Duration = Duration::from_millis(100);
 /// With exactly-once processing, the next commit is at least this many times as far off as
 /// the last one took...
 pub(super) const EXACTLY_ONCE_COMMIT_SHARE: u32 = 5;

@@ -3,9 +3,7 @@
 //! [`commit`](super::commit), rebalances in [`rebalance`](super::rebalance).
 
 use super::ack::{AckGuard, PartitionTracker};
-use super::commit::{
-    EXACTLY_ONCE_COMMIT_INTERVAL, EXACTLY_ONCE_COMMIT_MAX_WAIT, EXACTLY_ONCE_COMMIT_SHARE,
-};
+use super::commit::{EXACTLY_ONCE_COMMIT_MAX_WAIT, EXACTLY_ONCE_COMMIT_SHARE};
 use super::queue::{Chunk, Delivery, Route};
 use super::runtime::{Control, Runtime};
 use crate::error::{Result, TransportError};
@@ -148,9 +146,15 @@ impl Dispatcher {
     }
 
     pub(crate) async fn run(mut self) {
-        let mut interval = self.rt.settings.commit_interval;
-        if self.exactly_once() {
-            interval = interval.min(EXACTLY_ONCE_COMMIT_INTERVAL);
+        let interval = self.rt.settings.effective_commit_interval();
+        if self.exactly_once()
+            && self.rt.settings.commit_interval > crate::settings::EXACTLY_ONCE_MAX_COMMIT_INTERVAL
+        {
+            tracing::warn!(
+                commit_interval = ?self.rt.settings.commit_interval,
+                used = ?interval,
+                "with exactly-once, commits come at most 5 s apart (a transaction open longer risks being aborted by the brokers)"
+            );
         }
         // The first commit comes one interval after the start (nothing is processed before).
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
