@@ -30,6 +30,8 @@ struct State {
     /// Set when the worker gave up waiting for its agents: later acks must not move the
     /// commit past events that were not processed.
     frozen: bool,
+    /// Whether a record was registered (see [`PartitionTracker::pass`]).
+    seen: bool,
 }
 
 impl fmt::Debug for PartitionTracker {
@@ -52,6 +54,7 @@ impl PartitionTracker {
                 limit: None,
                 done_until: -1,
                 frozen: false,
+                seen: false,
             }),
         })
     }
@@ -63,6 +66,7 @@ impl PartitionTracker {
     /// Records that `offset` was handed to `refs` receivers.
     pub(crate) fn register(&self, offset: i64, refs: u32) {
         let mut s = self.state();
+        s.seen = true;
         if refs == 0 && s.pending.is_empty() {
             s.done_until = s.done_until.max(offset + 1);
         } else {
@@ -72,10 +76,12 @@ impl PartitionTracker {
 
     /// The consumer read up to `offset`: what lies below it and after the records registered
     /// so far goes to no agent (transaction markers, aborted records), so once those records
-    /// are done the commit may move up to `offset`.
+    /// are done the commit may move up to `offset`. Only once a record of the partition was
+    /// registered: until a consumer delivers the first record of an assignment, the position
+    /// it reports may still be the one of its previous assignment of the partition.
     pub(crate) fn pass(&self, offset: i64) {
         let mut s = self.state();
-        if s.frozen {
+        if s.frozen || !s.seen {
             return;
         }
         let last = s.pending.back().map_or(s.done_until - 1, |e| e.0);
@@ -339,6 +345,9 @@ mod tests {
     #[test]
     fn a_marker_read_past_is_committed_only_after_the_records_before_it() {
         let t = tracker();
+        // Before the first record, a position is not trusted.
+        t.pass(7);
+        assert_eq!(t.committable(), None);
         t.register(0, 1);
         t.register(1, 1);
         // Offset 2 is a transaction marker: the consumer is at 3.
