@@ -44,18 +44,7 @@ fn word_count(id: &str, broker: &str, store: Option<&str>) -> WordCount {
     .named("split")
     .channel(&sentences)
     .sink(&words);
-    let table = counts.clone();
-    app.agent(move |words: Stream<String>| {
-        let counts = table.clone();
-        async move {
-            let mut words = words.group_by(GroupBy::new("word", |w: &String| w.clone()));
-            while let Some(word) = words.next().await {
-                counts.update(word, |n| *n += 1);
-            }
-        }
-    })
-    .named("count")
-    .channel(&words);
+    common::count_words(&app, &words, &counts);
     WordCount {
         app,
         sentences,

@@ -384,18 +384,7 @@ async fn processed_answers_with_exactly_once_when_the_topics_read_are_transactio
     });
     let words = app.topic("words").value_type::<String>();
     let counts = app.table::<String, i64>("counts");
-    let table = counts.clone();
-    app.agent(move |words: Stream<String>| {
-        let counts = table.clone();
-        async move {
-            let mut words = words.group_by(GroupBy::new("word", |w: &String| w.clone()));
-            while let Some(word) = words.next().await {
-                counts.update(word, |n| *n += 1);
-            }
-        }
-    })
-    .named("count")
-    .channel(&words);
+    common::count_words(&app, &words, &counts);
     let worker = app.start().await.expect("start");
     let mut want: BTreeMap<String, i64> = BTreeMap::new();
     for i in 0..WORDS {

@@ -408,3 +408,25 @@ pub(crate) fn example_binary(name: &str) -> std::path::PathBuf {
     built.insert(name.to_owned(), path.clone());
     path
 }
+
+/// Declares agent `count`: reads `words`, groups them by word (repartition topic `word`) and
+/// counts each in `counts`.
+pub(crate) fn count_words(
+    app: &App,
+    words: &rill::Topic<rill::Bytes, String>,
+    counts: &rill::Table<String, i64>,
+) {
+    use rill::prelude::*;
+    let table = counts.clone();
+    app.agent(move |words: Stream<String>| {
+        let counts = table.clone();
+        async move {
+            let mut words = words.group_by(GroupBy::new("word", |w: &String| w.clone()));
+            while let Some(word) = words.next().await {
+                counts.update(word, |n| *n += 1);
+            }
+        }
+    })
+    .named("count")
+    .channel(words);
+}
